@@ -1,0 +1,414 @@
+"""Pydantic models shared by the workflow, the activities and the services.
+
+These are the contracts: every payload that crosses a Temporal boundary or an
+HTTP boundary is one of these, validated where it enters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from firebreak.runbook import Risk, Runbook, ScalarParam
+
+LabelName = Annotated[str, Field(pattern=r"^[a-zA-Z_][a-zA-Z0-9_]{0,127}$")]
+LabelValue = Annotated[str, Field(max_length=1024)]
+IncidentId = Annotated[str, Field(pattern=r"^[A-Za-z0-9._:-]{1,200}$")]
+
+
+def canonical_json(data: Any) -> bytes:
+    """Sorted keys, no whitespace, UTF-8: the bytes that hashes and signatures cover."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Phase(StrEnum):
+    investigating = "investigating"
+    diagnosing = "diagnosing"
+    proposing = "proposing"
+    awaiting_approval = "awaiting_approval"
+    executing = "executing"
+    verifying = "verifying"
+    resolved = "resolved"
+    auto_resolved = "auto_resolved"
+    rejected = "rejected"
+    expired = "expired"
+    rolled_back = "rolled_back"
+    failed = "failed"
+
+    @property
+    def closed(self) -> bool:
+        return self in CLOSED_PHASES
+
+
+CLOSED_PHASES = frozenset(
+    {Phase.resolved, Phase.auto_resolved, Phase.rejected, Phase.expired, Phase.rolled_back, Phase.failed}
+)
+
+
+# -- alerts -------------------------------------------------------------------
+
+
+class Alert(Model):
+    """One alert, normalised from whichever incident system sent it."""
+
+    source: str = Field(default="generic", max_length=64)
+    fingerprint: str = Field(min_length=1, max_length=128)
+    status: Literal["firing", "resolved"] = "firing"
+    labels: dict[LabelName, LabelValue]
+    annotations: dict[str, str] = Field(default_factory=dict)
+    starts_at: datetime | None = None
+    ends_at: datetime | None = None
+    generator_url: str | None = None
+
+    @field_validator("labels")
+    @classmethod
+    def _has_alertname(cls, labels: dict[str, str]) -> dict[str, str]:
+        if not labels.get("alertname"):
+            raise ValueError("labels.alertname is required")
+        return labels
+
+    @property
+    def name(self) -> str:
+        return self.labels["alertname"]
+
+
+class AlertSignal(Model):
+    """Payload of the ``alert`` signal: the alerts of one delivery that share an incident."""
+
+    alerts: list[Alert] = Field(min_length=1)
+    received_at: datetime
+    delivery_id: str | None = None
+
+
+class IncidentInput(Model):
+    """Workflow input. Validated before start_workflow, never inside the workflow."""
+
+    incident_id: IncidentId
+    runbook: Runbook
+    params: dict[str, str]
+    requested_by: str | None = Field(default=None, description="roster name of whoever raised it, if a person")
+    previous_run_id: str | None = Field(default=None, description="the earlier, closed run of this incident")
+    approval_keys_hint: str = Field(default="", description="how approvers reach the workflow, shown in tickets")
+
+
+# -- evidence and diagnosis --------------------------------------------------
+
+
+class Sample(Model):
+    t: datetime
+    v: float
+
+
+class Series(Model):
+    labels: dict[str, str] = Field(default_factory=dict)
+    samples: list[Sample] = Field(default_factory=list)
+
+
+class ChangeRecord(Model):
+    id: str
+    service: str
+    kind: str
+    at: datetime
+    version: str | None = None
+    previous_version: str | None = None
+    author: str | None = None
+    description: str = ""
+
+
+class Grant(Model):
+    """What history may know of a credential: never the token itself."""
+
+    grant_id: str
+    audience: str
+    scope: str
+    expires_at: datetime
+
+
+class Evidence(Model):
+    id: str
+    kind: Literal["prometheus_instant", "prometheus_range", "change_log"]
+    title: str = ""
+    source: str
+    query: str = Field(description="the exact query or request sent, after escaping")
+    ok: bool
+    gap: str | None = Field(default=None, description="why this evidence could not be gathered")
+    series: list[Series] = Field(default_factory=list)
+    changes: list[ChangeRecord] = Field(default_factory=list)
+    link: str | None = None
+    grant: Grant | None = None
+    gathered_at: datetime
+
+    @property
+    def latest(self) -> float | None:
+        values = [s.samples[-1].v for s in self.series if s.samples]
+        return max(values) if values else None
+
+
+class InvestigateRequest(Model):
+    incident_id: str
+    runbook: str
+    spec: Any = Field(description="a runbook Investigation")
+    params: dict[str, str]
+    alert_started_at: datetime
+
+
+class Finding(Model):
+    evidence: str
+    test: str
+    held: bool
+    weight: float
+    detail: str
+
+
+class Hypothesis(Model):
+    id: str
+    title: str
+    score: float = Field(ge=0, le=1)
+    findings: list[Finding]
+    actions: list[str]
+
+
+class Diagnosis(Model):
+    hypotheses: list[Hypothesis] = Field(description="ranked, most likely first")
+    gaps: list[str] = Field(default_factory=list)
+
+
+# -- plans --------------------------------------------------------------------
+
+
+class VerifyCheck(Model):
+    query: str
+    test: Literal["above", "below"]
+    threshold: float
+    within_s: float
+    interval_s: float
+
+
+class UndoStep(Model):
+    verb: str
+    params: dict[str, ScalarParam] = Field(default_factory=dict)
+
+
+class PlanStep(Model):
+    id: str
+    action: str
+    description: str = ""
+    executor: Literal["http"] = "http"
+    target: str
+    verb: str
+    resource: str
+    params: dict[str, ScalarParam] = Field(default_factory=dict)
+    risk: Risk
+    blast_radius: str
+    timeout_s: float
+    verify: VerifyCheck | None = None
+    undo: UndoStep | None = None
+
+    @property
+    def scope(self) -> str:
+        return f"{self.verb}:{self.resource}"
+
+
+class Plan(Model):
+    incident_id: str
+    run_id: str = Field(description="binds approvals to this run: a later run of the same id is a new plan")
+    runbook: str
+    runbook_version: int
+    hypothesis: str
+    steps: list[PlanStep] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_steps(self) -> "Plan":
+        ids = [s.id for s in self.steps]
+        if len(set(ids)) != len(ids):
+            raise ValueError("step ids must be unique")
+        return self
+
+    def canonical(self) -> bytes:
+        return canonical_json(self.model_dump(mode="json"))
+
+    @property
+    def hash(self) -> str:
+        return hashlib.sha256(self.canonical()).hexdigest()
+
+    def step(self, step_id: str) -> PlanStep | None:
+        return next((s for s in self.steps if s.id == step_id), None)
+
+
+# -- approvals ----------------------------------------------------------------
+
+
+class Approval(Model):
+    """The wire format of an approval or rejection, signed by the approver's Ed25519 key."""
+
+    workflow_id: str = Field(min_length=1, max_length=200)
+    plan_hash: str = Field(pattern=r"^[0-9a-f]{64}$")
+    decision: Literal["approve", "reject"]
+    steps: list[str] = Field(default_factory=list, description="step ids; empty means the whole plan")
+    nonce: str = Field(min_length=8, max_length=128)
+    expires_at: str = Field(description="RFC 3339; kept as sent because the signature covers these bytes")
+    approver: str = Field(min_length=1, max_length=64)
+    comment: str = Field(default="", max_length=2000)
+    signature: str = Field(default="", max_length=256)
+
+    @field_validator("expires_at")
+    @classmethod
+    def _rfc3339(cls, value: str) -> str:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        if parsed.tzinfo is None:
+            raise ValueError("expires_at needs a timezone")
+        return value
+
+    @property
+    def expires(self) -> datetime:
+        return datetime.fromisoformat(self.expires_at.replace("Z", "+00:00"))
+
+    def signing_payload(self) -> bytes:
+        return canonical_json(self.model_dump(mode="json", exclude={"signature"}))
+
+
+class ApprovalCheck(Model):
+    """Result of verifying an approval's signature against the roster (an activity)."""
+
+    valid: bool
+    reason: str = ""
+    groups: list[str] = Field(default_factory=list)
+
+
+class ApprovalRecord(Model):
+    """Every approval or rejection received, counted or not, with why."""
+
+    approver: str
+    decision: str
+    counted: bool
+    reason: str
+    steps: list[str] = Field(default_factory=list)
+    plan_hash: str = ""
+    comment: str = ""
+    received_at: datetime
+    via: Literal["signal", "update"]
+
+
+class ApprovalOutcome(Model):
+    """What ``submit_approval`` answers at once."""
+
+    counted: bool
+    reason: str
+    phase: Phase
+
+
+class PolicyNeed(Model):
+    step: str
+    risk: Risk
+    approvers: int
+    groups: list[str]
+    approved_by: list[str]
+
+    @property
+    def met(self) -> bool:
+        return len(self.approved_by) >= self.approvers
+
+
+# -- execution ----------------------------------------------------------------
+
+
+class ExecuteRequest(Model):
+    incident_id: str
+    plan: Plan
+    step_id: str
+    approvals: list[Approval] = Field(description="the signed approvals the broker checks itself")
+    undo: bool = False
+    undo_params: dict[str, ScalarParam] = Field(default_factory=dict)
+
+
+class StepResult(Model):
+    step_id: str
+    action: str
+    status: Literal["succeeded", "failed", "skipped", "rolled_back", "rollback_failed"]
+    detail: str = ""
+    grant: Grant | None = None
+    response: dict[str, Any] = Field(default_factory=dict)
+    verified: bool | None = None
+    verification: str = ""
+    rollback: "StepResult | None" = None
+
+
+class VerifyRequest(Model):
+    incident_id: str
+    step_id: str
+    check: VerifyCheck
+
+
+class VerifyResult(Model):
+    held: bool
+    last_value: float | None
+    detail: str
+    grant: Grant | None = None
+
+
+class Ticket(Model):
+    sink: str
+    ref: str
+    url: str | None = None
+
+
+class TicketRequest(Model):
+    incident_id: str
+    event: Literal["proposed", "updated", "closed"]
+    summary: str
+    body_markdown: str
+    payload: dict[str, Any] = Field(default_factory=dict)
+
+
+class Notification(Model):
+    incident_id: str
+    kind: Literal["escalation", "expired", "closed"]
+    to: str
+    summary: str
+    approve_command: str
+
+
+# -- status and report --------------------------------------------------------
+
+
+class IncidentStatus(Model):
+    incident_id: str
+    phase: Phase
+    runbook: str
+    runbook_version: int
+    service: str = ""
+    severity: str = ""
+    requested_by: str | None = None
+    opened_at: datetime
+    alerts_received: int
+    firing: list[str] = Field(default_factory=list, description="fingerprints still firing")
+    evidence: list[Evidence] = Field(default_factory=list)
+    hypotheses: list[Hypothesis] = Field(default_factory=list)
+    gaps: list[str] = Field(default_factory=list)
+    plan: Plan | None = None
+    plan_hash: str | None = None
+    approvals: list[ApprovalRecord] = Field(default_factory=list)
+    needed: list[PolicyNeed] = Field(default_factory=list)
+    escalates_at: datetime | None = None
+    expires_at: datetime | None = None
+    escalated: bool = False
+    steps: list[StepResult] = Field(default_factory=list)
+    tickets: list[Ticket] = Field(default_factory=list)
+    closed_at: datetime | None = None
+    outcome: str = ""
+
+
+class IncidentReport(Model):
+    incident_id: str
+    phase: Phase
+    outcome: str
+    status: IncidentStatus

@@ -1,0 +1,322 @@
+"""Runbook schema, loader and matching.
+
+A runbook is data: YAML validated by the pydantic models below. Errors at load
+time name the file, the line and the field. Alert labels reach a runbook only
+as typed, pattern-checked parameters, and reach a query or a URL only through
+the escaping functions in :mod:`firebreak.escaping`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from firebreak.escaping import TemplateError, placeholders, render_plain
+
+Identifier = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$")]
+Risk = Literal["low", "medium", "high"]
+ScalarParam = str | int | float | bool
+
+_DURATION = re.compile(r"^(\d+)(ms|s|m|h|d)$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> timedelta:
+    """Parse a Prometheus-style duration such as ``90s``, ``15m`` or ``2h``."""
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError(f"{text!r} is not a duration like 30s, 15m or 2h")
+    return timedelta(seconds=int(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+
+
+Duration = Annotated[str, Field(pattern=_DURATION.pattern)]
+
+
+class _Strict(BaseModel):
+    # extra="forbid" is what turns a typo'd field into an error naming it.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Param(_Strict):
+    """A value taken from an alert label, checked against a pattern before any use."""
+
+    label: str
+    pattern: str = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+    default: str | None = None
+    description: str = ""
+
+    @field_validator("pattern")
+    @classmethod
+    def _anchored(cls, value: str) -> str:
+        if not (value.startswith("^") and value.endswith("$")):
+            raise ValueError("pattern must be anchored with ^ and $")
+        re.compile(value)
+        return value
+
+
+class Match(_Strict):
+    alertnames: list[str] = Field(min_length=1)
+    labels: dict[str, str] = Field(default_factory=dict, description="label equality selectors")
+    incident_key: str = Field(description="template over params, e.g. '{namespace}.{service}.bad-deploy'")
+
+
+class Investigation(_Strict):
+    id: Identifier
+    kind: Literal["prometheus_instant", "prometheus_range", "change_log"]
+    title: str = ""
+    query: str = Field(default="", description="PromQL; {param} placeholders are escaped as PromQL string content")
+    lookback: Duration = "15m"
+    step: Duration = "15s"
+    target: str = Field(description="the source's audience, e.g. 'prometheus' or 'fleet'")
+    scope: str = Field(pattern=r"^[a-z]+\.read$", description="read verb the investigation needs, e.g. 'metrics.read'")
+    resource: str = Field(description="template of what is read, e.g. 'service/{service}'")
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> "Investigation":
+        if self.kind.startswith("prometheus") and not self.query:
+            raise ValueError("a prometheus investigation needs a query")
+        return self
+
+
+class Condition(_Strict):
+    """One structured test of one piece of evidence; never an expression to eval."""
+
+    evidence: Identifier
+    test: Literal["above", "below", "recent_change", "rose_after_change", "absent"]
+    threshold: float = 0.0
+    factor: float = Field(default=2.0, description="rose_after_change: after/before mean ratio")
+    within: Duration = "30m"
+    weight: float = Field(default=1.0, gt=0)
+    description: str = ""
+
+
+class HypothesisSpec(_Strict):
+    id: Identifier
+    title: str
+    conditions: list[Condition] = Field(min_length=1)
+    actions: list[Identifier] = Field(default_factory=list, description="catalog actions that answer it")
+
+
+class Verify(_Strict):
+    query: str
+    test: Literal["above", "below"]
+    threshold: float
+    within: Duration = "3m"
+    interval: Duration = "10s"
+
+
+class Undo(_Strict):
+    """How to roll a step back: a verb on the same target, params may use {result.FIELD}."""
+
+    verb: str
+    params: dict[str, ScalarParam] = Field(default_factory=dict)
+
+
+class ApprovalPolicy(_Strict):
+    approvers: int = Field(default=1, ge=1, le=10)
+    groups: list[str] = Field(min_length=1)
+
+
+class Action(_Strict):
+    executor: Literal["http"] = "http"
+    target: str = Field(description="the audience of the credential, e.g. 'fleet'")
+    verb: str = Field(pattern=r"^[a-z]+\.[a-z_]+$")
+    resource: str = Field(description="template, e.g. 'service/{service}'")
+    params: dict[str, ScalarParam] = Field(default_factory=dict)
+    risk: Risk = "medium"
+    blast_radius: str
+    description: str = ""
+    timeout: Duration = "60s"
+    verify: Verify | None = None
+    undo: Undo | None = None
+    approval: ApprovalPolicy | None = Field(default=None, description="overrides the policy for this risk")
+
+
+class Windows(_Strict):
+    escalate_after: Duration = "30m"
+    expire_after: Duration = "2h"
+
+
+DEFAULT_POLICY: dict[str, ApprovalPolicy] = {
+    "low": ApprovalPolicy(approvers=1, groups=["oncall"]),
+    "medium": ApprovalPolicy(approvers=1, groups=["oncall"]),
+    "high": ApprovalPolicy(approvers=2, groups=["oncall", "sre-leads"]),
+}
+
+
+class Remediate(_Strict):
+    actions: dict[Identifier, Action] = Field(min_length=1)
+    approval: dict[Risk, ApprovalPolicy] = Field(default_factory=dict)
+    windows: Windows = Windows()
+    escalate_to: str = Field(default="", description="who is notified at escalation, e.g. 'sre-leads'")
+
+    def policy_for(self, action: Action) -> ApprovalPolicy:
+        return action.approval or self.approval.get(action.risk) or DEFAULT_POLICY[action.risk]
+
+
+class Runbook(_Strict):
+    api_version: Literal["firebreak/v1"] = Field(alias="apiVersion")
+    name: Identifier
+    version: int = Field(ge=1)
+    description: str = ""
+    match: Match
+    params: dict[Identifier, Param]
+    investigate: list[Investigation] = Field(min_length=1)
+    diagnose: list[HypothesisSpec] = Field(min_length=1)
+    remediate: Remediate
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _references(self) -> "Runbook":
+        """Every reference resolves: deny by default starts at load time."""
+        evidence_ids = {inv.id for inv in self.investigate}
+        if len(evidence_ids) != len(self.investigate):
+            raise ValueError("investigate ids must be unique")
+        known = set(self.params)
+        templates: list[tuple[str, str]] = [("match.incident_key", self.match.incident_key)]
+        templates += [(f"investigate.{i.id}.query", i.query) for i in self.investigate]
+        templates += [(f"investigate.{i.id}.resource", i.resource) for i in self.investigate]
+        for hyp in self.diagnose:
+            for cond in hyp.conditions:
+                if cond.evidence not in evidence_ids:
+                    raise ValueError(f"hypothesis {hyp.id!r} uses unknown evidence {cond.evidence!r}")
+            for action in hyp.actions:
+                if action not in self.remediate.actions:
+                    raise ValueError(f"hypothesis {hyp.id!r} names action {action!r}, not in remediate.actions")
+        for name, action in self.remediate.actions.items():
+            templates.append((f"remediate.actions.{name}.resource", action.resource))
+            if action.verify:
+                templates.append((f"remediate.actions.{name}.verify", action.verify.query))
+        for where, template in templates:
+            unknown = placeholders(template) - known
+            if unknown:
+                raise ValueError(f"{where} uses undeclared params {sorted(unknown)}")
+        return self
+
+    # -- matching -------------------------------------------------------------
+
+    def matches(self, labels: dict[str, str]) -> bool:
+        if labels.get("alertname") not in self.match.alertnames:
+            return False
+        return all(labels.get(k) == v for k, v in self.match.labels.items())
+
+    def extract_params(self, labels: dict[str, str]) -> dict[str, str]:
+        """Validated params from alert labels; raises LabelError naming the label."""
+        values: dict[str, str] = {}
+        for name, param in self.params.items():
+            value = labels.get(param.label, param.default)
+            if value is None:
+                raise LabelError(param.label, "is missing")
+            if not re.fullmatch(param.pattern.removeprefix("^").removesuffix("$"), value):
+                raise LabelError(param.label, f"does not match {param.pattern}")
+            values[name] = value
+        return values
+
+    def incident_key(self, params: dict[str, str]) -> str:
+        key = render_plain(self.match.incident_key, params)
+        if not re.fullmatch(r"[A-Za-z0-9._:-]{1,200}", key):
+            raise TemplateError(f"incident key {key!r} has characters outside [A-Za-z0-9._:-]")
+        return key
+
+    def hypothesis(self, hypothesis_id: str) -> HypothesisSpec:
+        return next(h for h in self.diagnose if h.id == hypothesis_id)
+
+
+class LabelError(ValueError):
+    """An alert label that a runbook cannot accept as a parameter."""
+
+    def __init__(self, label: str, problem: str) -> None:
+        super().__init__(f"label {label!r} {problem}")
+        self.label = label
+        self.problem = problem
+
+
+class RunbookError(ValueError):
+    """A runbook that failed to load; the message names file, line and field."""
+
+    def __init__(self, path: str, line: int | None, field: str, message: str) -> None:
+        where = f"{path}:{line}" if line else path
+        super().__init__(f"{where}: {field}: {message}")
+        self.path, self.line, self.field, self.problem = path, line, field, message
+
+
+# -- loading ------------------------------------------------------------------
+
+
+def _line_index(node: yaml.Node, path: tuple[Any, ...], index: dict[tuple[Any, ...], int]) -> None:
+    """Map every key path in a YAML document to its 1-based line."""
+    index.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            child = path + (key_node.value,)
+            index[child] = key_node.start_mark.line + 1
+            _line_index(value_node, child, index)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _line_index(item, path + (i,), index)
+
+
+def _line_for(loc: tuple[Any, ...], index: dict[tuple[Any, ...], int]) -> int | None:
+    for end in range(len(loc), -1, -1):
+        if loc[:end] in index:
+            return index[loc[:end]]
+    return None
+
+
+def parse_runbook(text: str, path: str = "<runbook>") -> Runbook:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        line = exc.problem_mark.line + 1 if exc.problem_mark else None
+        raise RunbookError(path, line, "(yaml)", str(exc.problem)) from None
+    if not isinstance(data, dict) or node is None:
+        raise RunbookError(path, 1, "(document)", "a runbook is a YAML mapping")
+    index: dict[tuple[Any, ...], int] = {}
+    _line_index(node, (), index)
+    try:
+        return Runbook.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        # Model-level validators report at the model; keep only str/int path parts.
+        loc = tuple(p for p in err["loc"] if isinstance(p, (str, int)))
+        field = ".".join(str(p) for p in loc) or "(runbook)"
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            message = "unknown field (typo?)"
+        extra = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise RunbookError(path, _line_for(loc, index), field, message + extra) from None
+
+
+def load_runbook(path: str | Path) -> Runbook:
+    path = Path(path)
+    return parse_runbook(path.read_text(encoding="utf-8"), str(path))
+
+
+def load_runbooks(directory: str | Path) -> list[Runbook]:
+    books = [load_runbook(p) for p in sorted(Path(directory).glob("*.yaml"))]
+    names = [b.name for b in books]
+    duplicates = {n for n in names if names.count(n) > 1}
+    if duplicates:
+        raise RunbookError(str(directory), None, "name", f"duplicate runbook names {sorted(duplicates)}")
+    return books
+
+
+def default_runbook_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "runbooks"
+
+
+def json_schema() -> str:
+    return json.dumps(Runbook.model_json_schema(by_alias=True), indent=2)
+
+
+def route(runbooks: list[Runbook], labels: dict[str, str]) -> Runbook | None:
+    """The first runbook whose match accepts these labels."""
+    return next((book for book in runbooks if book.matches(labels)), None)
