@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from firebreak.runbook import Risk, Runbook, ScalarParam
+from firebreak.runbook import Investigation, Risk, Runbook, ScalarParam
 
 LabelName = Annotated[str, Field(pattern=r"^[a-zA-Z_][a-zA-Z0-9_]{0,127}$")]
 LabelValue = Annotated[str, Field(max_length=1024)]
@@ -156,8 +156,14 @@ class Evidence(Model):
 class InvestigateRequest(Model):
     incident_id: str
     runbook: str
-    spec: Any = Field(description="a runbook Investigation")
+    spec: Investigation
     params: dict[str, str]
+    alert_started_at: datetime
+
+
+class DiagnoseRequest(Model):
+    runbook: Runbook
+    evidence: list[Evidence]
     alert_started_at: datetime
 
 
@@ -186,6 +192,8 @@ class Diagnosis(Model):
 
 
 class VerifyCheck(Model):
+    target: str = Field(description="where the query runs, e.g. 'prometheus'")
+    resource: str = Field(description="the read resource the runbook declares for that target")
     query: str
     test: Literal["above", "below"]
     threshold: float
@@ -326,6 +334,7 @@ class ExecuteRequest(Model):
     plan: Plan
     step_id: str
     approvals: list[Approval] = Field(description="the signed approvals the broker checks itself")
+    requested_by: str | None = None
     undo: bool = False
     undo_params: dict[str, ScalarParam] = Field(default_factory=dict)
 
@@ -344,6 +353,8 @@ class StepResult(Model):
 
 class VerifyRequest(Model):
     incident_id: str
+    runbook: str
+    params: dict[str, str]
     step_id: str
     check: VerifyCheck
 

@@ -1,0 +1,49 @@
+"""Each activity mints its own credential inside itself and revokes it on the way out.
+
+The token stays a local variable of the activity: it is never returned,
+heartbeated, logged or put into an error. What leaves is the Grant.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from activities.deps import ActivityDeps
+from firebreak.broker.client import IssuedCredential, MintRefused
+from firebreak.contracts import Approval, Plan
+
+MAX_TTL_S = 900.0
+
+
+@asynccontextmanager
+async def activity_credential(
+    deps: ActivityDeps,
+    *,
+    audience: str,
+    verb: str,
+    resource: str,
+    runbook: str,
+    params: dict[str, str] | None = None,
+    step_id: str = "",
+    plan: Plan | None = None,
+    approvals: Sequence[Approval] = (),
+    requested_by: str | None = None,
+) -> AsyncIterator[IssuedCredential]:
+    info = activity.info()
+    # The credential never outlives the activity that holds it.
+    ttl = min(MAX_TTL_S, (info.start_to_close_timeout.total_seconds() if info.start_to_close_timeout else 60.0))
+    try:
+        async with deps.broker.credential(
+            audience=audience, verb=verb, resource=resource, ttl_s=ttl,
+            workflow_id=info.workflow_id, run_id=info.workflow_run_id, activity_id=info.activity_id,
+            step_id=step_id, runbook=runbook, params=params or {}, plan=plan, approvals=list(approvals),
+            requested_by=requested_by,
+        ) as credential:
+            activity.logger.info("holding grant %s for %s:%s", credential.grant.grant_id, verb, resource)
+            yield credential
+    except MintRefused as exc:
+        raise ApplicationError(f"credential refused: {exc.reason}", type="MintRefused", non_retryable=True) from None

@@ -1,0 +1,35 @@
+"""What activities need from the outside world, built once per worker."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import httpx
+
+from firebreak.broker.client import BrokerClient
+from firebreak.config import Settings
+
+
+@dataclass
+class ActivityDeps:
+    settings: Settings
+    http: httpx.AsyncClient
+    broker: BrokerClient
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "ActivityDeps":
+        token = settings.broker_token
+        if token is None:
+            token_file = settings.state_dir / "broker" / "agent-token"
+            token = token_file.read_text().strip() if token_file.exists() else ""
+        return cls(
+            settings=settings,
+            http=httpx.AsyncClient(timeout=httpx.Timeout(10.0)),
+            broker=BrokerClient(settings.broker_url, token),
+        )
+
+    def target_url(self, target: str) -> str:
+        try:
+            return self.settings.targets[target].rstrip("/")
+        except KeyError:
+            raise LookupError(f"no URL configured for target {target!r}") from None

@@ -1,0 +1,76 @@
+"""Execution: one approved step, with a write credential minted for exactly that step.
+
+The idempotency key is the workflow id, run id and step id, so a retried
+activity never acts twice at the target. Only the fields the undo needs are
+kept from the target's response: nothing else it says reaches history.
+"""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from activities.credentials import activity_credential
+from activities.deps import ActivityDeps
+from activities.targets import resource_url
+from firebreak.contracts import ExecuteRequest, PlanStep, StepResult
+
+
+def _kept_fields(step: PlanStep) -> set[str]:
+    if step.undo is None:
+        return set()
+    return {m for v in step.undo.params.values() if isinstance(v, str) for m in re.findall(r"\{result\.([a-z0-9_]+)\}", v)}
+
+
+class ExecuteActivities:
+    def __init__(self, deps: ActivityDeps) -> None:
+        self.deps = deps
+
+    @activity.defn(name="execute_step")
+    async def execute_step(self, request: ExecuteRequest) -> StepResult:
+        step = request.plan.step(request.step_id)
+        if step is None:
+            raise ApplicationError(f"step {request.step_id} is not in the plan", non_retryable=True)
+        if request.undo and step.undo is None:
+            raise ApplicationError(f"step {step.id} declares no undo", non_retryable=True)
+        verb = step.undo.verb if request.undo and step.undo else step.verb
+        body = request.undo_params if request.undo else step.params
+        info = activity.info()
+        key = f"{info.workflow_id}/{info.workflow_run_id}/{step.id}/{'undo' if request.undo else 'do'}"
+        url = resource_url(self.deps.target_url(step.target), step.resource, verb.split(".", 1)[1])
+        async with activity_credential(
+            self.deps, audience=step.target, verb=verb, resource=step.resource, runbook=request.plan.runbook,
+            step_id=step.id, plan=request.plan, approvals=request.approvals, requested_by=request.requested_by,
+        ) as credential:
+            try:
+                response = await self.deps.http.post(
+                    url, json=body, headers={"Authorization": f"Bearer {credential.token}", "Idempotency-Key": key},
+                    timeout=max(1.0, step.timeout_s - 5),
+                )
+            except httpx.HTTPError as exc:
+                raise ApplicationError(f"{verb} on {step.resource}: {type(exc).__name__}") from None
+            grant = credential.grant
+        if response.status_code >= 500:
+            raise ApplicationError(f"{verb} on {step.resource}: target answered HTTP {response.status_code}")
+        if response.status_code >= 400:
+            raise ApplicationError(
+                f"{verb} on {step.resource} refused by the target: HTTP {response.status_code} {_reason(response)}",
+                type="TargetRefused", non_retryable=True,
+            )
+        data = response.json() if response.content else {}
+        kept = {k: v for k, v in data.items() if k in _kept_fields(step) and isinstance(v, (str, int, float, bool))}
+        return StepResult(
+            step_id=step.id, action=step.action, status="succeeded", grant=grant, response=kept,
+            detail=f"{verb} on {step.resource}: HTTP {response.status_code}",
+        )
+
+
+def _reason(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+        return str(body.get("reason") or body.get("error") or "")[:200]
+    except ValueError:
+        return ""

@@ -1,0 +1,98 @@
+"""An incident's history as a readable table: the story an operator would read in the UI."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from temporalio.api.common.v1 import Payload
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import WorkflowHistory
+from temporalio.converter import DataConverter
+
+
+async def _json(payloads: list[Payload], converter: DataConverter) -> list[Any]:
+    if not payloads:
+        return []
+    if converter.payload_codec:
+        payloads = await converter.payload_codec.decode(payloads)
+    out = []
+    for payload in payloads:
+        try:
+            out.append(json.loads(payload.data) if payload.data else None)
+        except ValueError:
+            out.append(None)
+    return out
+
+
+def _grants(value: Any) -> list[str]:
+    """Grant ids anywhere in a result: proof that each activity held its own credential."""
+    found: list[str] = []
+    if isinstance(value, dict):
+        grant = value.get("grant")
+        if isinstance(grant, dict) and "grant_id" in grant:
+            found.append(f"grant {grant['grant_id']} {grant.get('scope', '')} until {str(grant.get('expires_at', ''))[11:19]}")
+        for key, inner in value.items():
+            if key != "grant":
+                found += _grants(inner)
+    elif isinstance(value, list):
+        for inner in value:
+            found += _grants(inner)
+    return found
+
+
+async def history_rows(history: WorkflowHistory, converter: DataConverter) -> list[tuple[int, str, str, str]]:
+    rows: list[tuple[int, str, str, str]] = []
+    scheduled: dict[int, str] = {}
+    for event in history.events:
+        kind = EventType.Name(event.event_type).removeprefix("EVENT_TYPE_")
+        if kind.startswith("WORKFLOW_TASK"):
+            continue  # bookkeeping, not part of the story
+        summary = ""
+        if event.HasField("user_metadata") and event.user_metadata.HasField("summary"):
+            decoded = await _json([event.user_metadata.summary], converter)
+            summary = str(decoded[0] or "")
+        detail = summary
+        if kind == "ACTIVITY_TASK_SCHEDULED":
+            scheduled[event.event_id] = summary or event.activity_task_scheduled_event_attributes.activity_type.name
+        elif kind == "ACTIVITY_TASK_COMPLETED":
+            attrs = event.activity_task_completed_event_attributes
+            result = await _json(list(attrs.result.payloads), converter)
+            detail = "; ".join([scheduled.get(attrs.scheduled_event_id, "")] + _grants(result))
+        elif kind == "ACTIVITY_TASK_FAILED":
+            attrs = event.activity_task_failed_event_attributes
+            failure = attrs.failure
+            if converter.payload_codec:
+                await converter.payload_codec.decode_failure(failure)
+            message = failure.message
+            if failure.HasField("encoded_attributes"):
+                decoded = await _json([failure.encoded_attributes], converter)
+                message = (decoded[0] or {}).get("message", message) if isinstance(decoded[0], dict) else message
+            detail = f"{scheduled.get(attrs.scheduled_event_id, '')}: {message}"
+        elif kind == "WORKFLOW_EXECUTION_SIGNALED":
+            attrs = event.workflow_execution_signaled_event_attributes
+            args = await _json(list(attrs.input.payloads), converter)
+            who = args[0].get("approver") if args and isinstance(args[0], dict) else None
+            detail = f"signal {attrs.signal_name}" + (f" from {who}" if who else "")
+        elif kind == "WORKFLOW_EXECUTION_UPDATE_ACCEPTED":
+            attrs = event.workflow_execution_update_accepted_event_attributes
+            args = await _json(list(attrs.accepted_request.input.args.payloads), converter)
+            who = args[0].get("approver") if args and isinstance(args[0], dict) else None
+            detail = f"update {attrs.accepted_request.input.name}" + (f" from {who}" if who else "")
+        elif kind == "WORKFLOW_EXECUTION_UPDATE_COMPLETED":
+            attrs = event.workflow_execution_update_completed_event_attributes
+            out = await _json(list(attrs.outcome.success.payloads), converter)
+            if out and isinstance(out[0], dict):
+                detail = f"{'counted' if out[0].get('counted') else 'REFUSED'}: {out[0].get('reason', '')}"
+        elif kind == "UPSERT_WORKFLOW_SEARCH_ATTRIBUTES":
+            fields = event.upsert_workflow_search_attributes_event_attributes.search_attributes.indexed_fields
+            detail = ", ".join(f"{k}={json.loads(v.data)}" for k, v in fields.items())
+        elif kind == "TIMER_STARTED":
+            attrs = event.timer_started_event_attributes
+            detail = f"{summary or 'timer'} in {attrs.start_to_fire_timeout.ToTimedelta()}"
+        elif kind == "WORKFLOW_EXECUTION_COMPLETED":
+            result = await _json(list(event.workflow_execution_completed_event_attributes.result.payloads), converter)
+            if result and isinstance(result[0], dict):
+                detail = f"{result[0].get('phase')}: {result[0].get('outcome')}"
+        rows.append((event.event_id, event.event_time.ToDatetime().strftime("%H:%M:%S"), kind.lower(), detail))
+    return rows

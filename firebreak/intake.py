@@ -1,0 +1,180 @@
+"""From alerts to incidents: route each alert to a runbook and join its workflow.
+
+Every intake path (the CLI, the HTTP API) goes through here, so routing,
+grouping and label validation happen once, before any workflow starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+from datetime import datetime, timezone
+
+from temporalio.client import Client, WorkflowHandle
+from temporalio.common import WorkflowIDReusePolicy
+from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
+
+from firebreak.contracts import Alert, AlertSignal, IncidentInput, IncidentReport
+from firebreak.runbook import LabelError, Runbook, route
+
+
+@dataclass
+class Routed:
+    """Alerts of one delivery that share one incident."""
+
+    runbook: Runbook
+    incident_id: str
+    params: dict[str, str]
+    alerts: list[Alert] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Unrouted:
+    alert: Alert
+    reason: str
+
+
+@dataclass(frozen=True)
+class Refused:
+    """An alert whose labels a runbook refused: never substituted anywhere."""
+
+    alert: Alert
+    runbook: str
+    field: str
+    reason: str
+
+
+@dataclass
+class Routing:
+    routed: list[Routed] = field(default_factory=list)
+    unrouted: list[Unrouted] = field(default_factory=list)
+    refused: list[Refused] = field(default_factory=list)
+
+
+def route_alerts(runbooks: list[Runbook], alerts: Iterable[Alert]) -> Routing:
+    result = Routing()
+    groups: dict[str, Routed] = {}
+    for alert in alerts:
+        runbook = route(runbooks, alert.labels)
+        if runbook is None:
+            result.unrouted.append(Unrouted(alert, f"no runbook matches alertname {alert.name!r}"))
+            continue
+        try:
+            params = runbook.extract_params(alert.labels)
+            incident_id = runbook.incident_key(params)
+        except LabelError as exc:
+            result.refused.append(Refused(alert, runbook.name, f"labels.{exc.label}", str(exc)))
+            continue
+        except ValueError as exc:
+            result.refused.append(Refused(alert, runbook.name, "labels", str(exc)))
+            continue
+        group = groups.setdefault(incident_id, Routed(runbook, incident_id, params))
+        group.alerts.append(alert)
+    result.routed = list(groups.values())
+    return result
+
+
+WORKFLOW = "IncidentWorkflow"  # by name: an intake process need not import workflow code
+ALERT_SIGNAL = "alert"
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """What delivering one :class:`Routed` group did."""
+
+    incident_id: str
+    run_id: str
+    alerts: int
+    previous_run_id: str | None = None  # set when a closed incident fired again and a new, linked run opened
+    skipped: str | None = None  # why nothing was sent (only resolved alerts and no open incident)
+
+
+async def deliver_routed(
+    client: Client,
+    routed: Routed,
+    *,
+    task_queue: str,
+    requested_by: str | None = None,
+    delivery_id: str | None = None,
+    received_at: datetime | None = None,
+) -> Delivered:
+    """Join the running incident or open it (signal-with-start), in one signal for the whole group.
+
+    - Only resolved alerts: signal the open run, if any. A resolved alert never
+      opens an incident, nor reopens a closed one.
+    - The incident's last run has closed: start a new run whose input names the
+      closed run (``previous_run_id``). The first attempt refuses to reuse a
+      closed id, which tells us the closed run's id in the same round trip; the
+      common case (running or new) stays one call.
+    """
+    signal = AlertSignal(
+        alerts=routed.alerts, received_at=received_at or datetime.now(timezone.utc), delivery_id=delivery_id
+    )
+    count = len(routed.alerts)
+    if all(alert.status == "resolved" for alert in routed.alerts):
+        handle = client.get_workflow_handle(routed.incident_id)
+        try:
+            await handle.signal(ALERT_SIGNAL, signal)
+        except RPCError as exc:
+            if exc.status != RPCStatusCode.NOT_FOUND:  # not found, or found but already closed
+                raise
+            return Delivered(routed.incident_id, "", count, skipped="resolved, and no open incident to resolve")
+        description = await handle.describe()
+        return Delivered(routed.incident_id, description.run_id, count)
+
+    incident = IncidentInput(
+        incident_id=routed.incident_id, runbook=routed.runbook, params=routed.params, requested_by=requested_by
+    )
+    try:
+        run_id = await _signal_with_start(client, routed, incident, signal, task_queue, WorkflowIDReusePolicy.REJECT_DUPLICATE)
+        return Delivered(routed.incident_id, run_id, count)
+    except WorkflowAlreadyStartedError as exc:
+        previous = exc.run_id
+    # A closed incident fired again: a new run of the same id, linked to the closed one.
+    linked = incident.model_copy(update={"previous_run_id": previous})
+    run_id = await _signal_with_start(client, routed, linked, signal, task_queue, WorkflowIDReusePolicy.ALLOW_DUPLICATE)
+    return Delivered(routed.incident_id, run_id, count, previous_run_id=previous)
+
+
+async def _signal_with_start(
+    client: Client,
+    routed: Routed,
+    incident: IncidentInput,
+    signal: AlertSignal,
+    task_queue: str,
+    reuse: WorkflowIDReusePolicy,
+) -> str:
+    first = routed.alerts[0]
+    handle = await client.start_workflow(
+        WORKFLOW,
+        incident,
+        id=routed.incident_id,
+        task_queue=task_queue,
+        start_signal=ALERT_SIGNAL,
+        start_signal_args=[signal],
+        id_reuse_policy=reuse,
+        static_summary=f"{routed.runbook.name}: {first.name} on {routed.params.get('service', routed.incident_id)}",
+        static_details=first.annotations.get("description", ""),
+        result_type=IncidentReport,
+    )
+    return handle
+
+
+async def deliver(
+    client: Client,
+    routed: Routed,
+    *,
+    task_queue: str,
+    requested_by: str | None = None,
+    delivery_id: str | None = None,
+    received_at: datetime | None = None,
+) -> str:
+    """Signal-with-start: join the running incident or open it. Returns the run id ("" if nothing was open
+    to receive only-resolved alerts). See :func:`deliver_routed`."""
+    delivered = await deliver_routed(
+        client, routed, task_queue=task_queue, requested_by=requested_by, delivery_id=delivery_id,
+        received_at=received_at,
+    )
+    return delivered.run_id

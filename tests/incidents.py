@@ -1,0 +1,64 @@
+"""Helpers for tests that open incidents and watch them: no fixtures, plain functions."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+from temporalio.client import Client, WorkflowHandle
+
+from firebreak.config import Settings
+from firebreak.contracts import Alert, IncidentStatus, Phase
+from firebreak.intake import deliver, route_alerts
+from firebreak.runbook import load_runbooks
+
+
+def inject(fleet_url: str, service: str, kind: str, token: str = "test-chaos") -> dict:
+    response = httpx.post(f"{fleet_url}/demo/faults", json={"service": service, "kind": kind},
+                          headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    response.raise_for_status()
+    return response.json()
+
+
+def make_alert(alertname: str, service: str = "checkout", *, status: str = "firing", fingerprint: str | None = None) -> Alert:
+    return Alert(
+        source="test", fingerprint=fingerprint or uuid.uuid4().hex[:16], status=status,  # type: ignore[arg-type]
+        labels={"alertname": alertname, "namespace": "shop", "service": service, "severity": "critical"},
+        starts_at=datetime.now(timezone.utc),
+    )
+
+
+async def open_incident(client: Client, settings: Settings, alert: Alert, *, requested_by: str | None = None,
+                        unique: bool = True) -> WorkflowHandle:
+    routing = route_alerts(load_runbooks(Path(settings.resolved_runbooks_dir())), [alert])
+    assert routing.routed, f"alert not routed: {routing.unrouted or routing.refused}"
+    routed = routing.routed[0]
+    if unique:  # tests share servers: keep their incidents apart
+        routed.incident_id = f"{routed.incident_id}-{uuid.uuid4().hex[:6]}"
+    # The handle from start_workflow: on the time-skipping server only it skips time while awaiting a result.
+    return await deliver(client, routed, task_queue=settings.temporal.task_queue, requested_by=requested_by)
+
+
+async def status(handle: WorkflowHandle) -> IncidentStatus:
+    return await handle.query("status", result_type=IncidentStatus)
+
+
+async def wait_for_phase(handle: WorkflowHandle, phase: Phase, timeout: float = 30.0) -> IncidentStatus:
+    deadline = time.monotonic() + timeout
+    last: IncidentStatus | None = None
+    while time.monotonic() < deadline:
+        try:
+            last = await status(handle)
+            if last.phase == phase:
+                return last
+            if last.phase.closed:
+                break
+        except Exception:  # noqa: BLE001 - the workflow may not have run its first task yet
+            pass
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"{handle.id} did not reach {phase.value}; last phase {last.phase.value if last else None}: "
+                         f"{last.outcome if last else ''}")

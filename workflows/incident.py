@@ -1,0 +1,475 @@
+"""IncidentWorkflow: one durable workflow per incident. Orchestration only.
+
+investigating -> diagnosing -> proposing -> awaiting_approval -> executing
+-> verifying -> resolved, with the exits auto_resolved, rejected, expired,
+rolled_back and failed. Every side effect is an activity; every decision
+here is deterministic and visible in history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta
+from typing import Any
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from pydantic import ValidationError
+
+    from activities.approvals import ApprovalActivities
+    from activities.diagnose import diagnose
+    from activities.execute import ExecuteActivities
+    from activities.investigate import InvestigateActivities
+    from activities.notify import NotifyActivities
+    from activities.tickets import TicketActivities
+    from activities.verify import VerifyActivities
+    from firebreak import policy
+    from firebreak.contracts import (
+        Alert,
+        AlertSignal,
+        Approval,
+        ApprovalCheck,
+        ApprovalOutcome,
+        ApprovalRecord,
+        DiagnoseRequest,
+        Diagnosis,
+        Evidence,
+        ExecuteRequest,
+        IncidentInput,
+        IncidentReport,
+        IncidentStatus,
+        InvestigateRequest,
+        Notification,
+        Phase,
+        Plan,
+        PlanStep,
+        StepResult,
+        Ticket,
+        TicketRequest,
+        VerifyRequest,
+        VerifyResult,
+    )
+    from firebreak.plan import build_plan, undo_params
+    from firebreak.runbook import Investigation, parse_duration
+    from firebreak.temporal import PHASE, RUNBOOK, SERVICE, SEVERITY
+    from workflows.summary import plan_markdown, status_markdown
+
+QUICK = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=10), maximum_attempts=3)
+PATIENT = RetryPolicy(initial_interval=timedelta(seconds=2), maximum_interval=timedelta(minutes=1), maximum_attempts=8)
+# Writes are idempotent at the target (idempotency key), so a retry never acts twice;
+# refusals (no approval, bad scope) are raised non-retryable by the activity.
+WRITE = RetryPolicy(initial_interval=timedelta(seconds=2), maximum_interval=timedelta(seconds=20), maximum_attempts=3)
+MIN_TOP_SCORE = 0.5
+
+
+@workflow.defn
+class IncidentWorkflow:
+    @workflow.init
+    def __init__(self, incident: IncidentInput) -> None:
+        self.incident = incident
+        self.phase = Phase.investigating
+        self.alerts_received = 0
+        self.firing: dict[str, Alert] = {}
+        self.opened_at = workflow.now()
+        self.started_at = None
+        self.severity = ""
+        self.plan: Plan | None = None
+        self.diagnosis: Diagnosis | None = None
+        self.evidence: list = []
+        self.received: list[tuple[Approval, ApprovalCheck]] = []
+        self.records: list[ApprovalRecord] = []
+        self.verdict: policy.PolicyResult | None = None
+        self.escalates_at = None
+        self.expires_at = None
+        self.escalated = False
+        self.steps: list[StepResult] = []
+        self.tickets: list[Ticket] = []
+        self.outcome = ""
+        self.closed_at = None
+        self.approval_lock = asyncio.Lock()
+
+    # -- messages -------------------------------------------------------------
+
+    @workflow.signal
+    def alert(self, signal: AlertSignal) -> None:
+        """A new, repeated or resolved alert for this incident."""
+        for alert in signal.alerts:
+            self.alerts_received += 1
+            if alert.status == "firing":
+                self.firing[alert.fingerprint] = alert
+                self.severity = self.severity or alert.labels.get("severity", "")
+                if self.started_at is None or (alert.starts_at and alert.starts_at < self.started_at):
+                    self.started_at = alert.starts_at
+            else:
+                self.firing.pop(alert.fingerprint, None)
+
+    @workflow.signal
+    def resolve(self, signal: AlertSignal) -> None:
+        """The incident system says these alerts are resolved, whatever their status field says."""
+        self.alert(AlertSignal(
+            alerts=[a.model_copy(update={"status": "resolved"}) for a in signal.alerts],
+            received_at=signal.received_at,
+            delivery_id=signal.delivery_id,
+        ))
+
+    @workflow.signal
+    async def approval(self, payload: Any) -> None:
+        """Recorded in history always; a malformed or unsigned one is recorded as refused."""
+        await self._receive_approval(payload, via="signal")
+
+    @workflow.update
+    async def submit_approval(self, approval: Approval) -> ApprovalOutcome:
+        """Answers at once whether the approval counted, and why not."""
+        return await self._receive_approval(approval.model_dump(mode="json"), via="update")
+
+    @submit_approval.validator
+    def _validate_submit(self, approval: Approval) -> None:
+        if not approval.signature:
+            raise ValueError("approval is not signed")
+
+    @workflow.query
+    def status(self) -> IncidentStatus:
+        return IncidentStatus(
+            incident_id=self.incident.incident_id,
+            phase=self.phase,
+            runbook=self.incident.runbook.name,
+            runbook_version=self.incident.runbook.version,
+            service=self.incident.params.get("service", ""),
+            severity=self.severity,
+            requested_by=self.incident.requested_by,
+            opened_at=self.opened_at,
+            alerts_received=self.alerts_received,
+            firing=sorted(self.firing),
+            evidence=self.evidence,
+            hypotheses=self.diagnosis.hypotheses if self.diagnosis else [],
+            gaps=self.diagnosis.gaps if self.diagnosis else [],
+            plan=self.plan,
+            plan_hash=self.plan.hash if self.plan else None,
+            approvals=self.records,
+            needed=self.verdict.needs if self.verdict else [],
+            escalates_at=self.escalates_at,
+            expires_at=self.expires_at,
+            escalated=self.escalated,
+            steps=self.steps,
+            tickets=self.tickets,
+            closed_at=self.closed_at,
+            outcome=self.outcome,
+        )
+
+    # -- the run --------------------------------------------------------------
+
+    @workflow.run
+    async def run(self, incident: IncidentInput) -> IncidentReport:
+        runbook = incident.runbook
+        # The start signal is delivered before the first task runs; wait in case it was not.
+        await workflow.wait_condition(lambda: self.alerts_received > 0, timeout=timedelta(minutes=5))
+        workflow.upsert_search_attributes([
+            RUNBOOK.value_set(runbook.name),
+            SERVICE.value_set(incident.params.get("service", "")),
+            SEVERITY.value_set(self.severity or "none"),
+        ])
+        await self._enter(Phase.investigating)
+        started = self.started_at or self.opened_at
+        self.evidence = list(await asyncio.gather(*[self._investigate(spec, started) for spec in runbook.investigate]))
+        if self._all_resolved():
+            return await self._close(Phase.auto_resolved, "the alert cleared during investigation; nothing executed")
+
+        await self._enter(Phase.diagnosing)
+        self.diagnosis = await workflow.execute_activity(
+            diagnose,
+            DiagnoseRequest(runbook=runbook, evidence=self.evidence, alert_started_at=started),
+            start_to_close_timeout=timedelta(seconds=30),
+            retry_policy=QUICK,
+            summary="rank hypotheses from the evidence",
+        )
+
+        await self._enter(Phase.proposing)
+        top = self.diagnosis.hypotheses[0] if self.diagnosis.hypotheses else None
+        if top is None or top.score < MIN_TOP_SCORE or not top.actions:
+            why = "no hypothesis is supported well enough" if top is None or top.score < MIN_TOP_SCORE else (
+                f"the top hypothesis ({top.title}) has no remediation in the runbook's catalog")
+            await self._notify("escalation", f"{why}; a human must take this incident")
+            return await self._close(Phase.failed, f"escalated to a human: {why}")
+        self.plan = build_plan(
+            runbook, incident.params, top, incident_id=incident.incident_id, run_id=workflow.info().run_id
+        )
+        assert self.plan is not None  # top.actions is not empty
+        self.verdict = policy.evaluate(
+            self.plan, runbook, [], workflow_id=incident.incident_id, requested_by=incident.requested_by,
+            now=workflow.now(),
+        )
+        await self._ticket("proposed")
+
+        outcome = await self._await_approval()
+        if outcome is not None:
+            return outcome
+
+        return await self._execute_and_verify()
+
+    async def _investigate(self, spec: Investigation, started: datetime) -> Evidence:
+        try:
+            return await workflow.execute_activity_method(
+                InvestigateActivities.investigate,
+                InvestigateRequest(
+                    incident_id=self.incident.incident_id, runbook=self.incident.runbook.name, spec=spec,
+                    params=self.incident.params, alert_started_at=started,
+                ),
+                start_to_close_timeout=timedelta(seconds=30),
+                retry_policy=QUICK,
+                summary=f"investigate {spec.id}: {spec.title or spec.kind}",
+            )
+        except ActivityError as exc:
+            # An investigation that failed outright is a gap in the evidence, not a failed incident.
+            return Evidence(
+                id=spec.id, kind=spec.kind, title=spec.title, source=spec.target, query="", ok=False,
+                gap=f"{spec.id}: investigation failed: {exc.cause or exc}", gathered_at=workflow.now(),
+            )
+
+    # -- approval -------------------------------------------------------------
+
+    async def _await_approval(self) -> IncidentReport | None:
+        windows = self.incident.runbook.remediate.windows
+        escalate_after = parse_duration(windows.escalate_after)
+        expire_after = parse_duration(windows.expire_after)
+        self.escalates_at = workflow.now() + escalate_after
+        self.expires_at = workflow.now() + expire_after
+        await self._enter(Phase.awaiting_approval)
+        decided = lambda: self._decided() or self._all_resolved()  # noqa: E731
+        try:
+            await workflow.wait_condition(decided, timeout=escalate_after, timeout_summary="escalate if not approved")
+        except asyncio.TimeoutError:
+            self.escalated = True
+            await self._notify("escalation", "no approval within the first window; approval needed")
+            self._set_details()
+            try:
+                await workflow.wait_condition(
+                    decided, timeout=expire_after - escalate_after, timeout_summary="expire if not approved"
+                )
+            except asyncio.TimeoutError:
+                await self._notify("expired", "no approval in time; nothing was executed")
+                return await self._close(Phase.expired, "no approval in time; nothing executed")
+        # Let an approval that is being verified finish before acting on the verdict.
+        await self.approval_lock.acquire()
+        self.approval_lock.release()
+        if self.verdict and self.verdict.rejected:
+            return await self._close(Phase.rejected, f"rejected by {self.verdict.rejected_by}; nothing executed")
+        if not self._decided() and self._all_resolved():
+            return await self._close(Phase.auto_resolved, "the alert cleared before approval; nothing executed")
+        return None
+
+    def _decided(self) -> bool:
+        """Rejected, or every step either has its quorum or was left out by a partial approval."""
+        if self.verdict is None or self.plan is None:
+            return False
+        if self.verdict.rejected:
+            return True
+        if not self.verdict.approved_steps:
+            return False
+        return all(s.id in self.verdict.approved_steps or self._left_out(s.id) for s in self.plan.steps)
+
+    def _left_out(self, step_id: str) -> str | None:
+        """Who approved a subset of the plan without this step."""
+        if self.verdict is None:
+            return None
+        for (approval, _), judgement in zip(self.received, self.verdict.judgements):
+            if judgement.counted and approval.decision == "approve" and approval.steps and step_id not in approval.steps:
+                return approval.approver
+        return None
+
+    async def _receive_approval(self, payload: Any, via: str) -> ApprovalOutcome:
+        now = workflow.now()
+        # One at a time, in arrival order (asyncio.Lock is FIFO), so records read in the order sent.
+        async with self.approval_lock:
+            try:
+                approval = Approval.model_validate(payload)
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                field = ".".join(str(p) for p in first["loc"]) or "(payload)"
+                return self._record_refusal(payload, via, f"malformed approval: {field}: {first['msg']}")
+            if self.phase != Phase.awaiting_approval or self.plan is None:
+                return self._record_refusal(payload, via, f"the incident is {self.phase.value}, not awaiting approval")
+            if not approval.signature:
+                check = ApprovalCheck(valid=False, reason="unsigned: approvals must be signed with the approver's key")
+            else:
+                check = await workflow.execute_activity_method(
+                    ApprovalActivities.verify_approval,
+                    approval,
+                    start_to_close_timeout=timedelta(seconds=15),
+                    retry_policy=QUICK,
+                    summary=f"verify {approval.decision} signature of {approval.approver}",
+                )
+            self.received.append((approval, check))
+            self.verdict = policy.evaluate(
+                self.plan, self.incident.runbook, self.received, workflow_id=self.incident.incident_id,
+                requested_by=self.incident.requested_by, now=workflow.now(),
+            )
+            judgement = self.verdict.judgements[-1]
+            self.records.append(ApprovalRecord(
+                approver=approval.approver, decision=approval.decision, counted=judgement.counted,
+                reason=judgement.reason, steps=approval.steps, plan_hash=approval.plan_hash,
+                comment=approval.comment, received_at=now, via=via,  # type: ignore[arg-type]
+            ))
+            self._set_details()
+            return ApprovalOutcome(counted=judgement.counted, reason=judgement.reason, phase=self.phase)
+
+    def _record_refusal(self, payload: Any, via: str, reason: str) -> ApprovalOutcome:
+        approver = payload.get("approver") if isinstance(payload, dict) else None
+        decision = payload.get("decision") if isinstance(payload, dict) else None
+        self.records.append(ApprovalRecord(
+            approver=str(approver or "(unknown)")[:64], decision=str(decision or "(none)")[:16], counted=False,
+            reason=reason, received_at=workflow.now(), via=via,  # type: ignore[arg-type]
+        ))
+        self._set_details()
+        return ApprovalOutcome(counted=False, reason=reason, phase=self.phase)
+
+    # -- execution ------------------------------------------------------------
+
+    def _counted_approvals(self) -> list[Approval]:
+        assert self.verdict is not None
+        return [
+            approval for (approval, _), judgement in zip(self.received, self.verdict.judgements)
+            if judgement.counted and approval.decision == "approve"
+        ]
+
+    async def _execute_and_verify(self) -> IncidentReport:
+        assert self.plan is not None and self.verdict is not None
+        await self._enter(Phase.executing)
+        approvals = self._counted_approvals()
+        done: list[tuple[PlanStep, StepResult]] = []
+        for step in self.plan.steps:
+            if step.id not in self.verdict.approved_steps:
+                who = self._left_out(step.id)
+                self.steps.append(StepResult(
+                    step_id=step.id, action=step.action, status="skipped",
+                    detail=f"not approved ({who} approved only other steps)" if who else "not approved",
+                ))
+                continue
+            result = await self._run_step(step, approvals)
+            self.steps.append(result)
+            if result.status != "succeeded":
+                await self._undo_all(done, approvals)
+                phase = Phase.rolled_back if done else Phase.failed
+                return await self._close(phase, f"step {step.id} ({step.action}) failed: {result.detail}")
+            done.append((step, result))
+
+        await self._enter(Phase.verifying)
+        for index, (step, result) in enumerate(done):
+            if step.verify is None:
+                result.verified, result.verification = None, "no verification declared"
+                continue
+            check = await workflow.execute_activity_method(
+                VerifyActivities.verify_step,
+                VerifyRequest(
+                    incident_id=self.incident.incident_id, runbook=self.incident.runbook.name,
+                    params=self.incident.params, step_id=step.id, check=step.verify,
+                ),
+                start_to_close_timeout=timedelta(seconds=step.verify.within_s + 60),
+                heartbeat_timeout=timedelta(seconds=max(30, step.verify.interval_s * 3)),
+                retry_policy=QUICK,
+                summary=f"verify {step.id}: {step.verify.test} {step.verify.threshold} within {step.verify.within_s:.0f}s",
+            )
+            result.verified, result.verification = check.held, check.detail
+            if not check.held:
+                await self._undo_all(done[: index + 1], approvals)
+                return await self._close(
+                    Phase.rolled_back, f"step {step.id} did not help ({check.detail}); rolled back"
+                )
+        return await self._close(Phase.resolved, "remediation applied and verified")
+
+    async def _run_step(self, step: PlanStep, approvals: list[Approval], *, undo: dict | None = None) -> StepResult:
+        assert self.plan is not None
+        request = ExecuteRequest(
+            incident_id=self.incident.incident_id, plan=self.plan, step_id=step.id, approvals=approvals,
+            requested_by=self.incident.requested_by, undo=undo is not None, undo_params=undo or {},
+        )
+        verb = step.undo.verb if undo is not None and step.undo else step.verb
+        try:
+            return await workflow.execute_activity_method(
+                ExecuteActivities.execute_step,
+                request,
+                start_to_close_timeout=timedelta(seconds=step.timeout_s),
+                retry_policy=WRITE,
+                summary=f"{'undo' if undo is not None else 'execute'} {step.id}: {verb} on {step.resource}",
+            )
+        except ActivityError as exc:
+            cause = exc.cause
+            detail = cause.message if isinstance(cause, ApplicationError) else str(cause or exc)
+            return StepResult(step_id=step.id, action=step.action, status="failed", detail=detail)
+
+    async def _undo_all(self, done: list[tuple[PlanStep, StepResult]], approvals: list[Approval]) -> None:
+        """Saga compensation: undo what ran, newest first."""
+        for step, result in reversed(done):
+            if step.undo is None:
+                result.rollback = StepResult(step_id=step.id, action=step.action, status="skipped",
+                                             detail="the catalog declares no undo for this action")
+                continue
+            try:
+                params = undo_params(step, result.response)
+            except ValueError as exc:
+                result.rollback = StepResult(step_id=step.id, action=step.action, status="rollback_failed",
+                                             detail=str(exc))
+                continue
+            undone = await self._run_step(step, approvals, undo=params)
+            result.rollback = undone
+            if undone.status == "succeeded":
+                result.status = "rolled_back"
+
+    # -- bookkeeping ----------------------------------------------------------
+
+    def _all_resolved(self) -> bool:
+        return self.alerts_received > 0 and not self.firing
+
+    async def _enter(self, phase: Phase) -> None:
+        self.phase = phase
+        workflow.upsert_search_attributes([PHASE.value_set(phase.value)])
+        self._set_details()
+
+    def _set_details(self) -> None:
+        workflow.set_current_details(status_markdown(self.status()))
+
+    async def _close(self, phase: Phase, outcome: str) -> IncidentReport:
+        self.outcome = outcome
+        self.closed_at = workflow.now()
+        await self._enter(phase)
+        await self._ticket("closed")
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        return IncidentReport(
+            incident_id=self.incident.incident_id, phase=phase, outcome=outcome, status=self.status()
+        )
+
+    async def _ticket(self, event: str) -> None:
+        status = self.status()
+        ticket = await workflow.execute_activity_method(
+            TicketActivities.file_ticket,
+            TicketRequest(
+                incident_id=self.incident.incident_id,
+                event=event,  # type: ignore[arg-type]
+                summary=f"[{status.phase.value}] {self.incident.runbook.name} on {status.service or status.incident_id}",
+                body_markdown=plan_markdown(status),
+                payload=status.model_dump(mode="json", exclude={"evidence"}),
+            ),
+            start_to_close_timeout=timedelta(seconds=30),
+            retry_policy=PATIENT,
+            summary=f"ticket: {event}",
+        )
+        if not any(t.ref == ticket.ref for t in self.tickets):
+            self.tickets.append(ticket)
+
+    async def _notify(self, kind: str, summary: str) -> None:
+        runbook = self.incident.runbook
+        await workflow.execute_activity_method(
+            NotifyActivities.notify,
+            Notification(
+                incident_id=self.incident.incident_id,
+                kind=kind,  # type: ignore[arg-type]
+                to=runbook.remediate.escalate_to or "on-call",
+                summary=f"{runbook.name} on {self.incident.params.get('service', '')}: {summary}",
+                approve_command=f"firebreak approve {self.incident.incident_id} --key PATH",
+            ),
+            start_to_close_timeout=timedelta(seconds=30),
+            retry_policy=PATIENT,
+            summary=f"notify {runbook.remediate.escalate_to or 'on-call'}: {kind}",
+        )
