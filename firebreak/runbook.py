@@ -8,6 +8,7 @@ the escaping functions in :mod:`firebreak.escaping`.
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from datetime import timedelta
@@ -284,15 +285,50 @@ def parse_runbook(text: str, path: str = "<runbook>") -> Runbook:
     try:
         return Runbook.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        # Model-level validators report at the model; keep only str/int path parts.
-        loc = tuple(p for p in err["loc"] if isinstance(p, (str, int)))
-        field = ".".join(str(p) for p in loc) or "(runbook)"
-        message = err["msg"]
-        if err["type"] == "extra_forbidden":
-            message = "unknown field (typo?)"
-        extra = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise RunbookError(path, _line_for(loc, index), field, message + extra) from None
+        raise _explain(exc, path, index) from None
+
+
+def _path_of(err: Any) -> tuple[Any, ...]:
+    # Model-level validators report at the model; keep only str/int path parts.
+    return tuple(p for p in err["loc"] if isinstance(p, (str, int)))
+
+
+def _known_fields(parent: tuple[Any, ...]) -> list[str]:
+    """The field names the schema allows at a path, for a did-you-mean hint."""
+    schema = Runbook.model_json_schema(by_alias=True)
+    defs = schema.get("$defs", {})
+
+    def resolve(node: dict[str, Any]) -> dict[str, Any]:
+        while "$ref" in node:
+            node = defs[node["$ref"].rsplit("/", 1)[-1]]
+        for option in node.get("anyOf", []):
+            if "$ref" in option or "properties" in option:
+                return resolve(option)
+        return node
+
+    node = resolve(schema)
+    for part in parent:
+        if isinstance(part, int):
+            node = resolve(node.get("items", {}))
+        elif part in node.get("properties", {}):
+            node = resolve(node["properties"][part])
+        else:
+            node = resolve(node.get("additionalProperties") or {})
+    return list(node.get("properties", {}))
+
+
+def _explain(exc: ValidationError, path: str, index: dict[tuple[Any, ...], int]) -> RunbookError:
+    errors = exc.errors()
+    # A typo shows up twice (unknown field + missing field): the unknown one is what to fix.
+    err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+    loc = _path_of(err)
+    message = err["msg"]
+    if err["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(str(loc[-1]), _known_fields(loc[:-1]), n=1)
+        message = "unknown field" + (f" (did you mean {close[0]!r}?)" if close else "")
+    extra = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+    field = ".".join(str(p) for p in loc) or "(runbook)"
+    return RunbookError(path, _line_for(loc, index), field, message + extra)
 
 
 def load_runbook(path: str | Path) -> Runbook:

@@ -99,7 +99,7 @@ def broker(state_dir: Path, runbooks_dir: Path) -> Iterator[BrokerServer]:
 @pytest.fixture
 def fleet(broker: BrokerServer) -> Iterator[FleetServer]:
     verifier = signing.TargetVerifier.from_broker(broker.url, "fleet")
-    with FleetServer(verifier=verifier, chaos_token="test-chaos") as server:
+    with FleetServer(verifier=verifier, chaos_token="test-chaos", close_verifier=True) as server:
         yield server
 
 

@@ -1,0 +1,105 @@
+"""End to end on the real dev server, with real Prometheus scraping the demo fleet.
+
+A bad deploy is injected; the incident must name the deploy, propose the
+rollback, execute it on approval, see the error rate recover and resolve. Its
+history must then replay without nondeterminism.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+from temporalio.client import WorkflowHistory
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Replayer
+
+from demo.prom import PrometheusProcess, find_binary, free_port
+from firebreak.contracts import ApprovalOutcome, Phase
+from firebreak.history import history_rows
+from firebreak.temporal import DATA_CONVERTER
+from incidents import inject, make_alert, open_incident, wait_for_phase
+from worker import build_worker
+from workflows.incident import IncidentWorkflow
+
+ERROR_RATIO = ('sum(rate(http_requests_total{namespace="shop",service="checkout",code=~"5.."}[1m])) / '
+               'sum(rate(http_requests_total{namespace="shop",service="checkout"}[1m]))')
+
+pytestmark = pytest.mark.skipif(find_binary("prometheus") is None, reason="needs Debian's prometheus (.ci/run installs it)")
+
+
+def wait_until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+@pytest.fixture
+def prometheus(tmp_path: Path, fleet):
+    with PrometheusProcess(tmp_path / "prom", free_port(), fleet.target) as prom:
+        prom.wait_ready()
+        # Some history before the fault, so the diagnosis can compare before and after.
+        wait_until(lambda: (prom.query_value("count_over_time(up[1m])") or 0) >= 12, 60, "12 s of scrapes")
+        yield prom
+
+
+async def test_bad_deploy_is_diagnosed_rolled_back_verified_and_replays(
+    dev_env: WorkflowEnvironment, settings, fleet, prometheus, approvers
+):
+    settings.targets["prometheus"] = prometheus.url
+    healthy = fleet.fleet.service_state("checkout")["version"]
+    bad = inject(fleet.url, "checkout", "bad_deploy")["version"]
+    await asyncio.to_thread(wait_until, lambda: (prometheus.query_value(ERROR_RATIO) or 0) > 0.05, 60, "5xx > 5%")
+
+    client = dev_env.client
+    async with build_worker(client, settings):
+        alert_sent = time.monotonic()
+        handle = await open_incident(client, settings, make_alert("HighErrorRate"), requested_by="bob")
+        waiting = await wait_for_phase(handle, Phase.awaiting_approval, timeout=15)
+        assert time.monotonic() - alert_sent < 15
+
+        top = waiting.hypotheses[0]
+        assert top.id == "bad_deploy", [(h.id, h.score) for h in waiting.hypotheses]
+        jump = next(f for f in top.findings if f.test == "rose_after_change")
+        assert jump.held and bad in jump.detail, jump.detail
+        assert [(s.action, s.verb, s.resource) for s in waiting.plan.steps] == [
+            ("rollback", "fleet.rollback", "service/checkout")]
+        assert not waiting.gaps
+        assert all(e.grant is not None for e in waiting.evidence)
+
+        refused = await handle.execute_update(
+            "submit_approval", approvers.approval("bob", handle.id, waiting.plan_hash), result_type=ApprovalOutcome)
+        assert not refused.counted and "requested this incident" in refused.reason
+        outcome = await handle.execute_update(
+            "submit_approval", approvers.approval("alice", handle.id, waiting.plan_hash), result_type=ApprovalOutcome)
+        assert outcome.counted, outcome.reason
+        report = await asyncio.wait_for(handle.result(), timeout=240)
+
+        assert report.phase == Phase.resolved, report.outcome
+        [step] = report.status.steps
+        assert step.status == "succeeded" and step.verified is True, step
+        assert fleet.fleet.service_state("checkout")["version"] == healthy
+
+        async def resolved_ids() -> list[str]:
+            return [w.id async for w in client.list_workflows('FirebreakPhase="resolved"')]
+
+        for _ in range(50):
+            if handle.id in await resolved_ids():
+                break
+            await asyncio.sleep(0.2)
+        assert handle.id in await resolved_ids()
+
+        history = await handle.fetch_history()
+
+    rows = await history_rows(history, DATA_CONVERTER)
+    details = "\n".join(r[3] for r in rows)
+    assert "investigate error_rate" in details and "execute s1: fleet.rollback on service/checkout" in details
+    assert "grant " in details and "REFUSED: bob requested this incident" in details
+
+    replayer = Replayer(workflows=[IncidentWorkflow], data_converter=DATA_CONVERTER)
+    await replayer.replay_workflow(WorkflowHistory.from_json(handle.id, history.to_json()))
