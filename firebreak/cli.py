@@ -126,18 +126,17 @@ def _sample_alert(name: str, settings: Settings) -> dict[str, Any]:
     }
 
 
-def _wait_for_history(prometheus: str, seconds: float = 30) -> None:
-    """A before/after comparison needs some history from before the fault."""
+def _wait_for_history(prometheus: str, seconds: int = 15) -> None:
+    """A before/after comparison needs some history from before the fault (scrapes are 1 s apart)."""
     import httpx
 
     deadline = time.monotonic() + 60
+    query = f"min(count_over_time(up[1m])) >= {seconds}"
     while time.monotonic() < deadline:
         try:
-            body = httpx.get(f"{prometheus}/api/v1/query", params={"query": "time() - min(timestamp(up[5m]) )"}, timeout=5).json()
-            result = body["data"]["result"]
-            if result and float(result[0]["value"][1]) >= seconds:
+            if httpx.get(f"{prometheus}/api/v1/query", params={"query": query}, timeout=5).json()["data"]["result"]:
                 return
-        except (httpx.HTTPError, KeyError, ValueError, IndexError):
+        except (httpx.HTTPError, KeyError, ValueError):
             pass
         time.sleep(1)
 

@@ -87,6 +87,7 @@ class AlertSignal(Model):
     alerts: list[Alert] = Field(min_length=1)
     received_at: datetime
     delivery_id: str | None = None
+    requested_by: str | None = Field(default=None, description="roster name, when a person raised these alerts")
 
 
 class IncidentInput(Model):
@@ -414,6 +415,7 @@ class IncidentStatus(Model):
     escalated: bool = False
     steps: list[StepResult] = Field(default_factory=list)
     tickets: list[Ticket] = Field(default_factory=list)
+    refused_signals: list[str] = Field(default_factory=list, description="signals that could not be read")
     closed_at: datetime | None = None
     outcome: str = ""
 

@@ -72,8 +72,13 @@ async def history_rows(history: WorkflowHistory, converter: DataConverter) -> li
         elif kind == "WORKFLOW_EXECUTION_SIGNALED":
             attrs = event.workflow_execution_signaled_event_attributes
             args = await _json(list(attrs.input.payloads), converter)
-            who = args[0].get("approver") if args and isinstance(args[0], dict) else None
-            detail = f"signal {attrs.signal_name}" + (f" from {who}" if who else "")
+            body = args[0] if args and isinstance(args[0], dict) else {}
+            detail = f"signal {attrs.signal_name}"
+            if body.get("approver"):
+                detail += f" from {body['approver']}"
+            if isinstance(body.get("alerts"), list):
+                statuses = [a.get("status", "?") for a in body["alerts"] if isinstance(a, dict)]
+                detail += ": " + ", ".join(f"{statuses.count(s)} {s}" for s in sorted(set(statuses)))
         elif kind == "WORKFLOW_EXECUTION_UPDATE_ACCEPTED":
             attrs = event.workflow_execution_update_accepted_event_attributes
             args = await _json(list(attrs.accepted_request.input.args.payloads), converter)

@@ -89,6 +89,7 @@ class Delivered:
     alerts: int
     previous_run_id: str | None = None  # set when a closed incident fired again and a new, linked run opened
     skipped: str | None = None  # why nothing was sent (only resolved alerts and no open incident)
+    handle: WorkflowHandle[Any, IncidentReport] | None = None
 
 
 async def deliver_routed(
@@ -110,32 +111,38 @@ async def deliver_routed(
       common case (running or new) stays one call.
     """
     signal = AlertSignal(
-        alerts=routed.alerts, received_at=received_at or datetime.now(timezone.utc), delivery_id=delivery_id
+        alerts=routed.alerts, received_at=received_at or datetime.now(timezone.utc), delivery_id=delivery_id,
+        requested_by=requested_by,
     )
     count = len(routed.alerts)
     if all(alert.status == "resolved" for alert in routed.alerts):
-        handle = client.get_workflow_handle(routed.incident_id)
+        handle = client.get_workflow_handle(routed.incident_id, result_type=IncidentReport)
         try:
             await handle.signal(ALERT_SIGNAL, signal)
         except RPCError as exc:
             if exc.status != RPCStatusCode.NOT_FOUND:  # not found, or found but already closed
                 raise
-            return Delivered(routed.incident_id, "", count, skipped="resolved, and no open incident to resolve")
+            return Delivered(routed.incident_id, "", count, skipped="resolved, and no open incident to resolve",
+                             handle=handle)
         description = await handle.describe()
-        return Delivered(routed.incident_id, description.run_id, count)
+        return Delivered(routed.incident_id, description.run_id, count, handle=handle)
 
     incident = IncidentInput(
         incident_id=routed.incident_id, runbook=routed.runbook, params=routed.params, requested_by=requested_by
     )
     try:
-        run_id = await _signal_with_start(client, routed, incident, signal, task_queue, WorkflowIDReusePolicy.REJECT_DUPLICATE)
-        return Delivered(routed.incident_id, run_id, count)
+        started = await _signal_with_start(client, routed, incident, signal, task_queue, REJECT_CLOSED)
+        return Delivered(routed.incident_id, started.result_run_id or "", count, handle=started)
     except WorkflowAlreadyStartedError as exc:
         previous = exc.run_id
     # A closed incident fired again: a new run of the same id, linked to the closed one.
     linked = incident.model_copy(update={"previous_run_id": previous})
-    run_id = await _signal_with_start(client, routed, linked, signal, task_queue, WorkflowIDReusePolicy.ALLOW_DUPLICATE)
-    return Delivered(routed.incident_id, run_id, count, previous_run_id=previous)
+    started = await _signal_with_start(client, routed, linked, signal, task_queue, WorkflowIDReusePolicy.ALLOW_DUPLICATE)
+    return Delivered(routed.incident_id, started.result_run_id or "", count, previous_run_id=previous, handle=started)
+
+
+# Signal-with-start joins a RUNNING workflow whatever this says; it only decides about a CLOSED one.
+REJECT_CLOSED = WorkflowIDReusePolicy.REJECT_DUPLICATE
 
 
 async def _signal_with_start(
@@ -145,7 +152,7 @@ async def _signal_with_start(
     signal: AlertSignal,
     task_queue: str,
     reuse: WorkflowIDReusePolicy,
-) -> str:
+) -> WorkflowHandle[Any, IncidentReport]:
     first = routed.alerts[0]
     handle = await client.start_workflow(
         WORKFLOW,
@@ -170,11 +177,14 @@ async def deliver(
     requested_by: str | None = None,
     delivery_id: str | None = None,
     received_at: datetime | None = None,
-) -> str:
-    """Signal-with-start: join the running incident or open it. Returns the run id ("" if nothing was open
-    to receive only-resolved alerts). See :func:`deliver_routed`."""
+) -> WorkflowHandle[Any, IncidentReport]:
+    """Signal-with-start: join the running incident or open it; the incident's handle.
+
+    Only-resolved alerts with no open incident start nothing (the handle then names
+    the closed or missing workflow). See :func:`deliver_routed`."""
     delivered = await deliver_routed(
         client, routed, task_queue=task_queue, requested_by=requested_by, delivery_id=delivery_id,
         received_at=received_at,
     )
-    return delivered.run_id
+    assert delivered.handle is not None
+    return delivered.handle

@@ -70,6 +70,8 @@ class IncidentWorkflow:
     @workflow.init
     def __init__(self, incident: IncidentInput) -> None:
         self.incident = incident
+        # Whoever raised the incident may not approve it, even if an alert system opened it first.
+        self.requested_by = incident.requested_by
         self.phase = Phase.investigating
         self.alerts_received = 0
         self.firing: dict[str, Alert] = {}
@@ -89,13 +91,29 @@ class IncidentWorkflow:
         self.tickets: list[Ticket] = []
         self.outcome = ""
         self.closed_at = None
+        self.refused_signals: list[str] = []
         self.approval_lock = asyncio.Lock()
 
     # -- messages -------------------------------------------------------------
 
     @workflow.signal
-    def alert(self, signal: AlertSignal) -> None:
-        """A new, repeated or resolved alert for this incident."""
+    def alert(self, payload: Any) -> None:
+        """A new, repeated or resolved alert for this incident.
+
+        Typed as Any so that a payload this code cannot read is recorded, not
+        dropped by the SDK: no alert disappears silently.
+        """
+        try:
+            signal = AlertSignal.model_validate(payload)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "(payload)"
+            self.refused_signals.append(f"alert signal refused: {where}: {first['msg']}")
+            return
+        self._apply_alerts(signal)
+
+    def _apply_alerts(self, signal: AlertSignal) -> None:
+        self.requested_by = self.requested_by or signal.requested_by
         for alert in signal.alerts:
             self.alerts_received += 1
             if alert.status == "firing":
@@ -109,10 +127,11 @@ class IncidentWorkflow:
     @workflow.signal
     def resolve(self, signal: AlertSignal) -> None:
         """The incident system says these alerts are resolved, whatever their status field says."""
-        self.alert(AlertSignal(
+        self._apply_alerts(AlertSignal(
             alerts=[a.model_copy(update={"status": "resolved"}) for a in signal.alerts],
             received_at=signal.received_at,
             delivery_id=signal.delivery_id,
+            requested_by=signal.requested_by,
         ))
 
     @workflow.signal
@@ -139,7 +158,7 @@ class IncidentWorkflow:
             runbook_version=self.incident.runbook.version,
             service=self.incident.params.get("service", ""),
             severity=self.severity,
-            requested_by=self.incident.requested_by,
+            requested_by=self.requested_by,
             opened_at=self.opened_at,
             alerts_received=self.alerts_received,
             firing=sorted(self.firing),
@@ -155,6 +174,7 @@ class IncidentWorkflow:
             escalated=self.escalated,
             steps=self.steps,
             tickets=self.tickets,
+            refused_signals=self.refused_signals,
             closed_at=self.closed_at,
             outcome=self.outcome,
         )
@@ -164,8 +184,12 @@ class IncidentWorkflow:
     @workflow.run
     async def run(self, incident: IncidentInput) -> IncidentReport:
         runbook = incident.runbook
-        # The start signal is delivered before the first task runs; wait in case it was not.
-        await workflow.wait_condition(lambda: self.alerts_received > 0, timeout=timedelta(minutes=5))
+        # Signal-with-start delivers the alert with the first task; wait in case it came apart.
+        try:
+            await workflow.wait_condition(lambda: self.alerts_received > 0, timeout=timedelta(minutes=5),
+                                          timeout_summary="wait for the first alert")
+        except asyncio.TimeoutError:
+            return await self._close(Phase.failed, "started without any alert that could be read")
         workflow.upsert_search_attributes([
             RUNBOOK.value_set(runbook.name),
             SERVICE.value_set(incident.params.get("service", "")),
@@ -198,7 +222,7 @@ class IncidentWorkflow:
         )
         assert self.plan is not None  # top.actions is not empty
         self.verdict = policy.evaluate(
-            self.plan, runbook, [], workflow_id=incident.incident_id, requested_by=incident.requested_by,
+            self.plan, runbook, [], workflow_id=incident.incident_id, requested_by=self.requested_by,
             now=workflow.now(),
         )
         await self._ticket("proposed")
@@ -304,7 +328,7 @@ class IncidentWorkflow:
             self.received.append((approval, check))
             self.verdict = policy.evaluate(
                 self.plan, self.incident.runbook, self.received, workflow_id=self.incident.incident_id,
-                requested_by=self.incident.requested_by, now=workflow.now(),
+                requested_by=self.requested_by, now=workflow.now(),
             )
             judgement = self.verdict.judgements[-1]
             self.records.append(ApprovalRecord(
@@ -383,7 +407,7 @@ class IncidentWorkflow:
         assert self.plan is not None
         request = ExecuteRequest(
             incident_id=self.incident.incident_id, plan=self.plan, step_id=step.id, approvals=approvals,
-            requested_by=self.incident.requested_by, undo=undo is not None, undo_params=undo or {},
+            requested_by=self.requested_by, undo=undo is not None, undo_params=undo or {},
         )
         verb = step.undo.verb if undo is not None and step.undo else step.verb
         try:
