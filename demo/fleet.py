@@ -222,6 +222,9 @@ class Fleet:
             name: _Service(name=name, version=INITIAL_VERSIONS[name], replicas=INITIAL_REPLICAS) for name in SERVICES
         }
         self._changes: list[dict[str, Any]] = []
+        # What a real target may return beside the result (session ids, internal URLs): tests put a
+        # canary here to prove Firebreak keeps none of it in history.
+        self.response_extras: dict[str, Any] = {}
         # The running versions were deployed long before the demo starts, so a
         # "change in the last 30 minutes" question answers no until a fault or a person acts.
         for svc in self._services.values():
@@ -598,7 +601,7 @@ def create_app(*, verifier: Verifier, chaos_token: str | None = None, fleet: Fle
                 return JSONResponse(stored[2], status_code=stored[1], headers={"Idempotent-Replayed": "true"})
         who, context = author_of(claims)
         try:
-            status, result = 200, act(parsed, who, context)
+            status, result = 200, {**act(parsed, who, context), **fleet.response_extras}
         except FleetError as exc:
             status, result = exc.status, {"error": exc.error, "reason": exc.reason}
         if key is not None:
