@@ -279,7 +279,7 @@ async def _decide(args: argparse.Namespace, decision: str) -> int:
                f"      blast radius: {step.blast_radius}", f"      rollback: {undo}")
     approval = Approval(
         workflow_id=args.id, plan_hash=status.plan_hash, decision=decision,  # type: ignore[arg-type]
-        steps=list(args.steps or []), nonce=secrets.token_hex(16),
+        steps=list(getattr(args, "steps", None) or []), nonce=secrets.token_hex(16),
         expires_at=(datetime.now(timezone.utc) + timedelta(minutes=args.valid_for)).isoformat(timespec="seconds"),
         approver=approver, comment=(args.comment if decision == "approve" else args.reason) or "",
     )

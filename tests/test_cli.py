@@ -1,0 +1,105 @@
+"""The `firebreak` CLI against the real dev server: approve, reject, status, history, alert."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from temporalio.testing import WorkflowEnvironment
+
+from firebreak.cli import main
+from firebreak.contracts import Phase
+from incidents import inject, make_alert, open_incident, wait_for_phase
+from worker import build_worker
+
+
+@pytest.fixture
+def cli_state(tmp_path: Path, state_dir: Path, dev_env: WorkflowEnvironment, settings) -> Path:
+    """A state dir whose stack.json points the CLI at the test servers."""
+    (tmp_path / "keys").symlink_to(state_dir / "keys")
+    stack = {"settings": {
+        "temporal": {"address": dev_env.client.service_client.config.target_host,
+                     "task_queue": settings.temporal.task_queue},
+        "roster": str(settings.resolved_roster()),
+        "runbooks_dir": str(settings.resolved_runbooks_dir()),
+        "targets": settings.targets,
+    }}
+    (tmp_path / "stack.json").write_text(json.dumps(stack))
+    return tmp_path
+
+
+async def test_approve_as_requester_is_refused_then_on_call_approval_resolves(
+    dev_env: WorkflowEnvironment, settings, fleet, cli_state: Path, capsys: pytest.CaptureFixture[str]
+):
+    inject(fleet.url, "checkout", "bad_deploy")
+    async with build_worker(dev_env.client, settings):
+        handle = await open_incident(dev_env.client, settings, make_alert("DrillPair"), requested_by="bob")
+        await wait_for_phase(handle, Phase.awaiting_approval)
+        sd = ["--state-dir", str(cli_state)]
+
+        code = await _run(["approve", handle.id, "--key", str(cli_state / "keys" / "bob.pem"), *sd])
+        out = capsys.readouterr()
+        assert code == 1 and "bob requested this incident and cannot approve it" in out.err
+        assert "fleet.restart on fleet:service/checkout" in out.out and "blast radius" in out.out
+
+        assert await _run(["status", handle.id, "--json", *sd]) == 0
+        shown = json.loads(capsys.readouterr().out)
+        assert shown["phase"] == "awaiting_approval" and shown["plan"]["hash"]
+        assert shown["approvals"] == [{"approver": "bob", "decision": "approve", "counted": False,
+                                       "reason": "bob requested this incident and cannot approve it"}]
+        assert [n["approved_by"] for n in shown["needed"]] == [[], []]
+
+        assert await _run(["approve", handle.id, "--as", "alice", "--steps", "s2", "--comment", "scale only", *sd]) == 0
+        assert "approve by alice counted" in capsys.readouterr().out
+        report = await handle.result()
+        assert report.phase == Phase.resolved
+
+        assert await _run(["history", handle.id, *sd]) == 0
+        history = capsys.readouterr().out
+        assert "REFUSED: bob requested this incident" in history
+        assert "execute s2: fleet.scale on service/checkout" in history and "grant " in history
+
+
+async def test_reject_needs_a_reason_and_closes_the_incident(
+    dev_env: WorkflowEnvironment, settings, fleet, cli_state: Path, capsys: pytest.CaptureFixture[str]
+):
+    inject(fleet.url, "checkout", "bad_deploy")
+    async with build_worker(dev_env.client, settings):
+        handle = await open_incident(dev_env.client, settings, make_alert("DrillRollback"))
+        await wait_for_phase(handle, Phase.awaiting_approval)
+        with pytest.raises(SystemExit) as usage:
+            main(["reject", handle.id, "--as", "alice", "--state-dir", str(cli_state)])
+        assert usage.value.code == 2
+        assert await _run(["reject", handle.id, "--as", "alice", "--reason", "deploy freeze",
+                           "--state-dir", str(cli_state)]) == 0
+        report = await handle.result()
+    assert report.phase == Phase.rejected and report.status.approvals[0].reason == "rejection recorded"
+    assert report.status.approvals[0].comment == "deploy freeze"
+
+
+async def test_alert_file_opens_an_incident_and_prints_its_id(
+    dev_env: WorkflowEnvironment, settings, fleet, cli_state: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    inject(fleet.url, "payments", "bad_deploy")
+    alert = make_alert("DrillRollback", service="payments").model_dump(mode="json")
+    path = tmp_path / "alert.json"
+    path.write_text(json.dumps(alert))
+    async with build_worker(dev_env.client, settings):
+        assert await _run(["alert", str(path), "--state-dir", str(cli_state)]) == 0
+        incident = capsys.readouterr().out.strip().splitlines()[-1]
+        assert incident == "payments.drill-rollback"
+        handle = dev_env.client.get_workflow_handle(incident)
+        await wait_for_phase(handle, Phase.awaiting_approval)
+        await handle.terminate("test over")
+
+    path.write_text(json.dumps({**alert, "labels": {**alert["labels"], "service": "pay/../ments"}}))
+    assert await _run(["alert", str(path), "--state-dir", str(cli_state)]) == 1
+    assert "labels.service" in capsys.readouterr().err
+
+
+async def _run(argv: list[str]) -> int:
+    """The CLI runs its own event loop: give it a thread."""
+    import asyncio
+
+    return await asyncio.to_thread(main, argv)
