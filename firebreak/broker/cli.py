@@ -1,0 +1,162 @@
+"""``firebreak creds|audit|broker|keys``: the broker's commands.
+
+The main ``firebreak`` command calls :func:`register`; each subcommand sets
+``func`` (``args -> exit code``) with ``set_defaults``. ``settings_loader`` is
+``firebreak.config.load_settings`` or anything with its signature.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import urlparse
+
+import httpx
+
+from firebreak import signing
+from firebreak.broker.audit import verify_chain
+from firebreak.broker.state import broker_dir
+from firebreak.config import Settings
+from firebreak.roster import entry_yaml
+
+SettingsLoader = Callable[[str | Path | None], Settings]
+ADMIN_TOKEN_ENV = "FIREBREAK_BROKER_ADMIN_TOKEN"
+
+
+def _state_dir_option(parser: argparse.ArgumentParser) -> None:
+    # SUPPRESS: do not overwrite a --state-dir given to the parent parser.
+    parser.add_argument("--state-dir", default=argparse.SUPPRESS, help="Firebreak state directory")
+
+
+def register(subparsers: argparse._SubParsersAction, settings_loader: SettingsLoader) -> None:  # type: ignore[type-arg]
+    def settings(args: argparse.Namespace) -> Settings:
+        return settings_loader(getattr(args, "state_dir", None))
+
+    # -- creds freeze | thaw --
+    creds = subparsers.add_parser("creds", help="credential kill switch")
+    creds_sub = creds.add_subparsers(dest="creds_command", required=True)
+    for name, helptext in (("freeze", "refuse every mint and revoke live grants"), ("thaw", "issue credentials again")):
+        p = creds_sub.add_parser(name, help=helptext)
+        p.add_argument("--reason", default="", help="recorded in the audit log")
+        p.add_argument("--broker-url", default=None)
+        _state_dir_option(p)
+        p.set_defaults(func=lambda args, _name=name: _creds(args, _name, settings(args)))
+
+    # -- audit verify --
+    audit = subparsers.add_parser("audit", help="the broker's audit log")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    verify = audit_sub.add_parser("verify", help="check the audit log's hash chain")
+    verify.add_argument("--file", type=Path, default=None, help="default: STATE_DIR/broker/audit.jsonl")
+    _state_dir_option(verify)
+    verify.set_defaults(func=lambda args: _audit_verify(args, settings(args)))
+
+    # -- broker --
+    broker = subparsers.add_parser("broker", help="run the credential broker")
+    broker.add_argument("--host", default=None, help="default: from broker_url")
+    broker.add_argument("--port", type=int, default=None, help="default: from broker_url")
+    broker.add_argument("--roster", type=Path, default=None)
+    broker.add_argument("--runbooks-dir", type=Path, default=None)
+    _state_dir_option(broker)
+    broker.set_defaults(func=lambda args: _broker(args, settings(args)))
+
+    # -- keys new --
+    keys = subparsers.add_parser("keys", help="approver keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    new = keys_sub.add_parser("new", help="make an approver key and print its roster entry")
+    new.add_argument("--name", required=True)
+    new.add_argument("--group", action="append", default=[], help="roster group (repeatable)")
+    new.add_argument("--out", type=Path, default=None, help="default: STATE_DIR/keys")
+    _state_dir_option(new)
+    new.set_defaults(func=lambda args: _keys_new(args, settings(args)))
+
+
+def _admin_token(settings: Settings) -> str | None:
+    if settings.broker_admin_token:
+        return settings.broker_admin_token
+    if os.environ.get(ADMIN_TOKEN_ENV):
+        return os.environ[ADMIN_TOKEN_ENV]
+    path = broker_dir(settings.state_dir) / "admin-token"
+    return path.read_text(encoding="ascii").strip() if path.exists() else None
+
+
+def _creds(args: argparse.Namespace, action: str, settings: Settings) -> int:
+    token = _admin_token(settings)
+    if not token:
+        print(f"no admin token: set {ADMIN_TOKEN_ENV} or run on the broker's host", file=sys.stderr)
+        return 2
+    url = (args.broker_url or settings.broker_url).rstrip("/")
+    try:
+        response = httpx.post(
+            f"{url}/v1/{action}", json={"reason": args.reason}, headers={"Authorization": f"Bearer {token}"}, timeout=10
+        )
+    except httpx.HTTPError as exc:
+        print(f"broker at {url} unreachable: {type(exc).__name__}", file=sys.stderr)
+        return 1
+    if response.status_code != 200:
+        print(f"{action} failed: HTTP {response.status_code} {response.text[:500]}", file=sys.stderr)
+        return 1
+    body = response.json()
+    if action == "freeze":
+        print(f"broker frozen: every mint is refused; revoked {body.get('revoked', 0)} live grant(s)")
+    else:
+        print("broker thawed: credentials are issued again")
+    return 0
+
+
+def _audit_verify(args: argparse.Namespace, settings: Settings) -> int:
+    path = args.file or broker_dir(settings.state_dir) / "audit.jsonl"
+    ok, bad_seq, message = verify_chain(path)
+    print(message, file=sys.stdout if ok else sys.stderr)
+    if not ok:
+        print(f"first broken record: seq {bad_seq}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _broker(args: argparse.Namespace, settings: Settings) -> int:
+    from firebreak.broker.server import run  # uvicorn only when serving
+
+    parsed = urlparse(settings.broker_url)
+    run(
+        host=args.host or parsed.hostname or "127.0.0.1",
+        port=args.port or parsed.port or 8350,
+        state_dir=settings.state_dir,
+        roster_path=args.roster or settings.resolved_roster(),
+        runbooks_dir=args.runbooks_dir or settings.resolved_runbooks_dir(),
+    )
+    return 0
+
+
+def _keys_new(args: argparse.Namespace, settings: Settings) -> int:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}", args.name):
+        # The name becomes a file name and a roster name: no paths, no surprises.
+        print(f"{args.name!r} is not a valid roster name (letters, digits, '._@-')", file=sys.stderr)
+        return 2
+    out = args.out or settings.state_dir / "keys"
+    path = out / f"{args.name}.pem"
+    if path.exists():
+        print(f"{path} already exists; not overwriting a key", file=sys.stderr)
+        return 1
+    key = signing.generate_key()
+    signing.write_private_key(path, key)
+    print(f"# private key written to {path} (mode 0600); add this entry under people: in the roster", file=sys.stderr)
+    print(entry_yaml(args.name, args.group, signing.public_pem(key)), end="")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (``python -m firebreak.broker.cli``) until the main CLI wires it."""
+    from firebreak.config import load_settings
+
+    parser = argparse.ArgumentParser(prog="firebreak")
+    register(parser.add_subparsers(dest="command", required=True), load_settings)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

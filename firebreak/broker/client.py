@@ -1,0 +1,143 @@
+"""The worker's side of the broker: ask for one credential, always give it back.
+
+```python
+async with broker.credential(audience="fleet", verb="fleet.rollback", ...) as cred:
+    await http.post(url, headers={"Authorization": cred.authorization})
+# revoked here: on success, on error, and on cancellation
+```
+
+Tokens stay inside the :class:`IssuedCredential`; its repr, str and JSON leave
+the token out, and no exception raised here carries one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from firebreak.broker.models import IssuedCredential, MintRequest
+
+log = logging.getLogger(__name__)
+
+# Strong references to revocations still in flight (asyncio keeps only weak ones).
+_PENDING_REVOKES: set[asyncio.Future[None]] = set()
+
+__all__ = ["BrokerClient", "BrokerError", "IssuedCredential", "MintRefused"]
+
+
+class BrokerError(Exception):
+    """The broker could not be asked, or answered unexpectedly (often worth a retry)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self), self.status))
+
+
+class MintRefused(BrokerError):
+    """The broker refused (403 policy, 400 malformed, 401 bad bootstrap credential):
+    retrying the same request will not help."""
+
+    def __init__(self, reason: str, status: int = 403) -> None:
+        super().__init__(reason, status)
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.reason, self.status))
+
+
+def _reason(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+        return str(body.get("reason") or body.get("error") or response.reason_phrase)[:2000]
+    except ValueError:
+        return f"HTTP {response.status_code} {response.reason_phrase}"
+
+
+class BrokerClient:
+    def __init__(self, base_url: str, agent_token: str, *, timeout_s: float = 10.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._agent_token = agent_token
+        self._timeout = timeout_s
+        self._http: httpx.AsyncClient | None = None
+
+    def __repr__(self) -> str:
+        return f"BrokerClient({self.base_url!r})"
+
+    def _client(self) -> httpx.AsyncClient:
+        if self._http is None or self._http.is_closed:
+            self._http = httpx.AsyncClient(
+                base_url=self.base_url,
+                timeout=self._timeout,
+                headers={"Authorization": f"Bearer {self._agent_token}"},
+            )
+        return self._http
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+    async def __aenter__(self) -> BrokerClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def _post(self, path: str, body: dict[str, Any]) -> httpx.Response:
+        try:
+            return await self._client().post(path, json=body)
+        except httpx.HTTPError as exc:
+            # The exception text names the URL only, but keep it to the type to be sure.
+            raise BrokerError(f"broker at {self.base_url} unreachable: {type(exc).__name__}") from None
+
+    async def mint(self, **fields: Any) -> IssuedCredential:
+        """Fields of :class:`~firebreak.broker.models.MintRequest` (plan/approvals as models or dicts)."""
+        body = MintRequest.model_validate(fields).model_dump(mode="json")
+        response = await self._post("/v1/mint", body)
+        if response.status_code in (400, 401, 403):
+            raise MintRefused(_reason(response), response.status_code)
+        if response.status_code != 200:
+            raise BrokerError(f"mint failed: {_reason(response)}", response.status_code)
+        return IssuedCredential.model_validate(response.json())
+
+    async def revoke(self, grant_id: str) -> bool:
+        """True if revoked now or before; False if the broker no longer knows it (expired)."""
+        response = await self._post("/v1/revoke", {"grant_id": grant_id})
+        if response.status_code == 404:
+            return False
+        if response.status_code != 200:
+            raise BrokerError(f"revoke of {grant_id} failed: {_reason(response)}", response.status_code)
+        return True
+
+    @asynccontextmanager
+    async def credential(self, **fields: Any) -> AsyncIterator[IssuedCredential]:
+        cred = await self.mint(**fields)
+        try:
+            yield cred
+        finally:
+            # Its own task, shielded: a cancelled activity still gives its credential
+            # back, even if the cancellation interrupts the wait for the answer.
+            task = asyncio.ensure_future(self._revoke_quietly(cred.grant_id))
+            _PENDING_REVOKES.add(task)
+            task.add_done_callback(_PENDING_REVOKES.discard)
+            await asyncio.shield(task)
+
+    async def _revoke_quietly(self, grant_id: str) -> None:
+        try:
+            await self.revoke(grant_id)
+        except Exception as exc:  # any failure at all: see below
+            # The token still expires on its own within its ttl; never mask the caller's
+            # error. BrokerError texts are ours (no secrets); others: the type only.
+            detail = str(exc) if isinstance(exc, BrokerError) else type(exc).__name__
+            log.warning("could not revoke grant %s: %s", grant_id, detail)

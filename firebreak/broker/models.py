@@ -1,0 +1,91 @@
+"""Wire formats of the broker's HTTP API (shared by the app and the client)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from firebreak.contracts import Approval, Grant, Plan
+
+Name = Annotated[str, Field(min_length=1, max_length=200)]
+
+
+class MintRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    audience: Name
+    verb: Annotated[str, Field(pattern=r"^[a-z]+\.[a-z_]+$")]
+    resource: Annotated[str, Field(min_length=1, max_length=300)]
+    ttl_s: float = Field(gt=0, description="capped at 900 s by the broker")
+    workflow_id: Name
+    run_id: Name
+    activity_id: Name
+    step_id: str = Field(default="", max_length=200, description="plan step (writes); evidence/step id for reads")
+    runbook: Name
+    params: dict[str, str] = Field(default_factory=dict)
+    plan: Plan | None = None
+    approvals: list[Approval] = Field(default_factory=list, max_length=50)
+    requested_by: str | None = None
+
+    @property
+    def is_read(self) -> bool:
+        return self.verb.endswith(".read")
+
+
+class MintResponse(BaseModel):
+    grant_id: str
+    token: str = Field(repr=False)
+    audience: str
+    scope: dict[str, str]
+    expires_at: datetime
+
+
+class RevokeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    grant_id: Annotated[str, Field(min_length=1, max_length=64)]
+
+
+class FreezeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field(default="", max_length=500)
+
+
+class IssuedCredential(BaseModel):
+    """A minted credential as the activity holds it.
+
+    The token is excluded from ``model_dump``/JSON and from repr/str, so that
+    returning or logging this object can never put the secret in history.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    grant_id: str
+    token: str = Field(repr=False, exclude=True)
+    audience: str
+    scope: dict[str, str]
+    expires_at: datetime
+
+    @property
+    def scope_str(self) -> str:
+        return f"{self.scope['verb']}:{self.scope['resource']}"
+
+    @property
+    def grant(self) -> Grant:
+        return Grant(grant_id=self.grant_id, audience=self.audience, scope=self.scope_str, expires_at=self.expires_at)
+
+    @property
+    def authorization(self) -> str:
+        """The header value for the target request."""
+        return f"Bearer {self.token}"
+
+    def __repr__(self) -> str:
+        return (
+            f"IssuedCredential(grant_id={self.grant_id!r}, audience={self.audience!r}, "
+            f"scope={self.scope_str!r}, expires_at={self.expires_at.isoformat()!r}, token=<redacted>)"
+        )
+
+    __str__ = __repr__

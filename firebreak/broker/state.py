@@ -1,0 +1,170 @@
+"""The broker's durable state under ``STATE_DIR/broker/``.
+
+```
+signing-key.pem   Ed25519 key for target tokens (0600, created on first start)
+agent-token       the worker's bootstrap credential (0600) unless FIREBREAK_BROKER_TOKEN
+admin-token       for freeze/thaw (0600) unless FIREBREAK_BROKER_ADMIN_TOKEN
+audit.jsonl       hash-chained audit log
+frozen            present while the kill switch is on (survives restarts)
+grants.json       live grants (jti, expiry, revoked?) so a freeze after a restart still revokes
+nonces.json       approval nonces seen, with the digest of the approval that carried each
+```
+
+Nothing here holds a token: grants are known by their id (the jti).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from firebreak import signing
+
+
+def broker_dir(state_dir: str | Path) -> Path:
+    return Path(state_dir) / "broker"
+
+
+def _write_secret(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, text.encode("ascii"))
+    finally:
+        os.close(fd)
+
+
+def _atomic_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, json.dumps(data, sort_keys=True).encode("utf-8"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def read_or_create_secret(path: Path, env_var: str | None = None, given: str | None = None) -> str:
+    """A bearer secret: given, else from the environment, else the file (created if absent)."""
+    if given:
+        return given
+    if env_var and os.environ.get(env_var):
+        return os.environ[env_var]
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_secret(path, secrets.token_urlsafe(32))
+    return path.read_text(encoding="ascii").strip()
+
+
+def load_or_create_signing_key(path: Path) -> Ed25519PrivateKey:
+    if not path.exists():
+        signing.write_private_key(path, signing.generate_key())
+    return signing.load_private_key(path)
+
+
+@dataclass
+class GrantRecord:
+    grant_id: str  # == the token's jti
+    exp: float
+    audience: str
+    verb: str
+    resource: str
+    workflow_id: str
+    run_id: str
+    step_id: str
+    subject: str
+    approvers: list[str]
+    revoked: bool = False
+
+
+# A revoked jti stays on the list a little past its exp, to cover targets' leeway.
+REVOKED_MARGIN_S = 60
+
+
+class DurableState:
+    """Grants, nonces and the freeze flag. Not thread-safe: the app holds one lock."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.dir, 0o700)
+        self._grants_file = directory / "grants.json"
+        self._nonces_file = directory / "nonces.json"
+        self._frozen_file = directory / "frozen"
+        self.grants: dict[str, GrantRecord] = {}
+        self.nonces: dict[str, dict[str, Any]] = {}
+        if self._grants_file.exists():
+            for gid, rec in json.loads(self._grants_file.read_text()).items():
+                self.grants[gid] = GrantRecord(**rec)
+        if self._nonces_file.exists():
+            self.nonces = json.loads(self._nonces_file.read_text())
+        self.prune()
+
+    # -- freeze --
+
+    @property
+    def frozen(self) -> bool:
+        return self._frozen_file.exists()
+
+    def set_frozen(self, frozen: bool, reason: str = "") -> None:
+        if frozen:
+            self._frozen_file.write_text(json.dumps({"at": time.time(), "reason": reason}))
+        elif self._frozen_file.exists():
+            self._frozen_file.unlink()
+
+    # -- grants --
+
+    def prune(self, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        self.grants = {g: r for g, r in self.grants.items() if r.exp + REVOKED_MARGIN_S > now}
+        self.nonces = {n: v for n, v in self.nonces.items() if v["expires_at"] > now}
+
+    def add_grant(self, grant: GrantRecord) -> None:
+        self.prune()
+        self.grants[grant.grant_id] = grant
+        self._save_grants()
+
+    def revoke(self, grant_id: str) -> GrantRecord | None:
+        grant = self.grants.get(grant_id)
+        if grant is None:
+            return None
+        grant.revoked = True
+        self._save_grants()
+        return grant
+
+    def live_grants(self, now: float | None = None) -> list[GrantRecord]:
+        now = time.time() if now is None else now
+        return [g for g in self.grants.values() if not g.revoked and g.exp > now]
+
+    def revoked_jtis(self, now: float | None = None) -> list[str]:
+        now = time.time() if now is None else now
+        return sorted(g.grant_id for g in self.grants.values() if g.revoked and g.exp + REVOKED_MARGIN_S > now)
+
+    def _save_grants(self) -> None:
+        _atomic_json(self._grants_file, {g: asdict(r) for g, r in self.grants.items()})
+
+    # -- approval nonces --
+
+    def nonce_conflict(self, nonce: str, digest: str) -> bool:
+        """A nonce already carried by a *different* approval."""
+        seen = self.nonces.get(nonce)
+        return seen is not None and seen["digest"] != digest
+
+    def remember_nonces(self, entries: list[tuple[str, str, float]]) -> None:
+        """(nonce, approval digest, approval expiry): kept until the approval expires,
+        after which policy refuses it anyway."""
+        changed = False
+        for nonce, digest, expires_at in entries:
+            if nonce not in self.nonces:
+                self.nonces[nonce] = {"digest": digest, "expires_at": expires_at}
+                changed = True
+        if changed:
+            self.prune()
+            _atomic_json(self._nonces_file, self.nonces)

@@ -1,0 +1,502 @@
+"""Keys, approval signatures, and target credentials (mint and verify).
+
+All of Firebreak's cryptography lives here, so that it can be read in one
+sitting. Two kinds of signature:
+
+* **Approvals**: an approver's Ed25519 key signs the canonical bytes of an
+  :class:`~firebreak.contracts.Approval` (``signing_payload()``). Anyone with
+  the roster can check them; policy (quorum, expiry, plan hash) is elsewhere.
+* **Tokens**: the credential broker's Ed25519 key signs short-lived JWTs
+  (EdDSA). A target checks them with :class:`TargetVerifier`.
+
+Tokens are secrets: nothing here logs one, and no exception message or repr
+carries one.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import jwt
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+
+# Re-exported (``signing.Ed25519PrivateKey``) so callers need not import cryptography.
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey as Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey as Ed25519PublicKey
+
+from firebreak.contracts import Approval, ApprovalCheck
+
+if TYPE_CHECKING:
+    from firebreak.roster import Roster
+
+log = logging.getLogger(__name__)
+
+ALGORITHM = "EdDSA"
+MAX_TTL_S = 900
+# Every claim a Firebreak token must carry; a token without one is refused.
+REQUIRED_CLAIMS = [
+    "iss",
+    "sub",
+    "aud",
+    "scope",
+    "exp",
+    "nbf",
+    "iat",
+    "jti",
+    "workflow_id",
+    "run_id",
+    "activity_id",
+    "step_id",
+    "plan_hash",
+]
+_RESERVED = frozenset(REQUIRED_CLAIMS)
+
+
+# -- keys -----------------------------------------------------------------------
+
+
+def generate_key() -> Ed25519PrivateKey:
+    return Ed25519PrivateKey.generate()
+
+
+def private_pem(key: Ed25519PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def public_pem(key: Ed25519PrivateKey | Ed25519PublicKey) -> str:
+    public = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
+    return public.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode("ascii")
+
+
+def write_private_key(path: str | Path, key: Ed25519PrivateKey) -> Path:
+    """Write a PKCS#8 PEM created with mode 0600 (never briefly world-readable)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # O_EXCL: never overwrite a key by accident; the mode is set at creation.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, private_pem(key))
+    finally:
+        os.close(fd)
+    os.chmod(path, 0o600)  # in case a umask made it narrower than asked; never wider
+    return path
+
+
+def load_private_key(path: str | Path) -> Ed25519PrivateKey:
+    path = Path(path)
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        # Like ssh: a private key others can read is refused, not silently used.
+        raise PermissionError(f"{path}: private key is readable by others (mode {mode:o}); chmod 600 {path}")
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(f"{path}: not an Ed25519 private key")
+    return key
+
+
+def load_public_key(pem: str | bytes) -> Ed25519PublicKey:
+    data = pem.encode("ascii") if isinstance(pem, str) else pem
+    try:
+        key = serialization.load_pem_public_key(data)
+    except ValueError as exc:
+        raise ValueError(f"not a PEM public key ({exc})") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise ValueError("not an Ed25519 public key")
+    return key
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _b64url_decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _raw_public(key: Ed25519PrivateKey | Ed25519PublicKey) -> bytes:
+    public = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
+    return public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def key_id(key: Ed25519PrivateKey | Ed25519PublicKey) -> str:
+    """RFC 7638 JWK thumbprint: a kid that changes whenever the key does."""
+    members = {"crv": "Ed25519", "kty": "OKP", "x": _b64url(_raw_public(key))}
+    digest = hashlib.sha256(json.dumps(members, sort_keys=True, separators=(",", ":")).encode()).digest()
+    return _b64url(digest)
+
+
+def public_jwk(key: Ed25519PrivateKey | Ed25519PublicKey, kid: str | None = None) -> dict[str, str]:
+    return {
+        "kty": "OKP",
+        "crv": "Ed25519",
+        "x": _b64url(_raw_public(key)),
+        "kid": kid or key_id(key),
+        "alg": ALGORITHM,
+        "use": "sig",
+    }
+
+
+def jwks_keys(jwks: dict[str, Any]) -> dict[str, Ed25519PublicKey]:
+    """kid -> public key, from a JWKS document; anything but OKP/Ed25519 is skipped."""
+    keys: dict[str, Ed25519PublicKey] = {}
+    for jwk in jwks.get("keys", []):
+        if not isinstance(jwk, dict) or jwk.get("kty") != "OKP" or jwk.get("crv") != "Ed25519":
+            continue
+        if jwk.get("alg", ALGORITHM) != ALGORITHM or not isinstance(jwk.get("kid"), str):
+            continue
+        keys[jwk["kid"]] = Ed25519PublicKey.from_public_bytes(_b64url_decode(jwk["x"]))
+    return keys
+
+
+# -- approvals --------------------------------------------------------------------
+
+
+def sign_approval(approval: Approval, key: Ed25519PrivateKey) -> Approval:
+    signature = key.sign(approval.signing_payload())
+    return approval.model_copy(update={"signature": base64.b64encode(signature).decode("ascii")})
+
+
+def verify_approval(approval: Approval, roster: Roster) -> ApprovalCheck:
+    """Signature only: is this approval really from the roster person it names?"""
+    if not approval.signature:
+        return ApprovalCheck(valid=False, reason="unsigned approval")
+    try:
+        signature = base64.b64decode(approval.signature, validate=True)
+    except (binascii.Error, ValueError):
+        return ApprovalCheck(valid=False, reason="signature is not base64")
+    if len(signature) != 64:
+        return ApprovalCheck(valid=False, reason=f"signature is {len(signature)} bytes, an Ed25519 signature is 64")
+    person = roster.get(approval.approver)
+    if person is None:
+        return ApprovalCheck(valid=False, reason=f"approver {approval.approver!r} is not in the roster")
+    try:
+        person.key.verify(signature, approval.signing_payload())
+    except InvalidSignature:
+        return ApprovalCheck(
+            valid=False,
+            reason=f"signature does not verify with {approval.approver!r}'s key (forged, or the approval was altered)",
+        )
+    return ApprovalCheck(valid=True, reason="signature verified", groups=list(person.groups))
+
+
+# -- tokens: mint -----------------------------------------------------------------
+
+
+def mint_token(
+    key: Ed25519PrivateKey,
+    kid: str,
+    *,
+    issuer: str,
+    subject: str,
+    audience: str,
+    verb: str,
+    resource: str,
+    ttl_s: float,
+    workflow_id: str,
+    run_id: str,
+    activity_id: str,
+    step_id: str,
+    plan_hash: str,
+    extra: dict[str, Any] | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """A signed token for one audience and one (verb, resource); ttl capped at 900 s."""
+    if not isinstance(audience, str) or not audience:
+        raise ValueError("audience must be one non-empty string")
+    if ttl_s <= 0:
+        raise ValueError("ttl_s must be positive")
+    clash = _RESERVED & set(extra or {})
+    if clash:
+        # extra must not be a way round the registered claims (e.g. a second aud).
+        raise ValueError(f"extra may not set {sorted(clash)}")
+    now = int(time.time())
+    ttl = min(int(ttl_s) or 1, MAX_TTL_S)
+    claims: dict[str, Any] = {
+        **(extra or {}),
+        "iss": issuer,
+        "sub": subject,
+        "aud": audience,
+        "scope": {"verb": verb, "resource": resource},
+        "iat": now,
+        "nbf": now,
+        "exp": now + ttl,
+        "jti": uuid.uuid4().hex,
+        "workflow_id": workflow_id,
+        "run_id": run_id,
+        "activity_id": activity_id,
+        "step_id": step_id,
+        "plan_hash": plan_hash,
+    }
+    token = jwt.encode(claims, key, algorithm=ALGORITHM, headers={"typ": "JWT", "kid": kid})
+    return token, claims
+
+
+# -- tokens: verify at the target ---------------------------------------------------
+
+
+class TokenRejected(Exception):
+    """A refused token. ``status`` is 401 (not a usable token) or 403 (wrong scope).
+
+    The message is the reason only; it never contains the token.
+    """
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.status, self.reason))
+
+
+class _ReplayCache:
+    """jti -> exp; an entry lives until its token would have expired anyway."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def check_and_add(self, jti: str, exp: float, now: float, leeway: float) -> bool:
+        with self._lock:
+            if len(self._seen) > 1024:
+                self._seen = {j: e for j, e in self._seen.items() if e + leeway >= now}
+            if jti in self._seen:
+                return False
+            self._seen[jti] = exp
+            return True
+
+
+class TargetVerifier:
+    """What a target runs on every request: one pinned algorithm, all claims required,
+    one audience, a small leeway, single use (jti replay cache), and revocation.
+
+    A token is good for exactly one request: Firebreak's activities mint one token
+    per call, so a second presentation of a jti is a replay and is refused.
+    """
+
+    def __init__(
+        self,
+        audience: str,
+        public_keys: dict[str, Ed25519PublicKey],
+        *,
+        leeway_s: float = 5,
+        revoked: Callable[[], set[str]] | None = None,
+        issuer: str | None = None,
+        on_unknown_kid: Callable[[], dict[str, Ed25519PublicKey]] | None = None,
+    ) -> None:
+        if not audience:
+            raise ValueError("audience is required")
+        if not 0 <= leeway_s <= 30:
+            raise ValueError("leeway_s must be between 0 and 30 seconds")
+        self.audience = audience
+        self.leeway_s = leeway_s
+        self.issuer = issuer
+        self._keys = dict(public_keys)
+        self._revoked = revoked
+        self._on_unknown_kid = on_unknown_kid
+        self._replay = _ReplayCache()
+        self._poller: _RevocationPoller | None = None
+
+    # -- construction from a running broker --
+
+    @classmethod
+    def from_broker(
+        cls,
+        broker_url: str,
+        audience: str,
+        *,
+        leeway_s: float = 5,
+        poll_interval_s: float = 1.0,
+        max_stale_s: float = 15.0,
+        issuer: str | None = None,
+    ) -> TargetVerifier:
+        """Keys from the broker's JWKS; revocations polled from ``GET /v1/revoked``.
+
+        Fails closed: if the revocation list could not be refreshed for
+        ``max_stale_s``, every token is refused until it can be.
+        """
+        poller = _RevocationPoller(broker_url.rstrip("/"), poll_interval_s, max_stale_s)
+        keys = poller.fetch_keys()
+        poller.refresh_once()
+        verifier = cls(
+            audience,
+            keys,
+            leeway_s=leeway_s,
+            revoked=poller.revoked,
+            issuer=issuer,
+            on_unknown_kid=poller.fetch_keys_rate_limited,
+        )
+        verifier._poller = poller
+        poller.start()
+        return verifier
+
+    def close(self) -> None:
+        if self._poller is not None:
+            self._poller.stop()
+
+    # -- verification --
+
+    def verify(
+        self,
+        token: str,
+        *,
+        verb: str,
+        resource: str,
+        expect_step: str | None = None,
+        expect_workflow: str | None = None,
+    ) -> dict[str, Any]:
+        if not token or not isinstance(token, str):
+            raise TokenRejected(401, "missing bearer token")
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise TokenRejected(401, "malformed token") from None
+        if header.get("alg") != ALGORITHM:
+            raise TokenRejected(401, f"algorithm {str(header.get('alg'))[:20]!r} is not allowed (EdDSA only)")
+        if header.get("typ") != "JWT":
+            raise TokenRejected(401, "token header typ must be JWT")
+        kid = header.get("kid")
+        if not isinstance(kid, str):
+            raise TokenRejected(401, "token header has no kid")
+        key = self._key_for(kid)
+        try:
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=[ALGORITHM],  # pinned: never taken from the token
+                options={"require": REQUIRED_CLAIMS, "verify_aud": False, "strict_aud": True},
+                issuer=self.issuer,
+                leeway=self.leeway_s,
+            )
+        except jwt.ExpiredSignatureError:
+            raise TokenRejected(401, "token expired") from None
+        except jwt.ImmatureSignatureError:
+            raise TokenRejected(401, "token not yet valid (nbf/iat in the future)") from None
+        except jwt.MissingRequiredClaimError as exc:
+            raise TokenRejected(401, f"token lacks required claim {exc.claim!r}") from None
+        except jwt.InvalidSignatureError:
+            raise TokenRejected(401, "bad token signature") from None
+        except jwt.InvalidIssuerError:
+            raise TokenRejected(401, "token from an unexpected issuer") from None
+        except jwt.PyJWTError as exc:
+            # PyJWT messages describe the check that failed, never the token.
+            raise TokenRejected(401, f"invalid token: {type(exc).__name__}") from None
+
+        # Audience: exactly one string. A list is refused even if it names us,
+        # so that one token can never be valid at two targets.
+        aud = claims["aud"]
+        if not isinstance(aud, str):
+            raise TokenRejected(401, "token must name exactly one audience (aud is not a single string)")
+        revoked = self._revoked() if self._revoked is not None else set()
+        if claims["jti"] in revoked:
+            raise TokenRejected(401, "token revoked")
+        if aud != self.audience:
+            raise TokenRejected(403, f"token is for audience {aud[:64]!r}, not {self.audience!r}")
+        if not self._replay.check_and_add(str(claims["jti"]), float(claims["exp"]), time.time(), self.leeway_s):
+            raise TokenRejected(401, "token already used (replayed jti)")
+        scope = claims["scope"]
+        if not isinstance(scope, dict) or not isinstance(scope.get("verb"), str):
+            raise TokenRejected(401, "token scope is malformed")
+        if scope["verb"] != verb:
+            raise TokenRejected(403, f"token allows {scope['verb'][:64]!r}, not {verb!r}")
+        if scope.get("resource") != resource:
+            raise TokenRejected(403, f"token is for resource {str(scope.get('resource'))[:128]!r}, not {resource!r}")
+        if expect_step is not None and claims["step_id"] != expect_step:
+            raise TokenRejected(403, f"token is for step {str(claims['step_id'])[:64]!r}, not {expect_step!r}")
+        if expect_workflow is not None and claims["workflow_id"] != expect_workflow:
+            raise TokenRejected(403, "token is for another workflow")
+        return claims
+
+    def _key_for(self, kid: str) -> Ed25519PublicKey:
+        key = self._keys.get(kid)
+        if key is None and self._on_unknown_kid is not None:
+            # The broker may have a new key; ask once (rate-limited by the poller).
+            self._keys.update(self._on_unknown_kid())
+            key = self._keys.get(kid)
+        if key is None:
+            raise TokenRejected(401, "token signed by an unknown key")
+        return key
+
+
+class _RevocationPoller:
+    """Keeps the broker's revocation list fresh in a daemon thread (sync httpx)."""
+
+    def __init__(self, base_url: str, interval_s: float, max_stale_s: float) -> None:
+        import httpx  # local: targets that never use from_broker need not import it
+
+        self._client = httpx.Client(base_url=base_url, timeout=5.0)
+        self._interval = interval_s
+        self._max_stale = max_stale_s
+        self._revoked: set[str] = set()
+        self._fresh_at = 0.0
+        self._last_key_fetch = 0.0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="firebreak-revocations", daemon=True)
+
+    def fetch_keys(self) -> dict[str, Ed25519PublicKey]:
+        response = self._client.get("/.well-known/jwks.json")
+        response.raise_for_status()
+        self._last_key_fetch = time.monotonic()
+        return jwks_keys(response.json())
+
+    def fetch_keys_rate_limited(self) -> dict[str, Ed25519PublicKey]:
+        if time.monotonic() - self._last_key_fetch < 5:
+            return {}
+        try:
+            return self.fetch_keys()
+        except Exception as exc:  # unknown kid stays unknown
+            log.warning("could not refresh broker keys: %s", type(exc).__name__)
+            return {}
+
+    def refresh_once(self) -> None:
+        response = self._client.get("/v1/revoked")
+        response.raise_for_status()
+        jtis = {str(j) for j in response.json().get("revoked", [])}
+        with self._lock:
+            self._revoked = jtis
+            self._fresh_at = time.monotonic()
+
+    def revoked(self) -> set[str]:
+        with self._lock:
+            if time.monotonic() - self._fresh_at > self._max_stale:
+                raise TokenRejected(401, "revocation list is stale (broker unreachable): refusing all tokens")
+            return set(self._revoked)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        self._client.close()
+
+    def _run(self) -> None:
+        failing = False
+        while not self._stop.wait(self._interval):
+            try:
+                self.refresh_once()
+            except Exception as exc:  # keep polling; staleness fails closed
+                if not failing:  # once per outage, not once a second
+                    log.warning("revocation poll failed: %s (retrying every %.0fs)", type(exc).__name__, self._interval)
+                failing = True
+            else:
+                if failing:
+                    log.warning("revocation poll recovered")
+                failing = False

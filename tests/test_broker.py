@@ -1,0 +1,523 @@
+"""The credential broker over real HTTP: what it issues, what it refuses, and the audit trail.
+
+Every refusal here must carry a reason and leave a ``deny`` record in the audit log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from firebreak import signing
+from firebreak.broker.audit import verify_chain
+from firebreak.broker.client import BrokerClient, IssuedCredential, MintRefused
+from firebreak.broker.server import BrokerServer
+from firebreak.contracts import Approval, Hypothesis, Plan
+from firebreak.plan import build_plan
+from firebreak.roster import entry_yaml
+from firebreak.runbook import Runbook, default_runbook_dir, load_runbooks
+from firebreak.signing import TargetVerifier, TokenRejected
+
+WF = "shop.checkout.error-rate"
+PARAMS = {"namespace": "shop", "service": "checkout"}
+
+
+@dataclass
+class Env:
+    server: BrokerServer
+    state_dir: Path
+    keys: dict[str, signing.Ed25519PrivateKey]
+    runbook: Runbook
+    plan: Plan
+
+    @property
+    def client(self) -> BrokerClient:
+        return BrokerClient(self.server.url, self.server.agent_token)
+
+    def audit(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.server.audit_path.read_text().splitlines()]
+
+    def last_deny(self) -> dict[str, Any]:
+        return next(r for r in reversed(self.audit()) if r["event"] == "deny")
+
+    def approve(self, who: str, plan: Plan | None = None, **kw: Any) -> Approval:
+        plan = plan or self.plan
+        fields: dict[str, Any] = dict(
+            workflow_id=WF,
+            plan_hash=plan.hash,
+            decision="approve",
+            nonce=uuid.uuid4().hex,
+            expires_at=(datetime.now(UTC) + timedelta(hours=1)).isoformat(),
+            approver=who,
+        )
+        fields.update(kw)
+        return signing.sign_approval(Approval(**fields), self.keys[who])
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[Env]:
+    # The shipped bad-deploy runbook, alone in its own directory (other runbooks may be mid-edit).
+    runbooks = tmp_path / "runbooks"
+    runbooks.mkdir()
+    shutil.copy(default_runbook_dir() / "bad-deploy.yaml", runbooks)
+    runbook = load_runbooks(runbooks)[0]
+    # Groups from the runbook's own policy for the rollback, so the test follows the runbook.
+    groups = runbook.remediate.policy_for(runbook.remediate.actions["rollback"]).groups
+    keys = {name: signing.generate_key() for name in ("alice", "bob", "mallory")}
+    roster = tmp_path / "roster.yaml"
+    roster.write_text(
+        "people:\n"
+        + entry_yaml("alice", [groups[0]], signing.public_pem(keys["alice"]))
+        + entry_yaml("bob", [groups[-1]], signing.public_pem(keys["bob"]))
+        + entry_yaml("mallory", ["marketing"], signing.public_pem(keys["mallory"]))
+    )
+    hypothesis = Hypothesis(id="bad_deploy", title="bad deploy", score=0.9, findings=[], actions=["rollback"])
+    plan = build_plan(runbook, PARAMS, hypothesis, incident_id=WF, run_id="run-1")
+    assert plan is not None
+    server = BrokerServer(tmp_path / "state", roster_path=roster, runbooks_dir=runbooks).start()
+    try:
+        yield Env(server, tmp_path / "state", keys, runbook, plan)
+    finally:
+        server.stop()
+
+
+def read_fields(**kw: Any) -> dict[str, Any]:
+    fields: dict[str, Any] = dict(
+        audience="prometheus",
+        verb="metrics.read",
+        resource="namespace/shop",
+        ttl_s=60,
+        workflow_id=WF,
+        run_id="run-1",
+        activity_id="3",
+        step_id="error_rate",
+        runbook="bad-deploy",
+        params=PARAMS,
+    )
+    fields.update(kw)
+    return fields
+
+
+def write_fields(env: Env, approvals: list[Approval], **kw: Any) -> dict[str, Any]:
+    step = env.plan.steps[0]
+    fields: dict[str, Any] = dict(
+        audience=step.target,
+        verb=step.verb,
+        resource=step.resource,
+        ttl_s=60,
+        workflow_id=WF,
+        run_id="run-1",
+        activity_id="9",
+        step_id=step.id,
+        runbook="bad-deploy",
+        params=PARAMS,
+        plan=env.plan,
+        approvals=approvals,
+    )
+    fields.update(kw)
+    return fields
+
+
+async def refused(env: Env, fields: dict[str, Any], expect: str) -> str:
+    """Mint must be refused with a reason containing ``expect``, and audited as a deny."""
+    before = len(env.audit())
+    async with env.client as client:
+        with pytest.raises(MintRefused) as info:
+            await client.mint(**fields)
+    reason = info.value.reason
+    assert expect in reason, reason
+    assert info.value.status == 403
+    deny = env.last_deny()
+    assert deny["seq"] > before and deny["reason"] == reason and deny["decision"] == "denied"
+    assert deny["audience"] == fields["audience"] and deny["step_id"] == fields["step_id"]
+    return reason
+
+
+def assert_no_token_in_audit(env: Env, *tokens: str) -> None:
+    text = env.server.audit_path.read_text()
+    for token in tokens:
+        assert token not in text
+        assert token.split(".")[2] not in text  # not even the signature part
+
+
+# -- reads ------------------------------------------------------------------------------
+
+
+async def test_declared_read_is_issued_and_works_once_at_the_target(env: Env) -> None:
+    async with env.client as client:
+        cred = await client.mint(**read_fields())
+    assert cred.audience == "prometheus" and cred.scope == {"verb": "metrics.read", "resource": "namespace/shop"}
+    assert cred.grant.scope == "metrics.read:namespace/shop"
+    assert cred.expires_at <= datetime.now(UTC) + timedelta(seconds=61)
+
+    verifier = TargetVerifier.from_broker(env.server.url, "prometheus")
+    try:
+        claims = verifier.verify(cred.token, verb="metrics.read", resource="namespace/shop", expect_step="error_rate")
+        assert claims["sub"] == "firebreak-agent" and claims["plan_hash"] == ""
+        with pytest.raises(TokenRejected, match="replayed") as info:
+            verifier.verify(cred.token, verb="metrics.read", resource="namespace/shop")
+        assert info.value.status == 401
+    finally:
+        verifier.close()
+
+    mint = env.audit()[-1]
+    assert mint["event"] == "mint" and mint["grant_id"] == cred.grant_id and mint["decision"] == "issued"
+    assert_no_token_in_audit(env, cred.token)
+
+
+async def test_change_log_read_on_fleet_is_issued(env: Env) -> None:
+    async with env.client as client:
+        cred = await client.mint(**read_fields(audience="fleet", verb="fleet.read", resource="service/checkout"))
+    assert cred.grant.audience == "fleet"
+
+
+async def test_undeclared_read_refused(env: Env) -> None:
+    await refused(env, read_fields(resource="namespace/payments"), "declares no read")
+    await refused(env, read_fields(audience="fleet", resource="namespace/shop"), "declares no read")
+    await refused(env, read_fields(verb="logs.read"), "declares no read")
+
+
+async def test_read_with_param_failing_its_pattern_refused(env: Env) -> None:
+    hostile = {"namespace": 'shop"} or vector(1) #', "service": "checkout"}
+    await refused(env, read_fields(params=hostile), "does not match")
+    await refused(env, read_fields(params={**PARAMS, "extra": "x"}), "not declared")
+
+
+async def test_unknown_runbook_refused(env: Env) -> None:
+    await refused(env, read_fields(runbook="no-such-book"), "unknown runbook")
+
+
+async def test_ttl_capped_at_900s(env: Env) -> None:
+    async with env.client as client:
+        cred = await client.mint(**read_fields(ttl_s=36000))
+    assert cred.expires_at <= datetime.now(UTC) + timedelta(seconds=901)
+
+
+# -- writes -------------------------------------------------------------------------------
+
+
+async def test_write_with_valid_approval_is_issued(env: Env) -> None:
+    approval = env.approve("alice")
+    async with env.client as client:
+        cred = await client.mint(**write_fields(env, [approval]))
+        # The same approval again (a retry, or the step's undo) is fine.
+        undo = await client.mint(**write_fields(env, [approval], verb="fleet.deploy"))
+    step = env.plan.steps[0]
+    verifier = TargetVerifier.from_broker(env.server.url, "fleet")
+    try:
+        claims = verifier.verify(cred.token, verb=step.verb, resource=step.resource, expect_step=step.id)
+        assert claims["plan_hash"] == env.plan.hash and claims["workflow_id"] == WF
+        # A write token is good for its own verb only.
+        with pytest.raises(TokenRejected) as info:
+            verifier.verify(undo.token, verb=step.verb, resource=step.resource)
+        assert info.value.status == 403
+    finally:
+        verifier.close()
+    mint = env.audit()[-2]
+    assert mint["event"] == "mint" and mint["approvers"] == ["alice"]
+    # A write credential lives no longer than the step may run.
+    assert cred.expires_at <= datetime.now(UTC) + timedelta(seconds=step.timeout_s + 1)
+    assert_no_token_in_audit(env, cred.token, undo.token)
+
+
+async def test_write_without_approvals_refused(env: Env) -> None:
+    await refused(env, write_fields(env, []), "carries no approvals")
+    await refused(env, write_fields(env, [], plan=None), "needs a plan and signed approvals")
+
+
+async def test_write_with_approvals_for_another_plan_hash_refused(env: Env) -> None:
+    other = env.plan.model_copy(update={"run_id": "run-0"})  # any change is a new hash
+    assert other.hash != env.plan.hash
+    reason = await refused(env, write_fields(env, [env.approve("alice", plan=other)]), "not approved")
+    assert "signed for plan" in reason
+
+
+async def test_plan_edited_after_approval_refused(env: Env) -> None:
+    approval = env.approve("alice")
+    step = env.plan.steps[0].model_copy(update={"resource": "service/payments"})
+    edited = env.plan.model_copy(update={"steps": [step]})
+    await refused(env, write_fields(env, [approval], plan=edited, resource="service/payments"), "signed for plan")
+
+
+async def test_plan_outside_the_runbook_catalog_refused(env: Env) -> None:
+    step = env.plan.steps[0].model_copy(update={"verb": "fleet.delete"})
+    rogue = env.plan.model_copy(update={"steps": [step]})
+    approval = env.approve("alice", plan=rogue)
+    await refused(env, write_fields(env, [approval], plan=rogue, verb="fleet.delete"), "does not fit runbook")
+
+
+async def test_scope_other_than_the_steps_refused(env: Env) -> None:
+    approval = env.approve("alice")
+    await refused(env, write_fields(env, [approval], resource="service/payments"), "allows 'fleet.rollback'")
+    await refused(env, write_fields(env, [approval], verb="fleet.restart"), "allows 'fleet.rollback'")
+    await refused(env, write_fields(env, [approval], audience="prometheus"), "allows 'fleet.rollback'")
+    await refused(env, write_fields(env, [approval], step_id="s9"), "not in the plan")
+
+
+async def test_forged_unsigned_and_unknown_approvers_refused(env: Env) -> None:
+    forged = signing.sign_approval(
+        Approval(**{**env.approve("alice").model_dump(), "signature": ""}), signing.generate_key()
+    )
+    assert "forged" in await refused(env, write_fields(env, [forged]), "not approved")
+    unsigned = env.approve("alice").model_copy(update={"signature": ""})
+    assert "unsigned" in await refused(env, write_fields(env, [unsigned]), "not approved")
+    stranger_key = signing.generate_key()
+    stranger = signing.sign_approval(
+        Approval(**{**env.approve("alice").model_dump(), "approver": "eve", "signature": ""}), stranger_key
+    )
+    assert "not in the roster" in await refused(env, write_fields(env, [stranger]), "not approved")
+
+
+async def test_approver_outside_the_groups_refused(env: Env) -> None:
+    await refused(env, write_fields(env, [env.approve("mallory")]), "mallory is not in")
+
+
+async def test_requester_cannot_approve_own_incident(env: Env) -> None:
+    await refused(env, write_fields(env, [env.approve("alice")], requested_by="alice"), "cannot approve")
+
+
+async def test_expired_approval_refused(env: Env) -> None:
+    past = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+    await refused(env, write_fields(env, [env.approve("alice", expires_at=past)]), "expired")
+
+
+async def test_approval_for_another_workflow_refused(env: Env) -> None:
+    await refused(env, write_fields(env, [env.approve("alice", workflow_id="other")]), "signed for workflow")
+
+
+async def test_rejection_refuses_the_write(env: Env) -> None:
+    approvals = [env.approve("alice"), env.approve("bob", decision="reject")]
+    await refused(env, write_fields(env, approvals), "rejected by bob")
+
+
+async def test_nonce_reused_by_a_different_approval_refused(env: Env) -> None:
+    first = env.approve("alice")
+    async with env.client as client:
+        await client.mint(**write_fields(env, [first]))
+    # bob signs a different approval that happens to carry alice's nonce
+    second = env.approve("bob", nonce=first.nonce)
+    await refused(env, write_fields(env, [second]), "reuses a nonce")
+
+
+async def test_nonces_survive_a_broker_restart(env: Env) -> None:
+    first = env.approve("alice")
+    async with env.client as client:
+        await client.mint(**write_fields(env, [first]))
+    env.server.stop()
+    env.server.start()
+    await refused(env, write_fields(env, [env.approve("bob", nonce=first.nonce)]), "reuses a nonce")
+
+
+async def test_write_for_a_different_workflow_id_than_approvals_refused(env: Env) -> None:
+    await refused(env, write_fields(env, [env.approve("alice")], workflow_id="other.incident"), "signed for workflow")
+
+
+# -- bootstrap credential, freeze ---------------------------------------------------------
+
+
+async def test_bad_agent_credential_refused_and_audited(env: Env) -> None:
+    async with BrokerClient(env.server.url, "not-the-token") as client:
+        with pytest.raises(MintRefused) as info:
+            await client.mint(**read_fields())
+    assert info.value.status == 401 and "agent bearer credential" in info.value.reason
+    deny = env.last_deny()
+    assert deny["decision"] == "unauthenticated" and "not-the-token" not in json.dumps(deny)
+    response = httpx.post(f"{env.server.url}/v1/mint", json=read_fields())
+    assert response.status_code == 401
+
+
+async def test_freeze_refuses_every_mint_revokes_live_grants_and_survives_restart(env: Env) -> None:
+    async with env.client as client:
+        live = await client.mint(**read_fields())
+    verifier = TargetVerifier.from_broker(env.server.url, "prometheus")
+    try:
+        # The agent's credential cannot pull the kill switch's lever (nor release it).
+        agent_try = httpx.post(
+            f"{env.server.url}/v1/freeze", headers={"Authorization": f"Bearer {env.server.agent_token}"}
+        )
+        assert agent_try.status_code == 401
+
+        admin = {"Authorization": f"Bearer {env.server.admin_token}"}
+        response = httpx.post(f"{env.server.url}/v1/freeze", json={"reason": "drill"}, headers=admin)
+        assert response.status_code == 200 and response.json()["revoked"] == 1
+        assert live.grant_id in httpx.get(f"{env.server.url}/v1/revoked").json()["revoked"]
+
+        await refused(env, read_fields(), "frozen")
+        await refused(env, write_fields(env, [env.approve("alice")]), "frozen")
+
+        # The target hears of the revocation within a poll or two.
+        deadline = time.monotonic() + 5
+        while live.grant_id not in verifier._revoked() and time.monotonic() < deadline:  # type: ignore[misc]
+            await asyncio.sleep(0.2)
+        with pytest.raises(TokenRejected, match="revoked"):
+            verifier.verify(live.token, verb="metrics.read", resource="namespace/shop")
+    finally:
+        verifier.close()
+
+    env.server.stop()
+    env.server.start()
+    assert httpx.get(f"{env.server.url}/healthz").json()["frozen"] is True
+    await refused(env, read_fields(), "frozen")
+
+    admin = {"Authorization": f"Bearer {env.server.admin_token}"}
+    assert httpx.post(f"{env.server.url}/v1/thaw", headers=admin).status_code == 200
+    async with env.client as client:
+        await client.mint(**read_fields())
+    events = [r["event"] for r in env.audit()]
+    assert "freeze" in events and "thaw" in events and "revoke" in events
+
+
+async def test_cli_creds_freeze_and_thaw(
+    env: Env, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from firebreak.broker import cli
+
+    monkeypatch.setenv("FIREBREAK_BROKER_URL", env.server.url)
+    freeze = ["creds", "freeze", "--state-dir", str(env.state_dir), "--reason", "t"]
+    assert await asyncio.to_thread(cli.main, freeze) == 0
+    assert "frozen" in capsys.readouterr().out
+    await refused(env, read_fields(), "frozen")
+    assert await asyncio.to_thread(cli.main, ["creds", "thaw", "--state-dir", str(env.state_dir)]) == 0
+    async with env.client as client:
+        await client.mint(**read_fields())
+
+
+# -- revocation and the client's context manager -------------------------------------------
+
+
+async def test_revoked_grant_refused_at_the_target(env: Env) -> None:
+    verifier = TargetVerifier.from_broker(env.server.url, "prometheus")
+    try:
+        async with env.client as client:
+            cred = await client.mint(**read_fields())
+            assert await client.revoke(cred.grant_id) is True
+            assert await client.revoke("no-such-grant") is False
+        # The target polls the broker's revocation list about every second.
+        started = time.monotonic()
+        while cred.grant_id not in verifier._revoked() and time.monotonic() - started < 5:  # type: ignore[misc]
+            await asyncio.sleep(0.1)
+        assert time.monotonic() - started < 3, "revocation took too long to reach the target"
+        with pytest.raises(TokenRejected, match="revoked") as info:
+            verifier.verify(cred.token, verb="metrics.read", resource="namespace/shop")
+        assert info.value.status == 401
+    finally:
+        verifier.close()
+
+
+async def test_credential_context_revokes_on_success_error_and_cancellation(env: Env) -> None:
+    def revoked() -> list[str]:
+        return list(httpx.get(f"{env.server.url}/v1/revoked").json()["revoked"])
+
+    async with env.client as client:
+        async with client.credential(**read_fields()) as cred:
+            assert cred.grant_id not in revoked()
+        assert cred.grant_id in revoked()
+
+        with pytest.raises(RuntimeError):
+            async with client.credential(**read_fields()) as cred2:
+                raise RuntimeError("the call failed")
+        assert cred2.grant_id in revoked()
+
+        entered = asyncio.Event()
+        holder: list[IssuedCredential] = []
+
+        async def activity() -> None:
+            async with client.credential(**read_fields()) as cred3:
+                holder.append(cred3)
+                entered.set()
+                await asyncio.sleep(60)
+
+        task = asyncio.create_task(activity())
+        await entered.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert holder[0].grant_id in revoked()
+
+
+async def test_issued_credential_never_shows_its_token(env: Env) -> None:
+    async with env.client as client:
+        cred = await client.mint(**read_fields())
+    assert cred.token and cred.token.count(".") == 2
+    for text in (repr(cred), str(cred), f"{cred}", cred.model_dump_json(), json.dumps(cred.model_dump(mode="json"))):
+        assert cred.token not in text
+    assert "redacted" in repr(cred)
+    assert cred.authorization == f"Bearer {cred.token}"
+
+
+async def test_audit_chain_intact_after_a_busy_session(env: Env) -> None:
+    async with env.client as client:
+        tokens = [(await client.mint(**read_fields())).token for _ in range(3)]
+        with pytest.raises(MintRefused):
+            await client.mint(**write_fields(env, []))
+        await client.mint(**write_fields(env, [env.approve("alice")]))
+    ok, _, message = verify_chain(env.server.audit_path)
+    assert ok, message
+    assert_no_token_in_audit(env, *tokens)
+
+
+async def test_malformed_request_refused_with_reason(env: Env) -> None:
+    response = httpx.post(
+        f"{env.server.url}/v1/mint",
+        json={**read_fields(), "aud": ["a", "b"]},
+        headers={"Authorization": f"Bearer {env.server.agent_token}"},
+    )
+    assert response.status_code == 400 and "aud" in response.json()["reason"]
+    assert env.last_deny()["decision"] == "bad_request"
+
+
+async def test_jwks_and_state_files(env: Env) -> None:
+    jwks = httpx.get(f"{env.server.url}/.well-known/jwks.json").json()
+    assert [k["kty"] for k in jwks["keys"]] == ["OKP"] and jwks["keys"][0]["crv"] == "Ed25519"
+    broker = env.state_dir / "broker"
+    for name in ("signing-key.pem", "agent-token", "admin-token"):
+        assert (broker / name).stat().st_mode & 0o777 == 0o600, name
+
+
+def test_python_m_firebreak_broker_serves(tmp_path: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    runbooks = tmp_path / "runbooks"
+    runbooks.mkdir()
+    shutil.copy(default_runbook_dir() / "bad-deploy.yaml", runbooks)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "firebreak.broker", "--host", "127.0.0.1", "--port", str(port),
+         "--state-dir", str(tmp_path), "--runbooks-dir", str(runbooks)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).json()
+                break
+            except httpx.HTTPError:
+                assert proc.poll() is None and time.monotonic() < deadline, "broker did not start"
+                time.sleep(0.2)
+        assert health["ok"] is True and health["frozen"] is False
+        token = (tmp_path / "broker" / "agent-token").read_text().strip()
+        assert (tmp_path / "broker" / "agent-token").stat().st_mode & 0o777 == 0o600
+        response = httpx.post(
+            f"http://127.0.0.1:{port}/v1/mint", json=read_fields(), headers={"Authorization": f"Bearer {token}"}
+        )
+        assert response.status_code == 200
+    finally:
+        proc.terminate()
+        output = proc.communicate(timeout=10)[0].decode()
+    assert token not in output and response.json()["token"] not in output
