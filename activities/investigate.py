@@ -60,7 +60,7 @@ class InvestigateActivities:
             base = self.deps.target_url(spec.target)
             async with activity_credential(
                 self.deps, audience=spec.target, verb=spec.scope, resource=resource,
-                runbook=request.runbook, params=request.params,
+                runbook=request.runbook, params=request.params, step_id=spec.id,
             ) as credential:
                 evidence.grant = credential.grant
                 headers = {"Authorization": f"Bearer {credential.token}"}

@@ -98,6 +98,9 @@ def authorize_write(
         raise Denied(f"write {request.verb!r} needs a plan and signed approvals; none was sent")
     if plan.runbook != request.runbook:
         raise Denied(f"plan is for runbook {plan.runbook!r}, the request names {request.runbook!r}")
+    # The plan binds to one run of one incident: a plan from another run cannot unlock this one.
+    if (plan.incident_id, plan.run_id) != (request.workflow_id, request.run_id):
+        raise Denied(f"plan is for {plan.incident_id} run {plan.run_id}, not the requesting workflow's run")
     try:
         check_plan(plan, runbook)
     except ValueError as exc:
