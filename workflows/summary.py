@@ -44,7 +44,18 @@ def plan_markdown(status: IncidentStatus) -> str:
             undo = f"undo: {step.undo.verb}" if step.undo else "no undo declared"
             out.append(f"- {step.id} `{step.verb}` on `{step.resource}` (risk {step.risk}): {step.description}")
             out.append(f"  - blast radius: {step.blast_radius}; {undo}")
-        out += ["", "## Approve", f"`firebreak approve {status.incident_id} --key PATH`"]
-    for step in status.steps:
-        out.append(f"- result {step.step_id}: {step.status} {step.detail} {step.verification}".rstrip())
+        if not status.phase.closed:
+            out += ["", "## Approve", f"`firebreak approve {status.incident_id} --key PATH`"]
+    if status.approvals:
+        out += ["", "## Approvals"]
+        out += [f"- {a.approver} {a.decision}: {'counted' if a.counted else 'refused'} ({a.reason})" for a in status.approvals]
+    if status.steps:
+        out += ["", "## Results"]
+        for step in status.steps:
+            line = f"- {step.step_id} {step.status}: {step.detail}"
+            if step.verification:
+                line += f"; verification: {step.verification}"
+            if step.rollback:
+                line += f"; rollback {step.rollback.status}: {step.rollback.detail}"
+            out.append(line)
     return "\n".join(out)
