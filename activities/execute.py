@@ -15,7 +15,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities.credentials import activity_credential
 from activities.deps import ActivityDeps
-from activities.targets import resource_url
+from activities.targets import reason, resource_url
 from firebreak.contracts import ExecuteRequest, PlanStep, StepResult
 
 
@@ -57,7 +57,7 @@ class ExecuteActivities:
             raise ApplicationError(f"{verb} on {step.resource}: target answered HTTP {response.status_code}")
         if response.status_code >= 400:
             raise ApplicationError(
-                f"{verb} on {step.resource} refused by the target: HTTP {response.status_code} {_reason(response)}",
+                f"{verb} on {step.resource} refused by the target: HTTP {response.status_code} {reason(response)}",
                 type="TargetRefused", non_retryable=True,
             )
         data = response.json() if response.content else {}
@@ -67,10 +67,3 @@ class ExecuteActivities:
             detail=f"{verb} on {step.resource}: HTTP {response.status_code}",
         )
 
-
-def _reason(response: httpx.Response) -> str:
-    try:
-        body = response.json()
-        return str(body.get("reason") or body.get("error") or "")[:200]
-    except ValueError:
-        return ""

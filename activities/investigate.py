@@ -17,7 +17,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities.credentials import activity_credential
 from activities.deps import ActivityDeps
-from activities.targets import resource_url
+from activities.targets import reason, resource_url
 from firebreak.broker.client import BrokerError
 from firebreak.contracts import ChangeRecord, Evidence, InvestigateRequest, Sample, Series
 from firebreak.escaping import TemplateError, render_plain, render_promql
@@ -105,15 +105,8 @@ class InvestigateActivities:
         evidence.query = f"GET {url}?since={since.isoformat()}"
         response = await self.deps.http.get(url, params={"since": since.isoformat()}, headers=headers)
         if response.status_code != 200:
-            raise SourceError(f"HTTP {response.status_code}: {_reason(response)}")
+            raise SourceError(f"HTTP {response.status_code}: {reason(response)}")
         body = response.json()
         records = body.get("changes", body) if isinstance(body, dict) else body
         evidence.changes = [ChangeRecord.model_validate(r, strict=False) for r in records]
 
-
-def _reason(response: httpx.Response) -> str:
-    try:
-        body = response.json()
-        return str(body.get("reason") or body.get("error") or "")[:200]
-    except ValueError:
-        return ""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import httpx
+
 from firebreak.escaping import TemplateError, path_segment
 
 
@@ -12,3 +14,12 @@ def resource_url(base: str, resource: str, *suffix: str) -> str:
         raise TemplateError(f"resource {resource!r} is not KIND/NAME")
     parts = [f"{kind}s", name, *suffix]
     return base.rstrip("/") + "/" + "/".join(path_segment(p) for p in parts)
+
+
+def reason(response: httpx.Response) -> str:
+    """The target's own short reason for an error answer, if it gave one."""
+    try:
+        body = response.json()
+        return str(body.get("reason") or body.get("error") or "")[:200]
+    except (ValueError, AttributeError):
+        return ""

@@ -128,31 +128,27 @@ def _sample_alert(name: str, settings: Settings) -> dict[str, Any]:
 
 def _wait_for_history(prometheus: str, seconds: int = 15) -> None:
     """A before/after comparison needs some history from before the fault (scrapes are 1 s apart)."""
-    import httpx
-
-    deadline = time.monotonic() + 60
-    query = f"min(count_over_time(up[1m])) >= {seconds}"
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{prometheus}/api/v1/query", params={"query": query}, timeout=5).json()["data"]["result"]:
-                return
-        except (httpx.HTTPError, KeyError, ValueError):
-            pass
-        time.sleep(1)
+    _poll_prometheus(prometheus, f"min(count_over_time(up[1m])) >= {seconds}", timeout=60)
 
 
 def _wait_for_query(prometheus: str, query: str, timeout: float) -> None:
+    if not _poll_prometheus(prometheus, query, timeout):
+        raise Refused(f"the fault did not show in Prometheus within {timeout:.0f}s: {query}")
+
+
+def _poll_prometheus(prometheus: str, query: str, timeout: float) -> bool:
+    """True once the query returns any series, False at the timeout."""
     import httpx
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"{prometheus}/api/v1/query", params={"query": query}, timeout=5).json()["data"]["result"]:
-                return
+                return True
         except (httpx.HTTPError, KeyError, ValueError):
             pass
         time.sleep(1)
-    raise Refused(f"the fault did not show in Prometheus within {timeout:.0f}s: {query}")
+    return False
 
 
 async def _alert(args: argparse.Namespace) -> int:
