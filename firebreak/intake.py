@@ -137,12 +137,13 @@ async def deliver_routed(
         previous = exc.run_id
     # A closed incident fired again: a new run of the same id, linked to the closed one.
     linked = incident.model_copy(update={"previous_run_id": previous})
-    started = await _signal_with_start(client, routed, linked, signal, task_queue, WorkflowIDReusePolicy.ALLOW_DUPLICATE)
+    started = await _signal_with_start(client, routed, linked, signal, task_queue, REOPEN_CLOSED)
     return Delivered(routed.incident_id, started.result_run_id or "", count, previous_run_id=previous, handle=started)
 
 
-# Signal-with-start joins a RUNNING workflow whatever this says; it only decides about a CLOSED one.
+# Signal-with-start joins a RUNNING workflow whatever these say; they only decide about a CLOSED one.
 REJECT_CLOSED = WorkflowIDReusePolicy.REJECT_DUPLICATE
+REOPEN_CLOSED = WorkflowIDReusePolicy.ALLOW_DUPLICATE
 
 
 async def _signal_with_start(

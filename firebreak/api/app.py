@@ -1,0 +1,386 @@
+"""The intake and read API (FastAPI).
+
+Intake, each answered 202 with the incidents the alerts joined:
+
+- ``POST /v1/alerts/alertmanager``: Alertmanager webhook v4 (bearer token);
+- ``POST /v1/alerts/pagerduty``: PagerDuty V3 webhook (``X-PagerDuty-Signature``,
+  retries with the same ``X-Webhook-Id`` answered once);
+- ``POST /v1/alerts/grafana``: Grafana alerting webhook (bearer and/or
+  ``X-Grafana-Alerting-Signature``);
+- ``POST /v1/alerts``: Firebreak's own format, a JSON list of ``Alert`` (bearer).
+
+Read: ``GET /v1/incidents``, ``GET /v1/incidents/{id}``, ``GET /v1/unrouted``
+(bearer unless ``read_requires_token`` is off), ``GET /healthz``; OpenAPI at
+``/openapi.json`` and ``/docs``.
+
+Answers: 202 accepted; 400 not JSON or wrong shape; 401 bad or missing token
+or signature; 413 body over ``max_body_bytes``; 422 every alert refused by a
+runbook; 503 Temporal unreachable (with ``Retry-After``; nothing acknowledged
+that was not delivered). Each error is ``{"error", "field", "errors"}``.
+The bodies are read raw, before any parsing, because signatures cover the
+exact bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, TypeAdapter
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowQueryFailedError
+from temporalio.service import RPCError, RPCStatusCode
+
+from firebreak.api import auth
+from firebreak.api.delivery import Accepted, ErrorBody, Intake, error_response
+from firebreak.api.gateway import ClientFactory, TemporalGateway, TemporalUnavailable
+from firebreak.api.retries import FILE_NAME as RETRIES_FILE
+from firebreak.api.retries import DeliveryLog
+from firebreak.api.settings import ApiSettings
+from firebreak.api.sources import (
+    AlertmanagerWebhook,
+    GrafanaWebhook,
+    PagerDutyWebhook,
+    PayloadError,
+    parse_alertmanager,
+    parse_generic,
+    parse_grafana,
+    parse_pagerduty,
+)
+from firebreak.api.unrouted import FILE_NAME as UNROUTED_FILE
+from firebreak.api.unrouted import UnroutedLog
+from firebreak.contracts import Alert, IncidentStatus, Phase
+from firebreak.intake import WORKFLOW
+from firebreak.runbook import Runbook, load_runbooks
+from firebreak.temporal import PHASE, RUNBOOK, SERVICE, SEVERITY
+
+log = logging.getLogger("firebreak.api")
+
+_PLAIN = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")  # ids and filter values: never quoted into a query otherwise
+_RUN_ID = re.compile(r"^[0-9a-fA-F-]{1,64}$")
+_WEBHOOK_ID = re.compile(r"^[\x21-\x7e]{1,200}$")
+RETRY_AFTER_S = "5"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, error: str, field: str | None = None,
+                 errors: list[dict[str, str]] | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(error)
+        self.status, self.error, self.field, self.errors, self.headers = status, error, field, errors, headers
+
+
+class IncidentSummary(BaseModel):
+    incident_id: str
+    run_id: str
+    execution_status: str
+    phase: str | None = None
+    service: str | None = None
+    severity: str | None = None
+    runbook: str | None = None
+    started_at: datetime | None = None
+    closed_at: datetime | None = None
+
+
+class IncidentList(BaseModel):
+    incidents: list[IncidentSummary]
+    query: str
+
+
+class UnroutedList(BaseModel):
+    items: list[dict[str, Any]]
+    count: int
+
+
+class Health(BaseModel):
+    status: str
+    temporal: str
+    runbooks: int
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody, "description": text}
+    for code, text in {
+        400: "not JSON, or not the source's schema (the field is named)",
+        401: "missing or wrong bearer token or signature",
+        413: "body larger than the configured limit",
+        422: "every alert was refused by a runbook's label validation",
+        503: "Temporal unreachable; retry later",
+    }.items()
+}
+
+
+# -- request pieces ---------------------------------------------------------------
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The raw bytes, at most ``limit``: checked on Content-Length first, then while streaming."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise ApiError(400, "Content-Length is not a number", "headers.content-length")
+        if int(declared) > limit:
+            raise ApiError(413, f"body is {declared} bytes; the limit is {limit}", "body")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"body exceeds the limit of {limit} bytes", "body")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _auth(check: Callable[[], None]) -> None:
+    try:
+        check()
+    except auth.AuthError as exc:
+        raise ApiError(401, str(exc), exc.field, headers={"WWW-Authenticate": "Bearer"}) from None
+
+
+def create_app(
+    settings: ApiSettings,
+    client_factory: ClientFactory | None = None,
+    *,
+    runbooks: list[Runbook] | None = None,
+) -> FastAPI:
+    """The API. ``client_factory`` makes the Temporal client on first use (default: ``firebreak.temporal.connect``)."""
+    if client_factory is None:
+        from firebreak.temporal import connect
+
+        temporal_settings = settings.temporal
+
+        async def default_factory() -> Client:
+            return await connect(temporal_settings)
+
+        client_factory = default_factory
+    if runbooks is None:
+        if settings.runbooks_dir is None:
+            from firebreak.runbook import default_runbook_dir
+
+            runbooks = load_runbooks(default_runbook_dir())
+        else:
+            runbooks = load_runbooks(settings.runbooks_dir)
+
+    gateway = TemporalGateway(client_factory, settings.temporal_timeout_s)
+    unrouted_log = UnroutedLog(settings.api_dir / UNROUTED_FILE)
+    retries = DeliveryLog(settings.api_dir / RETRIES_FILE, settings.pagerduty_dedup_ttl_s)
+    intake = Intake(runbooks, gateway, unrouted_log, settings.temporal.task_queue)
+
+    app = FastAPI(
+        title="Firebreak API",
+        version="1",
+        description="Alert intake (Alertmanager, PagerDuty, Grafana, Firebreak's own format) and incident read API.",
+    )
+    app.state.settings = settings
+    app.state.gateway = gateway
+    app.state.runbooks = runbooks
+
+    # -- errors: always {"error", "field", "errors"} -----------------------------
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.error, exc.field, exc.errors, exc.headers)
+
+    @app.exception_handler(PayloadError)
+    async def _payload_error(_: Request, exc: PayloadError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.field, exc.errors)
+
+    @app.exception_handler(TemporalUnavailable)
+    async def _unavailable(_: Request, exc: TemporalUnavailable) -> JSONResponse:
+        log.warning("503: %s", exc)
+        return error_response(503, f"Temporal is unreachable; nothing was accepted, retry later ({exc})",
+                              headers={"Retry-After": RETRY_AFTER_S})
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{"field": ".".join(str(p) for p in e["loc"]), "error": e["msg"]} for e in exc.errors()]
+        first = errors[0] if errors else {"field": "request", "error": "invalid request"}
+        return error_response(400, f"{first['field']}: {first['error']}", first["field"], errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        # The type only: an exception message may quote request data.
+        log.error("unexpected %s while handling a request", type(exc).__name__, exc_info=exc)
+        return error_response(500, f"internal error ({type(exc).__name__}); nothing was accepted")
+
+    def require_bearer(request: Request) -> None:
+        _auth(lambda: auth.check_bearer(request.headers.get("authorization"), settings.intake_tokens))
+
+    def require_reader(request: Request) -> None:
+        if settings.read_requires_token:
+            require_bearer(request)
+
+    # -- intake -----------------------------------------------------------------
+
+    @app.post("/v1/alerts/alertmanager", status_code=202, response_model=Accepted, responses=ERRORS,
+              dependencies=[Depends(require_bearer)], summary="Alertmanager webhook (version 4)")
+    async def alertmanager(request: Request) -> Response:
+        body = await read_body(request, settings.max_body_bytes)
+        return await intake.accept(parse_alertmanager(body))
+
+    @app.post("/v1/alerts/pagerduty", status_code=202, response_model=Accepted, responses=ERRORS,
+              summary="PagerDuty V3 webhook (X-PagerDuty-Signature)")
+    async def pagerduty(request: Request) -> Response:
+        body = await read_body(request, settings.max_body_bytes)
+        _auth(lambda: auth.check_pagerduty_signature(
+            request.headers.get("x-pagerduty-signature"), body, settings.pagerduty_secrets))
+        webhook_id = request.headers.get("x-webhook-id")
+        if webhook_id is None:
+            return await intake.accept(parse_pagerduty(body))
+        if not _WEBHOOK_ID.fullmatch(webhook_id):
+            raise ApiError(400, "X-Webhook-Id must be 1-200 printable characters", "headers.x-webhook-id")
+        async with retries.hold(webhook_id) as seen:
+            if seen:
+                return JSONResponse(Accepted(status="duplicate", source="pagerduty", delivery_id=webhook_id,
+                                             detail="this X-Webhook-Id was already processed").model_dump(mode="json"),
+                                    status_code=202)
+            response = await intake.accept(parse_pagerduty(body, webhook_id))
+            if response.status_code < 500:
+                await retries.mark(webhook_id)
+            return response
+
+    @app.post("/v1/alerts/grafana", status_code=202, response_model=Accepted, responses=ERRORS,
+              summary="Grafana alerting webhook (bearer and/or X-Grafana-Alerting-Signature)")
+    async def grafana(request: Request) -> Response:
+        authorization = request.headers.get("authorization")
+        signature = request.headers.get("x-grafana-alerting-signature")
+        if authorization is None and signature is None:
+            raise ApiError(401, "needs a bearer token or X-Grafana-Alerting-Signature", "headers.authorization",
+                           headers={"WWW-Authenticate": "Bearer"})
+        if authorization is not None:
+            require_bearer(request)
+        body = await read_body(request, settings.max_body_bytes)
+        if signature is not None:
+            _auth(lambda: auth.check_grafana_signature(
+                signature, request.headers.get(settings.grafana_timestamp_header), body, settings.grafana_secrets,
+                max_skew_s=settings.grafana_max_skew_s))
+        return await intake.accept(parse_grafana(body))
+
+    @app.post("/v1/alerts", status_code=202, response_model=Accepted, responses=ERRORS,
+              dependencies=[Depends(require_bearer)], summary="Firebreak's own format: a JSON list of Alert")
+    async def generic(request: Request) -> Response:
+        body = await read_body(request, settings.max_body_bytes)
+        return await intake.accept(parse_generic(body))
+
+    # -- read ---------------------------------------------------------------------
+
+    @app.get("/v1/incidents", response_model=IncidentList, dependencies=[Depends(require_reader)],
+             responses={k: v for k, v in ERRORS.items() if k in (400, 401, 503)})
+    async def list_incidents(
+        phase: Phase | None = None,
+        service: str | None = Query(default=None, pattern=_PLAIN.pattern),
+        runbook: str | None = Query(default=None, pattern=_PLAIN.pattern),
+        open: bool | None = Query(default=None, description="true: running only; false: closed only"),  # noqa: A002
+        limit: int = Query(default=100, ge=1, le=1000),
+    ) -> IncidentList:
+        # Values are pattern-checked above, so quoting them cannot change the query.
+        clauses = [f"WorkflowType = '{WORKFLOW}'"]
+        if phase is not None:
+            clauses.append(f"{PHASE.name} = '{phase.value}'")
+        if service is not None:
+            clauses.append(f"{SERVICE.name} = '{service}'")
+        if runbook is not None:
+            clauses.append(f"{RUNBOOK.name} = '{runbook}'")
+        if open is not None:
+            clauses.append("ExecutionStatus = 'Running'" if open else "ExecutionStatus != 'Running'")
+        query = " AND ".join(clauses)
+
+        async def fetch(client: Client) -> list[IncidentSummary]:
+            out = []
+            async for wf in client.list_workflows(query, limit=limit):
+                attrs = wf.typed_search_attributes
+                out.append(IncidentSummary(
+                    incident_id=wf.id, run_id=wf.run_id,
+                    execution_status=wf.status.name if isinstance(wf.status, WorkflowExecutionStatus) else "UNKNOWN",
+                    phase=attrs.get(PHASE), service=attrs.get(SERVICE), severity=attrs.get(SEVERITY),
+                    runbook=attrs.get(RUNBOOK), started_at=wf.start_time, closed_at=wf.close_time,
+                ))
+            return out
+
+        return IncidentList(incidents=await gateway.call(fetch), query=query)
+
+    @app.get("/v1/incidents/{incident_id}", response_model=IncidentStatus, dependencies=[Depends(require_reader)],
+             responses={**{k: v for k, v in ERRORS.items() if k in (401, 503)},
+                        404: {"model": ErrorBody, "description": "no such incident"},
+                        502: {"model": ErrorBody, "description": "the workflow could not answer"}})
+    async def incident_status(
+        incident_id: str,
+        run_id: str | None = Query(default=None, description="an earlier run; default the latest"),
+    ) -> Response:
+        if not _PLAIN.fullmatch(incident_id):
+            raise ApiError(400, "incident id must match [A-Za-z0-9._:-]{1,200}", "path.incident_id")
+        if run_id is not None and not _RUN_ID.fullmatch(run_id):
+            raise ApiError(400, "run_id is not a run id", "query.run_id")
+
+        async def query(client: Client) -> IncidentStatus:
+            handle = client.get_workflow_handle(incident_id, run_id=run_id)
+            status: IncidentStatus = await handle.query("status", result_type=IncidentStatus)
+            return status
+
+        try:
+            status = await gateway.call(query)
+        except RPCError as exc:
+            if exc.status == RPCStatusCode.NOT_FOUND:
+                raise ApiError(404, f"no incident {incident_id!r}", "path.incident_id") from None
+            raise
+        except WorkflowQueryFailedError as exc:
+            raise ApiError(502, f"the incident's workflow could not answer its status query: {exc}") from None
+        return JSONResponse(status.model_dump(mode="json"))
+
+    @app.get("/v1/unrouted", response_model=UnroutedList, dependencies=[Depends(require_reader)],
+             responses={k: v for k, v in ERRORS.items() if k in (400, 401)})
+    async def list_unrouted(
+        limit: int = Query(default=100, ge=1, le=10_000),
+        kind: str | None = Query(default=None, pattern="^(unrouted|refused)$"),
+    ) -> UnroutedList:
+        items = await unrouted_log.tail(limit, kind)
+        return UnroutedList(items=items, count=len(items))
+
+    @app.get("/healthz", response_model=Health)
+    async def healthz() -> Health:
+        healthy = await gateway.healthy()
+        return Health(status="ok", temporal="ok" if healthy else "unreachable", runbooks=len(runbooks or []))
+
+    _document_bodies(app)
+    return app
+
+
+# -- OpenAPI: the raw-body endpoints still document their schemas ------------------------
+
+_BODIES: dict[str, Any] = {
+    "/v1/alerts/alertmanager": AlertmanagerWebhook,
+    "/v1/alerts/pagerduty": PagerDutyWebhook,
+    "/v1/alerts/grafana": GrafanaWebhook,
+    "/v1/alerts": list[Alert],
+}
+
+
+def _document_bodies(app: FastAPI) -> None:
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for path, model in _BODIES.items():
+            body_schema = TypeAdapter(model).json_schema(ref_template="#/components/schemas/{model}")
+            components.update(body_schema.pop("$defs", {}))
+            schema["paths"][path]["post"]["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": body_schema}},
+            }
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+

@@ -1,0 +1,192 @@
+"""One webhook delivery: route its alerts, deliver them, record the rest, answer.
+
+Order matters for "nothing acknowledged that was not recorded":
+
+1. every alert is routed (:func:`firebreak.intake.route_alerts`); alerts of
+   this delivery that share an incident become ONE signal;
+2. the routed groups are delivered (signal-with-start), concurrently, under
+   one deadline. If any group fails because Temporal is down or slow, the
+   answer is 503 and the sender retries the whole delivery: at-least-once, so
+   a group that did get through may count its alerts twice;
+3. only then are unrouted and refused alerts written (fsync) to
+   ``unrouted.jsonl``, so a retried 503 does not record them twice;
+4. 202 names the incidents the alerts joined.
+
+A delivery that mixes good alerts and an alert whose label a runbook refuses
+(e.g. a ``service`` label that tries to break out of a PromQL string):
+**the good alerts are delivered and the refused one is recorded with its
+field and reason, answered 202 with a ``refused`` list.** Rejecting the whole
+delivery would let one hostile or malformed label suppress the real alerts
+grouped with it: Alertmanager does not retry a 4xx and re-sends the same group
+(hostile alert included) every ``group_interval``, so the good alerts would
+never arrive. A refused alert still never reaches a query, a workflow or a
+target. When EVERY alert of a delivery is refused, nothing is started and the
+answer is 422 naming the field (the refused alerts are recorded all the same).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from datetime import datetime, timezone
+from typing import Literal
+
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from temporalio.client import Client
+
+from firebreak.api.gateway import TemporalGateway, TemporalUnavailable, is_unavailable
+from firebreak.api.sources import Parsed
+from firebreak.api.unrouted import UnroutedLog, UnroutedRecord
+from firebreak.intake import Delivered, Routed, deliver_routed, route_alerts
+from firebreak.runbook import Runbook
+
+log = logging.getLogger("firebreak.api")
+LISTED = 100  # alerts named in an answer; the rest are counted (a 500-alert group stays a small answer)
+
+
+class FieldError(BaseModel):
+    field: str
+    error: str
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx and 5xx answer."""
+
+    error: str
+    field: str | None = None
+    errors: list[FieldError] = Field(default_factory=list)
+
+
+class IncidentRef(BaseModel):
+    incident_id: str
+    run_id: str
+    runbook: str
+    alerts: int
+    previous_run_id: str | None = Field(default=None, description="a closed run this delivery reopened as a new run")
+    skipped: str | None = Field(default=None, description="why nothing was sent to this incident")
+
+
+class AlertRef(BaseModel):
+    fingerprint: str
+    alertname: str
+    reason: str
+    field: str | None = None
+    runbook: str | None = None
+
+
+class Counts(BaseModel):
+    alerts: int = 0
+    routed: int = 0
+    unrouted: int = 0
+    refused: int = 0
+
+
+class Accepted(BaseModel):
+    """The 202 answer: which incidents the alerts joined, and what was only recorded."""
+
+    status: Literal["accepted", "duplicate", "ignored"]
+    source: str
+    delivery_id: str
+    incident_ids: list[str] = Field(default_factory=list)
+    incidents: list[IncidentRef] = Field(default_factory=list)
+    unrouted: list[AlertRef] = Field(default_factory=list, description=f"the first {LISTED}; see counts")
+    refused: list[AlertRef] = Field(default_factory=list, description=f"the first {LISTED}; see counts")
+    counts: Counts = Counts()
+    detail: str = ""
+
+
+def error_response(status: int, error: str, field: str | None = None, errors: list[dict[str, str]] | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    body = ErrorBody(error=error, field=field, errors=[FieldError(**e) for e in errors or []])
+    return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers)
+
+
+def accepted(body: Accepted) -> JSONResponse:
+    return JSONResponse(body.model_dump(mode="json"), status_code=202)
+
+
+class Intake:
+    def __init__(self, runbooks: list[Runbook], gateway: TemporalGateway, log_: UnroutedLog, task_queue: str) -> None:
+        self.runbooks = runbooks
+        self.gateway = gateway
+        self.unrouted = log_
+        self.task_queue = task_queue
+
+    async def accept(self, parsed: Parsed) -> JSONResponse:
+        delivery_id = parsed.delivery_id or f"{parsed.source}-{uuid.uuid4().hex}"
+        if parsed.ignored:
+            return accepted(Accepted(status="ignored", source=parsed.source, delivery_id=delivery_id,
+                                     detail=parsed.ignored))
+        received_at = datetime.now(timezone.utc)
+        by_alert = {id(sa.alert): sa for sa in parsed.alerts}
+        routing = route_alerts(self.runbooks, (sa.alert for sa in parsed.alerts))
+
+        refused = [
+            UnroutedRecord(at=received_at, kind="refused", source=parsed.source, delivery_id=delivery_id,
+                           reason=r.reason, field=by_alert[id(r.alert)].field_for(r.field), runbook=r.runbook,
+                           alert=r.alert)
+            for r in routing.refused
+        ]
+        unrouted = [
+            UnroutedRecord(at=received_at, kind="unrouted", source=parsed.source, delivery_id=delivery_id,
+                           reason=u.reason, alert=u.alert)
+            for u in routing.unrouted
+        ]
+        if refused and not routing.routed and not routing.unrouted:
+            await self.unrouted.append(refused)
+            first = refused[0]
+            log.warning("refused delivery %s from %s: %s: %s", delivery_id, parsed.source, first.field, first.reason)
+            return error_response(
+                422, f"refused: {first.field}: {first.reason}", first.field,
+                [{"field": r.field or "", "error": r.reason} for r in refused],
+            )
+
+        delivered = await self._deliver(routing.routed, delivery_id, received_at)
+        await self.unrouted.append(unrouted + refused)
+        if refused:
+            log.warning("delivery %s from %s: %d alert(s) refused, first at %s", delivery_id, parsed.source,
+                        len(refused), refused[0].field)
+        incidents = [
+            IncidentRef(incident_id=d.incident_id, run_id=d.run_id, runbook=g.runbook.name, alerts=d.alerts,
+                        previous_run_id=d.previous_run_id, skipped=d.skipped)
+            for g, d in zip(routing.routed, delivered)
+        ]
+        return accepted(Accepted(
+            status="accepted",
+            source=parsed.source,
+            delivery_id=delivery_id,
+            incident_ids=[i.incident_id for i in incidents if not i.skipped],
+            incidents=incidents,
+            unrouted=[_ref(r) for r in unrouted[:LISTED]],
+            refused=[_ref(r) for r in refused[:LISTED]],
+            counts=Counts(alerts=len(parsed.alerts), routed=sum(len(g.alerts) for g in routing.routed),
+                          unrouted=len(unrouted), refused=len(refused)),
+        ))
+
+    async def _deliver(self, groups: list[Routed], delivery_id: str, received_at: datetime) -> list[Delivered]:
+        if not groups:
+            return []
+
+        async def send(client: Client) -> list[Delivered | BaseException]:
+            return await asyncio.gather(
+                *[deliver_routed(client, group, task_queue=self.task_queue, delivery_id=delivery_id,
+                                 received_at=received_at) for group in groups],
+                return_exceptions=True,
+            )
+
+        results = await self.gateway.call(send)
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            # Some groups may have gone through; the sender's retry re-sends them (at-least-once).
+            if all(is_unavailable(f) for f in failures):
+                missed = f"{len(failures)} of {len(groups)} incident(s) not delivered"
+                raise TemporalUnavailable(missed) from failures[0]
+            raise failures[0]
+        return [r for r in results if isinstance(r, Delivered)]
+
+
+def _ref(record: UnroutedRecord) -> AlertRef:
+    return AlertRef(fingerprint=record.alert.fingerprint, alertname=record.alert.name, reason=record.reason,
+                    field=record.field, runbook=record.runbook)

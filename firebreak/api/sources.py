@@ -1,0 +1,427 @@
+"""Webhook bodies of each incident system, mapped to :class:`firebreak.contracts.Alert`.
+
+Every parser takes the raw body bytes and returns :class:`Parsed`, or raises
+:class:`PayloadError` naming each bad field as a path into the body
+(``alerts[0].labels.alertname``). Nothing here trusts a value: labels are only
+carried, and reach a query only after a runbook validated them.
+
+Mapping, per source
+===================
+
+Alertmanager (webhook ``version: "4"``), one Alert per entry of ``alerts``:
+  source ``alertmanager``; fingerprint = ``fingerprint``; status = the alert's
+  own ``status`` (not the group's); labels, annotations, ``generatorURL`` as
+  sent; ``startsAt``; ``endsAt`` unless it is Go's zero time ``0001-01-01``.
+  Required: ``version``, ``groupKey``, ``status``, ``alerts`` and, per alert,
+  ``status``, ``labels`` with ``alertname``, ``startsAt``, ``fingerprint``.
+
+Grafana alerting webhook (``version: "1"``): the same shape as Alertmanager's,
+  source ``grafana``, fingerprint = Grafana's ``fingerprint`` (opaque: it covers
+  hidden labels). Grafana's extras become annotations: ``grafana_rule_uid``,
+  ``grafana_dashboard_url``, ``grafana_panel_url``, ``grafana_silence_url``,
+  ``grafana_value_string`` and ``grafana_values`` (JSON).
+
+PagerDuty V3 webhook, one Alert for an incident event:
+  source ``pagerduty``. ``incident.triggered`` and ``incident.reopened`` are
+  firing, ``incident.resolved`` is resolved; every other event type (and
+  ``pagey.ping``) is accepted and ignored. fingerprint = ``data.incident_key``
+  (``sha256:<hex>`` of it when longer than 128 characters), else ``data.id``.
+  Labels are derived, since PagerDuty has none:
+
+  - ``alertname``: the first word of ``data.title`` when the title has
+    Alertmanager's ``[FIRING:n]`` / ``[RESOLVED]`` prefix or the word is a
+    CamelCase alert name (``HighErrorRate``); otherwise ``PagerDutyIncident``;
+  - ``service``, ``namespace``, ``env``: from ``data.service.summary`` written
+    as ``NAME (NAMESPACE/ENV)``, e.g. ``checkout (shop/prod)``; a summary of
+    another form becomes ``service`` as it is (a runbook pattern then decides);
+  - ``severity``: ``critical`` for urgency ``high``, ``warning`` for ``low``;
+  - ``urgency``, ``priority`` (its summary, e.g. ``P1``), ``pagerduty_incident``
+    (``data.id``), ``pagerduty_service`` (``data.service.id``).
+
+  Annotations: ``summary`` (the title), ``pagerduty_url``, ``pagerduty_event``,
+  ``pagerduty_incident_number``. starts = ``data.created_at``; ends =
+  ``event.occurred_at`` when resolved. A refused derived label is reported at
+  the PagerDuty field it came from (``event.data.service.summary``).
+
+Firebreak's own format (``POST /v1/alerts``): a JSON list of
+  :class:`firebreak.contracts.Alert` objects, exactly as that model defines
+  them (``source`` defaults to ``generic``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
+
+from firebreak.contracts import Alert
+
+# -- results and errors ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SourceAlert:
+    """One normalised alert and where it came from in the body."""
+
+    alert: Alert
+    path: str
+    derived: dict[str, str] = field(default_factory=dict)
+
+    def field_for(self, alert_field: str) -> str:
+        """The body path of an Alert field such as ``labels.service``."""
+        if alert_field in self.derived:
+            return self.derived[alert_field]
+        return f"{self.path}.{alert_field}" if self.path else alert_field
+
+
+@dataclass
+class Parsed:
+    source: str
+    alerts: list[SourceAlert]
+    delivery_id: str | None = None
+    ignored: str | None = None  # why a valid delivery carries nothing to route
+
+
+class PayloadError(Exception):
+    """A body that cannot be accepted: 400 (not JSON, wrong shape) or 413 (too large)."""
+
+    def __init__(self, message: str, field: str, errors: list[dict[str, str]] | None = None, status: int = 400):
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.errors = errors or [{"field": field, "error": message}]
+        self.status = status
+
+
+def field_path(loc: Sequence[int | str], prefix: str = "") -> str:
+    """``("alerts", 0, "labels")`` -> ``alerts[0].labels``."""
+    out = prefix
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part == "[key]":
+            continue  # pydantic's marker for a bad dict key; the key itself is the previous part
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _errors(exc: ValidationError, prefix: str = "", renames: dict[str, str] | None = None) -> list[dict[str, str]]:
+    out: list[dict[str, str]] = []
+    for err in exc.errors():
+        loc = [renames.get(p, p) if isinstance(p, str) and renames else p for p in err["loc"]]
+        message = err["msg"]
+        if err["type"] == "alertname_missing" or "labels.alertname is required" in message:
+            loc.append("alertname")
+            message = "alertname is required"
+        elif err["type"] == "missing":
+            message = "field required"
+        out.append({"field": field_path(loc, prefix) or "body", "error": message})
+    return out
+
+
+def _raise_invalid(errors: list[dict[str, str]], what: str) -> None:
+    first = errors[0]
+    more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+    raise PayloadError(f"{what}: {first['field']}: {first['error']}{more}", first["field"], errors)
+
+
+def load_json(body: bytes) -> Any:
+    """The decoded body; 400 naming ``body`` when it is not UTF-8 JSON."""
+    try:
+        return json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise PayloadError("body is not UTF-8", "body") from None
+    except json.JSONDecodeError as exc:
+        raise PayloadError(f"body is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}", "body") from None
+    except (RecursionError, ValueError):
+        raise PayloadError("body is not acceptable JSON (too deep or a number too long)", "body") from None
+
+
+def _alert(values: dict[str, Any], path: str) -> Alert:
+    try:
+        return Alert.model_validate(values)
+    except ValidationError as exc:
+        _raise_invalid(_errors(exc, path, _ALERT_WIRE_NAMES), "invalid alert")
+        raise  # unreachable: _raise_invalid always raises
+
+
+# Alert's field names, as the webhook bodies spell them.
+_ALERT_WIRE_NAMES = {"starts_at": "startsAt", "ends_at": "endsAt", "generator_url": "generatorURL"}
+
+
+def _ends(value: datetime | None) -> datetime | None:
+    # Alertmanager and Grafana send Go's zero time for "not ended".
+    return None if value is None or value.year <= 1 else value
+
+
+# -- Alertmanager and Grafana ---------------------------------------------------
+
+
+class _Wire(BaseModel):
+    # Senders add fields between versions: ignore unknown ones, require what we use.
+    model_config = ConfigDict(extra="ignore")
+
+
+def _require_alertname(labels: dict[str, str]) -> dict[str, str]:
+    if not labels.get("alertname"):
+        raise PydanticCustomError("alertname_missing", "alertname is required")
+    return labels
+
+
+class AlertmanagerAlert(_Wire):
+    status: Literal["firing", "resolved"]
+    labels: dict[str, str]
+    annotations: dict[str, str] = Field(default_factory=dict)
+    startsAt: datetime
+    endsAt: datetime | None = None
+    generatorURL: str | None = None
+    fingerprint: str
+
+    _alertname = field_validator("labels")(_require_alertname)
+
+
+class AlertmanagerWebhook(_Wire):
+    """Alertmanager's webhook body, version 4."""
+
+    version: Literal["4"]
+    groupKey: str
+    status: Literal["firing", "resolved"]
+    receiver: str = ""
+    alerts: list[AlertmanagerAlert] = Field(min_length=1)
+    groupLabels: dict[str, str] = Field(default_factory=dict)
+    commonLabels: dict[str, str] = Field(default_factory=dict)
+    commonAnnotations: dict[str, str] = Field(default_factory=dict)
+    externalURL: str = ""
+    truncatedAlerts: int = 0
+
+
+class GrafanaAlert(AlertmanagerAlert):
+    silenceURL: str | None = None
+    dashboardURL: str | None = None
+    panelURL: str | None = None
+    ruleUID: str | None = None
+    values: dict[str, float | None] | None = None
+    valueString: str | None = None
+
+
+class GrafanaWebhook(_Wire):
+    """Grafana alerting's webhook body, version 1."""
+
+    version: Literal["1"]
+    groupKey: str
+    status: Literal["firing", "resolved"]
+    receiver: str = ""
+    alerts: list[GrafanaAlert] = Field(min_length=1)
+    state: str = ""
+    title: str = ""
+    externalURL: str = ""
+    truncatedAlerts: int = 0
+
+
+def _validate(model: type[BaseModel], data: Any, what: str) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        _raise_invalid(_errors(exc), what)
+
+
+def parse_alertmanager(body: bytes) -> Parsed:
+    hook: AlertmanagerWebhook = _validate(AlertmanagerWebhook, load_json(body), "invalid Alertmanager webhook")
+    alerts = []
+    for i, wire in enumerate(hook.alerts):
+        path = f"alerts[{i}]"
+        alert = _alert(
+            {
+                "source": "alertmanager",
+                "fingerprint": wire.fingerprint,
+                "status": wire.status,
+                "labels": wire.labels,
+                "annotations": wire.annotations,
+                "starts_at": wire.startsAt,
+                "ends_at": _ends(wire.endsAt),
+                "generator_url": wire.generatorURL,
+            },
+            path,
+        )
+        alerts.append(SourceAlert(alert, path))
+    return Parsed("alertmanager", alerts)
+
+
+def parse_grafana(body: bytes) -> Parsed:
+    hook: GrafanaWebhook = _validate(GrafanaWebhook, load_json(body), "invalid Grafana webhook")
+    alerts = []
+    for i, wire in enumerate(hook.alerts):
+        path = f"alerts[{i}]"
+        extras = {
+            "grafana_rule_uid": wire.ruleUID,
+            "grafana_dashboard_url": wire.dashboardURL,
+            "grafana_panel_url": wire.panelURL,
+            "grafana_silence_url": wire.silenceURL,
+            "grafana_value_string": wire.valueString,
+            "grafana_values": json.dumps(wire.values, sort_keys=True) if wire.values is not None else None,
+        }
+        annotations = dict(wire.annotations) | {k: v for k, v in extras.items() if v}
+        alert = _alert(
+            {
+                "source": "grafana",
+                "fingerprint": wire.fingerprint,
+                "status": wire.status,
+                "labels": wire.labels,
+                "annotations": annotations,
+                "starts_at": wire.startsAt,
+                "ends_at": _ends(wire.endsAt),
+                "generator_url": wire.generatorURL,
+            },
+            path,
+        )
+        alerts.append(SourceAlert(alert, path))
+    return Parsed("grafana", alerts)
+
+
+# -- PagerDuty V3 -----------------------------------------------------------------
+
+
+class PagerDutyReference(_Wire):
+    id: str | None = None
+    summary: str | None = None
+    html_url: str | None = None
+
+
+class PagerDutyIncident(_Wire):
+    id: str = Field(min_length=1)
+    title: str = ""
+    status: str | None = None
+    incident_key: str | None = None
+    created_at: datetime | None = None
+    html_url: str | None = None
+    number: int | None = None
+    urgency: str | None = None
+    service: PagerDutyReference | None = None
+    priority: PagerDutyReference | None = None
+
+
+class PagerDutyEvent(_Wire):
+    id: str = Field(min_length=1)
+    event_type: str = Field(min_length=1)
+    resource_type: str = Field(min_length=1)
+    occurred_at: datetime
+    data: dict[str, Any] | None = None
+
+
+class PagerDutyWebhook(_Wire):
+    event: PagerDutyEvent
+
+
+PAGERDUTY_FIRING = frozenset({"incident.triggered", "incident.reopened"})
+PAGERDUTY_RESOLVED = frozenset({"incident.resolved"})
+
+_AM_TITLE = re.compile(r"^\s*\[(?:FIRING(?::\d+)?|RESOLVED)\]\s+(\S+)")
+_CAMEL_NAME = re.compile(r"^([A-Z][a-z0-9]+(?:[A-Z][A-Za-z0-9]*)+)(?:\s|$)")
+_ALERT_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_:]*$")
+_SERVICE_SUMMARY = re.compile(r"^(?P<service>[^\s()]+)\s+\((?P<namespace>[^\s()/]+)/(?P<env>[^\s()/]+)\)$")
+PAGERDUTY_DEFAULT_ALERTNAME = "PagerDutyIncident"
+
+
+def pagerduty_alertname(title: str) -> str:
+    match = _AM_TITLE.match(title) or _CAMEL_NAME.match(title)
+    if match and _ALERT_NAME.fullmatch(match.group(1)):
+        return match.group(1)
+    return PAGERDUTY_DEFAULT_ALERTNAME
+
+
+def pagerduty_fingerprint(incident: PagerDutyIncident) -> str:
+    key = incident.incident_key
+    if not key:
+        return incident.id
+    return key if len(key) <= 128 else "sha256:" + hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def parse_pagerduty(body: bytes, webhook_id: str | None = None) -> Parsed:
+    hook: PagerDutyWebhook = _validate(PagerDutyWebhook, load_json(body), "invalid PagerDuty webhook")
+    event = hook.event
+    if event.resource_type != "incident" or event.event_type not in PAGERDUTY_FIRING | PAGERDUTY_RESOLVED:
+        return Parsed("pagerduty", [], webhook_id, ignored=f"event type {event.event_type!r} opens or closes nothing")
+    if event.data is None:
+        raise PayloadError("an incident event needs event.data", "event.data")
+    try:
+        incident = PagerDutyIncident.model_validate(event.data)
+    except ValidationError as exc:
+        _raise_invalid(_errors(exc, "event.data"), "invalid PagerDuty incident")
+        raise
+    resolved = event.event_type in PAGERDUTY_RESOLVED
+    labels: dict[str, str] = {"alertname": pagerduty_alertname(incident.title), "pagerduty_incident": incident.id}
+    derived = {"labels.alertname": "event.data.title", "labels.pagerduty_incident": "event.data.id"}
+    service = incident.service
+    if service and service.summary:
+        match = _SERVICE_SUMMARY.match(service.summary.strip())
+        parts = match.groupdict() if match else {"service": service.summary.strip()}
+        for name, value in parts.items():
+            labels[name] = value
+            derived[f"labels.{name}"] = "event.data.service.summary"
+    if service and service.id:
+        labels["pagerduty_service"] = service.id
+        derived["labels.pagerduty_service"] = "event.data.service.id"
+    if incident.urgency:
+        labels["urgency"] = incident.urgency
+        derived["labels.urgency"] = "event.data.urgency"
+        severity = {"high": "critical", "low": "warning"}.get(incident.urgency)
+        if severity:
+            labels["severity"] = severity
+            derived["labels.severity"] = "event.data.urgency"
+    if incident.priority and incident.priority.summary:
+        labels["priority"] = incident.priority.summary
+        derived["labels.priority"] = "event.data.priority.summary"
+    annotations = {
+        "summary": incident.title,
+        "pagerduty_url": incident.html_url or "",
+        "pagerduty_event": event.id,
+        "pagerduty_incident_number": str(incident.number) if incident.number is not None else "",
+    }
+    values = {
+        "source": "pagerduty",
+        "fingerprint": pagerduty_fingerprint(incident),
+        "status": "resolved" if resolved else "firing",
+        "labels": labels,
+        "annotations": {k: v for k, v in annotations.items() if v},
+        "starts_at": incident.created_at,
+        "ends_at": event.occurred_at if resolved else None,
+        "generator_url": incident.html_url,
+    }
+    derived |= {"fingerprint": "event.data.incident_key", "starts_at": "event.data.created_at"}
+    try:
+        alert = Alert.model_validate(values)
+    except ValidationError as exc:
+        errors = []
+        for err in _errors(exc):
+            err["field"] = derived.get(err["field"], "event.data." + err["field"])
+            errors.append(err)
+        _raise_invalid(errors, "invalid PagerDuty incident")
+        raise
+    return Parsed("pagerduty", [SourceAlert(alert, "event.data", derived)], webhook_id)
+
+
+# -- Firebreak's own format --------------------------------------------------------
+
+_ALERT_LIST = TypeAdapter(list[Alert])
+
+
+def parse_generic(body: bytes) -> Parsed:
+    data = load_json(body)
+    if not isinstance(data, list):
+        raise PayloadError("body must be a JSON list of alerts", "body")
+    if not data:
+        raise PayloadError("body holds no alerts", "body")
+    try:
+        alerts = _ALERT_LIST.validate_python(data)
+    except ValidationError as exc:
+        _raise_invalid(_errors(exc), "invalid alert list")
+        raise
+    return Parsed("generic", [SourceAlert(a, f"[{i}]") for i, a in enumerate(alerts)])
