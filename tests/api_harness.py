@@ -26,7 +26,8 @@ from firebreak.api.auth import grafana_signature, pagerduty_signature
 from firebreak.config import Settings, TemporalSettings
 from firebreak.temporal import DATA_CONVERTER, SEARCH_ATTRIBUTES
 
-FIXTURES = Path("/work/shared/fixtures")
+# A copy of ../shared/fixtures: real webhook bodies, byte for byte, so the suite runs anywhere.
+FIXTURES = Path(__file__).resolve().parent / "data" / "webhooks"
 INDEX: dict[str, Any] = json.loads((FIXTURES / "fixtures_index.json").read_text())
 PD_SECRET: str = INDEX["pagerduty_test_secret"]
 GRAFANA_SECRET: str = INDEX["grafana_test_secret"]
