@@ -473,7 +473,11 @@ class IncidentWorkflow:
                 event=event,  # type: ignore[arg-type]
                 summary=f"[{status.phase.value}] {self.incident.runbook.name} on {status.service or status.incident_id}",
                 body_markdown=plan_markdown(status),
-                payload=status.model_dump(mode="json", exclude={"evidence"}),
+                payload={
+                    **status.model_dump(mode="json", exclude={"evidence"}),
+                    "evidence_links": [e.link for e in status.evidence if e.link],
+                    "approve_command": f"firebreak approve {self.incident.incident_id} --key PATH",
+                },
             ),
             start_to_close_timeout=timedelta(seconds=30),
             retry_policy=PATIENT,
