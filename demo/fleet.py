@@ -29,7 +29,6 @@ import logging
 import math
 import os
 import re
-import socket
 import threading
 import time
 from collections import OrderedDict
@@ -45,6 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from firebreak.serving import ThreadedServer
 from firebreak.signing import TargetVerifier, TokenRejected
 
 log = logging.getLogger("demo.fleet")
@@ -693,12 +693,8 @@ def create_app(*, verifier: Verifier, chaos_token: str | None = None, fleet: Fle
 # -- running it ----------------------------------------------------------------------------
 
 
-class FleetServer:
-    """The fleet app on uvicorn in a background thread, for tests and the embedded stack.
-
-    ``port=0`` binds a free port (the socket is bound before uvicorn starts, so there
-    is no race for it). Use as a context manager, or call ``start()``/``stop()``.
-    """
+class FleetServer(ThreadedServer):
+    """The fleet app on uvicorn in a background thread, for tests and the embedded stack."""
 
     def __init__(self, *, verifier: Verifier, chaos_token: str | None = None, host: str = "127.0.0.1",
                  port: int = 0, fleet: Fleet | None = None, close_verifier: bool = False) -> None:
@@ -707,57 +703,19 @@ class FleetServer:
         # The caller usually owns the verifier; with close_verifier=True, stop() also
         # ends its revocation poller (TargetVerifier.from_broker starts one).
         self._close_verifier = close_verifier
-        self.app = create_app(verifier=verifier, chaos_token=chaos_token, fleet=self.fleet)
-        self.host = host
-        self._requested_port = port
-        self.port = port
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        super().__init__(create_app(verifier=verifier, chaos_token=chaos_token, fleet=self.fleet),
+                         host=host, port=port, name="fleet-server")
 
     @property
     def target(self) -> str:
         """``host:port``, as a Prometheus scrape target."""
         return f"{self.host}:{self.port}"
 
-    def start(self, timeout: float = 10.0) -> Self:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, self._requested_port))
-        self.port = sock.getsockname()[1]
-        config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off")
-        server = uvicorn.Server(config)
-        # uvicorn installs signal handlers only on the main thread, so this thread leaves them alone.
-        self._server = server
-        self._thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="fleet-server",
-                                        daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + timeout
-        while not server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"fleet server did not start on {self.url}")
-            time.sleep(0.02)
-        return self
-
     def stop(self, timeout: float = 10.0) -> None:
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout)
-        self._server, self._thread = None, None
+        super().stop(timeout)
         close = getattr(self.verifier, "close", None)
         if self._close_verifier and callable(close):
             close()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def _build_verifier(broker_url: str, audience: str, wait_s: float) -> TargetVerifier:

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from pathlib import Path
-from types import TracebackType
+from typing import Self
 
 import uvicorn
 
 from firebreak.broker.app import Broker, create_app
+from firebreak.serving import ThreadedServer
 
 
-class BrokerServer:
+class BrokerServer(ThreadedServer):
     """The real broker over real HTTP on a free port, in a background thread.
 
     ``start()`` returns once it accepts connections; ``stop()`` shuts it down.
@@ -31,19 +29,12 @@ class BrokerServer:
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
+        super().__init__(None, host=host, port=port, name="firebreak-broker")
         self.state_dir = Path(state_dir)
         self._kwargs = dict(
             roster_path=roster_path, runbooks_dir=runbooks_dir, agent_token=agent_token, admin_token=admin_token
         )
-        self.host = host
-        self.port = port
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
         self.broker: Broker | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
 
     @property
     def agent_token(self) -> str:
@@ -59,40 +50,11 @@ class BrokerServer:
     def audit_path(self) -> Path:
         return self.state_dir / "broker" / "audit.jsonl"
 
-    def start(self, timeout_s: float = 10.0) -> BrokerServer:
-        app = create_app(self.state_dir, **self._kwargs)  # type: ignore[arg-type]
-        self.broker = app.state.broker
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, self.port))
-        self.port = sock.getsockname()[1]
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [sock]}, name="firebreak-broker", daemon=True
-        )
-        self._thread.start()
-        deadline = time.monotonic() + timeout_s
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("broker did not start")
-            time.sleep(0.01)
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        self._server = self._thread = None
-
-    def __enter__(self) -> BrokerServer:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
+    def start(self, timeout: float = 10.0) -> Self:
+        # A new Broker on each start: a restart re-reads its state from state_dir.
+        self.app = create_app(self.state_dir, **self._kwargs)  # type: ignore[arg-type]
+        self.broker = self.app.state.broker
+        return super().start(timeout)
 
 
 def run(
