@@ -55,7 +55,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from firebreak import stack
 
     settings = _settings(args)
-    info = stack.up(settings.state_dir, with_prometheus=not args.no_prometheus)
+    info = stack.up(settings.state_dir, with_prometheus=not args.no_prometheus, encrypt=args.encrypt)
     c = info["components"]
     _print(
         "Firebreak is up.",
@@ -68,6 +68,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         f"  Alertmanager  {c['alertmanager'] or 'not installed'}",
         f"  state         {settings.state_dir} (stack.json, logs/, keys/, tickets/)",
         f"  demo people   alice, bob (on call), carol (SRE lead); keys in {settings.state_dir / 'keys'}",
+        *([f"  codec         {c['codec']} (payloads encrypted; decode with "
+           f"--codec-endpoint {c['codec']} --codec-auth \"Bearer $(cat {info['demo']['codec_token_file']})\")"]
+          if c.get("codec") else []),
         *[f"  note: {note}" for note in info.get("notes", [])],
         "Try:  firebreak alert --sample bad-deploy",
     )
@@ -327,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("up", parents=[common], help="start the embedded stack")
     p.add_argument("--detach", action="store_true", help="return once everything answers")
     p.add_argument("--no-prometheus", action="store_true", help="do not start Prometheus/Alertmanager")
+    p.add_argument("--encrypt", action="store_true",
+                   help="encrypt payloads (AES-GCM) and start a decode-only codec server for the UI; sticky per state dir")
     p.set_defaults(func=cmd_up)
     sub.add_parser("down", parents=[common], help="stop what `up --detach` started").set_defaults(func=cmd_down)
 

@@ -22,14 +22,10 @@ import argparse
 import hmac
 import json
 import os
-import socket
 import stat
 import sys
-import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -40,6 +36,7 @@ from temporalio.api.common.v1 import Payload, Payloads
 from temporalio.converter import PayloadCodec
 
 from firebreak.codec import DecryptionError, EncryptionCodec
+from firebreak.serving import ThreadedServer
 
 # Exactly what the Temporal UI sends: it adds Authorization only when told to pass a token.
 ALLOWED_HEADERS = ["Authorization", "Content-Type", "X-Namespace"]
@@ -130,7 +127,7 @@ def _payload_json(payload: Payload) -> dict[str, object]:
     return json_format.MessageToDict(payload)
 
 
-class CodecServer:
+class CodecServer(ThreadedServer):
     """The real codec server over real HTTP on a free port, in a background thread (for tests)."""
 
     def __init__(
@@ -143,48 +140,8 @@ class CodecServer:
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
-        self.app = create_app(codec, bearer_token=bearer_token, allowed_origins=allowed_origins, namespace=namespace)
-        self.host = host
-        self.port = port
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def start(self, timeout_s: float = 10.0) -> CodecServer:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, self.port))
-        self.port = sock.getsockname()[1]
-        config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off")
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [sock]}, name="firebreak-codec", daemon=True
-        )
-        self._thread.start()
-        deadline = time.monotonic() + timeout_s
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("codec server did not start")
-            time.sleep(0.01)
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        self._server = self._thread = None
-
-    def __enter__(self) -> CodecServer:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
+        app = create_app(codec, bearer_token=bearer_token, allowed_origins=allowed_origins, namespace=namespace)
+        super().__init__(app, host=host, port=port, name="firebreak-codec")
 
 
 def _read_secret_file(path: Path, what: str) -> str:

@@ -35,7 +35,8 @@ class TemporalSettings(BaseModel):
     tls_key: str | None = Field(default=None, description="client private key (PEM path) for mTLS")
     tls_ca: str | None = Field(default=None, description="server CA (PEM path), if not a public CA")
     api_key: str | None = Field(default=None, description="Temporal Cloud API key")
-    encrypt_key: str | None = Field(default=None, description="base64 AES-256 key: encrypts payloads when set")
+    encrypt_key: str | None = Field(default=None, description="base64 AES-256 key(s), current first: encrypts payloads")
+    encrypt_key_file: str | None = Field(default=None, description="file of base64 keys, one a line, current first")
 
 
 class Settings(BaseModel):
@@ -94,6 +95,7 @@ _ENV = {
     "FIREBREAK_TEMPORAL_TLS_CA": ("temporal", "tls_ca"),
     "FIREBREAK_TEMPORAL_API_KEY": ("temporal", "api_key"),
     "FIREBREAK_ENCRYPT_KEY": ("temporal", "encrypt_key"),
+    "FIREBREAK_ENCRYPT_KEY_FILE": ("temporal", "encrypt_key_file"),
     "FIREBREAK_RUNBOOKS_DIR": ("runbooks_dir",),
     "FIREBREAK_ROSTER": ("roster",),
     "FIREBREAK_BROKER_URL": ("broker_url",),

@@ -44,6 +44,7 @@ class Ports:
     fleet: int = 9300
     prometheus: int = 9090
     alertmanager: int = 9093
+    codec: int = 8360
 
 
 @dataclass
@@ -149,23 +150,29 @@ def _secret(path: Path) -> str:
     return value
 
 
-def up(state_dir: Path, ports: Ports | None = None, *, with_prometheus: bool = True) -> dict:
+def up(state_dir: Path, ports: Ports | None = None, *, with_prometheus: bool = True, encrypt: bool = False) -> dict:
     """Start every component and write stack.json. Returns its content."""
     stack = Stack(state_dir=state_dir, ports=ports or Ports())
     p = stack.ports
     state_dir.mkdir(parents=True, exist_ok=True)
-    busy = [f"{name} ({port})" for name, port in vars(p).items() if not port_free(port)]
+    codec_key = state_dir / "codec" / "key"
+    # Sticky: histories written encrypted stay readable only with the codec, so once on, stay on.
+    encrypt = encrypt or codec_key.exists()
+    busy = [f"{name} ({port})" for name, port in vars(p).items()
+            if (encrypt or name != "codec") and not port_free(port)]
     if busy:
         raise RuntimeError(f"ports already in use: {', '.join(busy)}; is a stack running? try `firebreak down`")
     roster = ensure_demo_roster(state_dir)
     chaos_token = _secret(state_dir / "demo" / "chaos-token")
     py = sys.executable
     try:
+        codec_url = _start_codec(stack, codec_key) if encrypt else None
         temporal = stack.spawn("temporal", [
             temporal_binary(), "server", "start-dev", "--ip", "127.0.0.1", "--port", str(p.temporal),
             "--ui-port", str(p.ui), "--db-filename", str(state_dir / "temporal.db"),
             "--sqlite-pragma", "journal_mode=wal", "--sqlite-pragma", "synchronous=normal", "--log-level", "warn",
             *[arg for sa in SEARCH_ATTRIBUTES for arg in ("--search-attribute", f"{sa}=Keyword")],
+            *(["--ui-codec-endpoint", codec_url] if codec_url else []),
         ])
         broker_url = f"http://127.0.0.1:{p.broker}"
         broker = stack.spawn("broker", [py, "-m", "firebreak.broker", "--host", "127.0.0.1", "--port", str(p.broker),
@@ -174,7 +181,8 @@ def up(state_dir: Path, ports: Ports | None = None, *, with_prometheus: bool = T
         wait_http(f"{broker_url}/healthz", proc=broker)
         fleet_url = f"http://127.0.0.1:{p.fleet}"
         fleet = stack.spawn("fleet", [py, "-m", "demo.fleet", "--host", "127.0.0.1", "--port", str(p.fleet),
-                                      "--broker-url", broker_url, "--chaos-token", chaos_token])
+                                      "--broker-url", broker_url],
+                            env={"FIREBREAK_CHAOS_TOKEN": chaos_token})  # not in argv, where ps shows it
         wait_http(f"{fleet_url}/healthz", proc=fleet)
         wait_port(p.temporal, timeout=60, proc=temporal)
         wait_http(f"http://127.0.0.1:{p.ui}/", timeout=60, proc=temporal)
@@ -187,6 +195,8 @@ def up(state_dir: Path, ports: Ports | None = None, *, with_prometheus: bool = T
             "api_url": f"http://127.0.0.1:{p.api}",
             "targets": {"prometheus": f"http://127.0.0.1:{p.prometheus}", "fleet": fleet_url},
         }
+        if encrypt:
+            settings["temporal"]["encrypt_key_file"] = str(codec_key)
         # Other commands and the services below read their settings from here.
         stack_file = state_dir / "stack.json"
         info: dict = {"settings": settings, "components": {}, "demo": {}, "pids": {}}
@@ -217,6 +227,7 @@ def up(state_dir: Path, ports: Ports | None = None, *, with_prometheus: bool = T
             "api": settings["api_url"],
             "prometheus": prometheus_url,
             "alertmanager": alertmanager_url,
+            "codec": codec_url,
             "worker_log": str(stack.logs / "worker.log"),
         }
         info["demo"] = {
@@ -225,6 +236,7 @@ def up(state_dir: Path, ports: Ports | None = None, *, with_prometheus: bool = T
             "people": DEMO_PEOPLE,
             "requested_by": DEMO_REQUESTER,
             "chaos_token": chaos_token,
+            **({"codec_token_file": str(state_dir / "codec" / "token")} if encrypt else {}),
             **{k: v for k, v in api_info.items() if k != "url"},
         }
         info["pids"] = {name: proc.pid for name, proc in stack.processes.items()}
@@ -234,6 +246,23 @@ def up(state_dir: Path, ports: Ports | None = None, *, with_prometheus: bool = T
     except BaseException:
         stack.stop()
         raise
+
+
+def _start_codec(stack: Stack, key_file: Path) -> str:
+    """The decode-only codec server the Temporal UI asks to show encrypted payloads."""
+    from firebreak.codec import ensure_key_file
+
+    ensure_key_file(key_file)
+    token_file = key_file.parent / "token"
+    _secret(token_file)
+    p = stack.ports
+    codec = stack.spawn("codec", [
+        sys.executable, "-m", "firebreak.codec_server", "--host", "127.0.0.1", "--port", str(p.codec),
+        "--key-file", str(key_file), "--token-file", str(token_file),
+        "--ui-origin", f"http://127.0.0.1:{p.ui}", "--ui-origin", f"http://localhost:{p.ui}", "--namespace", "default",
+    ])
+    wait_port(p.codec, proc=codec)
+    return f"http://127.0.0.1:{p.codec}"
 
 
 def _api_info(state_dir: Path, url: str) -> dict:

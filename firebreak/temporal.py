@@ -30,11 +30,16 @@ SEARCH_ATTRIBUTES = (PHASE, SERVICE, SEVERITY, RUNBOOK)
 
 
 def data_converter(settings: TemporalSettings | None = None) -> DataConverter:
-    if settings is not None and settings.encrypt_key:
-        from firebreak.codec import EncryptionCodec  # optional: only with --encrypt
+    """The shared converter, with the encryption codec when a key is configured."""
+    if settings is None or not (settings.encrypt_key or settings.encrypt_key_file):
+        return DATA_CONVERTER
+    from firebreak.codec import EncryptionCodec  # only with encryption on
 
-        return dataclasses.replace(DATA_CONVERTER, payload_codec=EncryptionCodec.from_b64(settings.encrypt_key))
-    return DATA_CONVERTER
+    if settings.encrypt_key and settings.encrypt_key_file:
+        raise ValueError("set encrypt_key or encrypt_key_file, not both")
+    codec = (EncryptionCodec.from_key_file(Path(settings.encrypt_key_file)) if settings.encrypt_key_file
+             else EncryptionCodec.from_b64(settings.encrypt_key or ""))
+    return dataclasses.replace(DATA_CONVERTER, payload_codec=codec)
 
 
 async def connect(settings: TemporalSettings) -> Client:
