@@ -156,7 +156,7 @@ def _poll_prometheus(prometheus: str, query: str, timeout: float) -> bool:
 
 async def _alert(args: argparse.Namespace) -> int:
     from firebreak.contracts import Alert
-    from firebreak.intake import deliver, route_alerts
+    from firebreak.intake import deliver_routed, route_alerts
     from firebreak.runbook import load_runbooks
     from firebreak.temporal import connect
 
@@ -177,7 +177,7 @@ async def _alert(args: argparse.Namespace) -> int:
     client = await connect(settings.temporal)
     requested_by = args.as_ or (_demo_requester(settings) if args.sample else None)
     for group in routing.routed:
-        await deliver(client, group, task_queue=settings.temporal.task_queue, requested_by=requested_by)
+        await deliver_routed(client, group, task_queue=settings.temporal.task_queue, requested_by=requested_by)
         print(f"{group.runbook.name}: {len(group.alerts)} alert(s) -> incident", file=sys.stderr)
     for group in routing.routed:
         print(group.incident_id)

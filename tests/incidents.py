@@ -13,7 +13,7 @@ from temporalio.client import Client, WorkflowHandle
 
 from firebreak.config import Settings
 from firebreak.contracts import Alert, IncidentStatus, Phase
-from firebreak.intake import deliver, route_alerts
+from firebreak.intake import deliver_routed, route_alerts
 from firebreak.runbook import load_runbooks
 
 
@@ -40,7 +40,9 @@ async def open_incident(client: Client, settings: Settings, alert: Alert, *, req
     if unique:  # tests share servers: keep their incidents apart
         routed.incident_id = f"{routed.incident_id}-{uuid.uuid4().hex[:6]}"
     # The handle from start_workflow: on the time-skipping server only it skips time while awaiting a result.
-    return await deliver(client, routed, task_queue=settings.temporal.task_queue, requested_by=requested_by)
+    delivered = await deliver_routed(client, routed, task_queue=settings.temporal.task_queue, requested_by=requested_by)
+    assert delivered.handle is not None
+    return delivered.handle
 
 
 async def status(handle: WorkflowHandle) -> IncidentStatus:
