@@ -289,7 +289,11 @@ async def _decide(args: argparse.Namespace, decision: str) -> int:
         raise Refused(f"refused: {exc.cause.message if exc.cause else exc}") from None
     if not outcome.counted:
         raise Refused(f"{decision} by {approver} refused: {outcome.reason}")
-    _print(f"{decision} by {approver} counted ({outcome.reason}); phase {outcome.phase.value}")
+    if outcome.decided:
+        nxt = "rejected: nothing will execute" if decision == "reject" else "approved: executing now"
+    else:
+        nxt = "still waiting for " + "; ".join(outcome.waiting_for)
+    _print(f"{decision} by {approver} counted; {nxt}")
     return 0
 
 

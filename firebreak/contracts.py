@@ -313,6 +313,8 @@ class ApprovalOutcome(Model):
     counted: bool
     reason: str
     phase: Phase
+    decided: bool = Field(default=False, description="the plan now has every approval it will wait for")
+    waiting_for: list[str] = Field(default_factory=list, description="what each step still needs")
 
 
 class PolicyNeed(Model):

@@ -51,7 +51,7 @@ async def test_approve_as_requester_is_refused_then_on_call_approval_resolves(
         assert [n["approved_by"] for n in shown["needed"]] == [[], []]
 
         assert await _run(["approve", handle.id, "--as", "alice", "--steps", "s2", "--comment", "scale only", *sd]) == 0
-        assert "approve by alice counted" in capsys.readouterr().out
+        assert "approve by alice counted; approved: executing now" in capsys.readouterr().out
         report = await handle.result()
         assert report.phase == Phase.resolved
 

@@ -95,11 +95,12 @@ async def test_quorum_of_two_needs_two_people(time_env: WorkflowEnvironment, set
 
         first = await submit("alice")
         assert first.counted and first.phase == Phase.awaiting_approval
+        assert not first.decided and first.waiting_for == ["s1: 1 more from oncall"]
         again = await submit("alice")
         assert not again.counted and "one person counts once" in again.reason
         assert (await status(handle)).phase == Phase.awaiting_approval
         second = await submit("bob")
-        assert second.counted
+        assert second.counted and second.decided
         report = await handle.result()
 
     assert report.phase == Phase.resolved, report.outcome

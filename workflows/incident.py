@@ -337,7 +337,10 @@ class IncidentWorkflow:
                 comment=approval.comment, received_at=now, via=via,  # type: ignore[arg-type]
             ))
             self._set_details()
-            return ApprovalOutcome(counted=judgement.counted, reason=judgement.reason, phase=self.phase)
+            waiting = [f"{n.step}: {n.approvers - len(n.approved_by)} more from {', '.join(n.groups)}"
+                       for n in self.verdict.needs if not n.met and not self._left_out(n.step)]
+            return ApprovalOutcome(counted=judgement.counted, reason=judgement.reason, phase=self.phase,
+                                   decided=self._decided(), waiting_for=waiting)
 
     def _record_refusal(self, payload: Any, via: str, reason: str) -> ApprovalOutcome:
         approver = payload.get("approver") if isinstance(payload, dict) else None
