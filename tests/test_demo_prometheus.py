@@ -20,18 +20,12 @@ import yaml
 from demo.fleet import FleetServer
 from demo.prom import ALERT_RULES, AlertmanagerProcess, PrometheusProcess, find_binary, free_port
 
-try:  # tests/ may or may not be a package, depending on the lead's layout
-    from tests.fixtures_demo import (  # noqa: F401
-        Minter, WebhookReceiver, chaos_token, fleet_server, minter, webhook_receiver)
-except ImportError:
-    from fixtures_demo import (  # type: ignore[no-redef]  # noqa: F401
-        Minter, WebhookReceiver, chaos_token, fleet_server, minter, webhook_receiver)
+from conftest import needs
+from fixtures_demo import (  # noqa: F401 - fixtures
+    Minter, WebhookReceiver, chaos_token, fleet_server, minter, webhook_receiver)
 
-PROMETHEUS = find_binary("prometheus")
-ALERTMANAGER = find_binary("alertmanager")
-needs_prometheus = pytest.mark.skipif(PROMETHEUS is None, reason="prometheus is not installed (apt-get install prometheus)")
-needs_alertmanager = pytest.mark.skipif(
-    ALERTMANAGER is None, reason="alertmanager is not installed (apt-get install prometheus-alertmanager)")
+needs_prometheus = needs("prometheus")
+needs_alertmanager = needs("alertmanager")
 
 # The runbooks' query (runbooks/bad-deploy.yaml), and the same over a short window
 # to see the recovery without waiting for a minute of history to age out.
@@ -107,8 +101,6 @@ def test_missing_binary_is_reported_clearly(tmp_path: Path, monkeypatch: pytest.
 
 @pytest.fixture
 def alertmanager(tmp_path: Path, webhook_receiver: WebhookReceiver) -> Iterator[AlertmanagerProcess]:
-    if ALERTMANAGER is None:
-        pytest.skip("alertmanager is not installed (apt-get install prometheus-alertmanager)")
     process = AlertmanagerProcess(tmp_path / "alertmanager", free_port(), webhook_receiver.url, "intake-secret-1")
     try:
         process.start()
@@ -120,8 +112,6 @@ def alertmanager(tmp_path: Path, webhook_receiver: WebhookReceiver) -> Iterator[
 
 @pytest.fixture
 def prometheus(tmp_path: Path, fleet_server: FleetServer, alertmanager: AlertmanagerProcess) -> Iterator[PrometheusProcess]:
-    if PROMETHEUS is None:
-        pytest.skip("prometheus is not installed (apt-get install prometheus)")
     process = PrometheusProcess(tmp_path / "prometheus", free_port(), fleet_server.target, alertmanager.url)
     try:
         process.start()

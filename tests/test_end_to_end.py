@@ -16,7 +16,8 @@ from temporalio.client import WorkflowHistory
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer
 
-from demo.prom import PrometheusProcess, find_binary, free_port
+from conftest import needs
+from demo.prom import PrometheusProcess, free_port
 from firebreak.contracts import ApprovalOutcome, Phase
 from firebreak.history import history_rows
 from firebreak.temporal import DATA_CONVERTER
@@ -27,7 +28,7 @@ from workflows.incident import IncidentWorkflow
 ERROR_RATIO = ('sum(rate(http_requests_total{namespace="shop",service="checkout",code=~"5.."}[1m])) / '
                'sum(rate(http_requests_total{namespace="shop",service="checkout"}[1m]))')
 
-pytestmark = pytest.mark.skipif(find_binary("prometheus") is None, reason="needs Debian's prometheus (.ci/run installs it)")
+pytestmark = needs("prometheus")
 
 
 def wait_until(predicate, timeout: float, what: str) -> None:

@@ -26,10 +26,7 @@ from demo.fleet import BUCKETS, Fleet, FleetServer, create_app, parse_rfc3339, r
 from demo.prom import free_port
 from firebreak.signing import generate_key, key_id, public_jwk
 
-try:  # tests/ may or may not be a package, depending on the lead's layout
-    from tests.fixtures_demo import Minter, chaos_token, fleet_server, minter  # noqa: F401
-except ImportError:
-    from fixtures_demo import Minter, chaos_token, fleet_server, minter  # type: ignore[no-redef]  # noqa: F401
+from fixtures_demo import Minter, chaos_token, fleet_server, minter  # noqa: F401 - fixtures
 
 REPO = Path(__file__).resolve().parents[1]
 Labels = frozenset[tuple[str, str]]

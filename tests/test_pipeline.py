@@ -11,14 +11,12 @@ import pytest
 from temporalio.testing import WorkflowEnvironment
 
 from api_harness import TOKEN, running_api
-from demo.prom import AlertmanagerProcess, PrometheusProcess, find_binary, free_port
+from conftest import needs
+from demo.prom import AlertmanagerProcess, PrometheusProcess, free_port
 from firebreak.contracts import IncidentStatus, Phase
 from incidents import inject
 
-pytestmark = pytest.mark.skipif(
-    find_binary("prometheus") is None or (find_binary("prometheus-alertmanager") or find_binary("alertmanager")) is None,
-    reason="needs Debian's prometheus and prometheus-alertmanager (.ci/run installs them)",
-)
+pytestmark = needs("prometheus", "alertmanager")
 
 
 async def test_alertmanager_webhook_opens_the_incident_with_the_deploy_on_top(
