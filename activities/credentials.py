@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
+from opentelemetry import trace
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -17,6 +18,8 @@ from firebreak.broker.client import IssuedCredential, MintRefused
 from firebreak.contracts import Approval, Plan
 
 MAX_TTL_S = 900.0
+# A no-op unless the worker process configures an OpenTelemetry SDK.
+tracer = trace.get_tracer("firebreak.activities")
 
 
 @asynccontextmanager
@@ -36,6 +39,10 @@ async def activity_credential(
     info = activity.info()
     # The credential never outlives the activity that holds it.
     ttl = min(MAX_TTL_S, (info.start_to_close_timeout.total_seconds() if info.start_to_close_timeout else 60.0))
+    span = tracer.start_span("firebreak.credential", attributes={
+        "firebreak.audience": audience, "firebreak.scope": f"{verb}:{resource}", "firebreak.step": step_id,
+        "temporal.workflow_id": info.workflow_id, "temporal.activity_id": info.activity_id,
+    })
     try:
         async with deps.broker.credential(
             audience=audience, verb=verb, resource=resource, ttl_s=ttl,
@@ -43,7 +50,12 @@ async def activity_credential(
             step_id=step_id, runbook=runbook, params=params or {}, plan=plan, approvals=list(approvals),
             requested_by=requested_by,
         ) as credential:
+            # Grant id and scope only: the token itself never reaches a log, span or error.
+            span.set_attribute("firebreak.grant_id", credential.grant.grant_id)
             activity.logger.info("holding grant %s for %s:%s", credential.grant.grant_id, verb, resource)
             yield credential
     except MintRefused as exc:
+        span.set_status(trace.Status(trace.StatusCode.ERROR, "credential refused"))
         raise ApplicationError(f"credential refused: {exc.reason}", type="MintRefused", non_retryable=True) from None
+    finally:
+        span.end()
