@@ -31,7 +31,6 @@ INDEX: dict[str, Any] = json.loads((FIXTURES / "fixtures_index.json").read_text(
 PD_SECRET: str = INDEX["pagerduty_test_secret"]
 GRAFANA_SECRET: str = INDEX["grafana_test_secret"]
 TOKEN = "test-intake-token-" + uuid.uuid4().hex
-CLOSED_PORT_URL = "http://127.0.0.1:9"
 
 
 def fixture(name: str) -> bytes:

@@ -118,11 +118,12 @@ def fleet(broker: BrokerServer) -> Iterator[FleetServer]:
         yield server
 
 
-@pytest.fixture
-def settings(state_dir: Path, runbooks_dir: Path, broker: BrokerServer, fleet: FleetServer) -> Settings:
+def worker_settings_for(state_dir: Path, runbooks_dir: Path, broker: BrokerServer, fleet: FleetServer,
+                        queue_prefix: str = "test") -> Settings:
+    """Settings for a worker on its own task queue, against this broker and fleet (Prometheus down)."""
     return Settings(
         state_dir=state_dir,
-        temporal=TemporalSettings(task_queue=f"test-{uuid.uuid4().hex[:8]}"),
+        temporal=TemporalSettings(task_queue=f"{queue_prefix}-{uuid.uuid4().hex[:8]}"),
         runbooks_dir=runbooks_dir,
         roster=state_dir / "roster.yaml",
         broker_url=broker.url,
@@ -130,6 +131,11 @@ def settings(state_dir: Path, runbooks_dir: Path, broker: BrokerServer, fleet: F
         targets={"fleet": fleet.url, "prometheus": CLOSED_PORT_URL},
         ticket_dir=state_dir / f"tickets-{uuid.uuid4().hex[:8]}",
     )
+
+
+@pytest.fixture
+def settings(state_dir: Path, runbooks_dir: Path, broker: BrokerServer, fleet: FleetServer) -> Settings:
+    return worker_settings_for(state_dir, runbooks_dir, broker, fleet)
 
 
 class Approvers:

@@ -20,7 +20,6 @@ import pytest
 from temporalio.testing import WorkflowEnvironment
 
 from api_harness import (
-    CLOSED_PORT_URL,
     INDEX,
     alertmanager_body,
     bearer,
@@ -37,7 +36,8 @@ from demo.fleet import FleetServer
 from firebreak import signing
 from firebreak.api import ApiServer
 from firebreak.broker.server import BrokerServer
-from firebreak.config import Settings, TemporalSettings
+from conftest import worker_settings_for
+from firebreak.config import Settings
 from firebreak.contracts import IncidentInput
 from firebreak.temporal import DATA_CONVERTER
 
@@ -64,16 +64,7 @@ def module_fleet(broker: BrokerServer) -> Iterator[FleetServer]:
 
 @pytest.fixture(scope="module")
 def worker_settings(state_dir: Path, runbooks_dir: Path, broker: BrokerServer, module_fleet: FleetServer) -> Settings:
-    return Settings(
-        state_dir=state_dir,
-        temporal=TemporalSettings(task_queue=f"api-{uuid.uuid4().hex[:8]}"),
-        runbooks_dir=runbooks_dir,
-        roster=state_dir / "roster.yaml",
-        broker_url=broker.url,
-        broker_token=broker.agent_token,
-        targets={"fleet": module_fleet.url, "prometheus": CLOSED_PORT_URL},
-        ticket_dir=state_dir / f"tickets-{uuid.uuid4().hex[:8]}",
-    )
+    return worker_settings_for(state_dir, runbooks_dir, broker, module_fleet, queue_prefix="api")
 
 
 @pytest.fixture(scope="module")
