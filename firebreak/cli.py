@@ -261,11 +261,12 @@ async def _decide(args: argparse.Namespace, decision: str) -> int:
     from firebreak.temporal import connect
 
     settings = _settings(args)
-    key = signing.load_private_key(_key_path(args, settings))
+    key_path = _key_path(args, settings)
+    key = signing.load_private_key(key_path)
     roster = Roster.load(settings.resolved_roster())
     public = signing.public_pem(key).strip()
     person = next((p for p in roster.people if p.public_key.strip() == public), None)
-    approver = person.name if person else (args.as_ or _key_path(args, settings).stem)
+    approver = person.name if person else (args.as_ or key_path.stem)
     client = await connect(settings.temporal)
     handle = client.get_workflow_handle(args.id)
     status = await handle.query("status", result_type=IncidentStatus)
@@ -375,12 +376,11 @@ def build_parser() -> argparse.ArgumentParser:
     rsub.add_parser("schema")
     p.set_defaults(func=cmd_runbook)
 
-    for module in ("firebreak.broker.cli", "firebreak.api.cli"):
-        try:
-            register = __import__(module, fromlist=["register"]).register
-        except (ImportError, AttributeError):
-            continue
-        register(sub, load_settings)
+    from firebreak.api.cli import register as register_api
+    from firebreak.broker.cli import register as register_broker
+
+    register_broker(sub, load_settings)
+    register_api(sub, load_settings)
     return parser
 
 

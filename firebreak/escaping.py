@@ -73,10 +73,6 @@ def render_plain(template: str, params: Mapping[str, object]) -> str:
     return _render(template, params, _plain)
 
 
-def render_path(template: str, params: Mapping[str, object]) -> str:
-    return _render(template, params, path_segment)
-
-
 def render_text(template: str, params: Mapping[str, object]) -> str:
     """For human-readable text only (titles, descriptions); never for a query or request."""
     return _render(template, params, str)

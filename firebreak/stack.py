@@ -23,6 +23,7 @@ import httpx
 import yaml
 
 from firebreak import signing
+from firebreak.api import stack_info
 from firebreak.runbook import default_runbook_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -205,7 +206,7 @@ def up(state_dir: Path, ports: Ports | None = None, *, with_prometheus: bool = T
         api = stack.spawn("api", [py, "-m", "firebreak.api", "--host", "127.0.0.1", "--port", str(p.api),
                                   "--state-dir", str(state_dir)])
         wait_http(f"{settings['api_url']}/healthz", proc=api)
-        api_info = _api_info(state_dir, settings["api_url"])
+        api_info = stack_info(state_dir, settings["api_url"])
 
         prometheus_url = alertmanager_url = None
         if with_prometheus:
@@ -263,15 +264,6 @@ def _start_codec(stack: Stack, key_file: Path) -> str:
     ])
     wait_port(p.codec, proc=codec)
     return f"http://127.0.0.1:{p.codec}"
-
-
-def _api_info(state_dir: Path, url: str) -> dict:
-    try:
-        from firebreak.api import stack_info
-
-        return stack_info(state_dir, url)
-    except ImportError:
-        return {"url": url}
 
 
 def _start_prometheus(stack: Stack, fleet_url: str, api_info: dict) -> tuple[str | None, str | None]:

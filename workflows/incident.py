@@ -276,8 +276,8 @@ class IncidentWorkflow:
                 await self._notify("expired", "no approval in time; nothing was executed")
                 return await self._close(Phase.expired, "no approval in time; nothing executed")
         # Let an approval that is being verified finish before acting on the verdict.
-        await self.approval_lock.acquire()
-        self.approval_lock.release()
+        async with self.approval_lock:
+            pass
         if self.verdict and self.verdict.rejected:
             return await self._close(Phase.rejected, f"rejected by {self.verdict.rejected_by}; nothing executed")
         if not self._decided() and self._all_resolved():
