@@ -98,7 +98,6 @@ class IncidentInput(Model):
     params: dict[str, str]
     requested_by: str | None = Field(default=None, description="roster name of whoever raised it, if a person")
     previous_run_id: str | None = Field(default=None, description="the earlier, closed run of this incident")
-    approval_keys_hint: str = Field(default="", description="how approvers reach the workflow, shown in tickets")
 
 
 # -- evidence and diagnosis --------------------------------------------------
