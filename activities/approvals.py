@@ -1,34 +1,29 @@
-"""Signature checks of approvals against the roster: crypto stays out of workflow code."""
+"""Approval checks: the broker verifies the signature and records when it arrived.
+
+Asking the broker (not a local roster copy) makes the verdict the one the broker
+will hold at mint time: judged once, at arrival. A roster the broker cannot
+read, or a broker that cannot be reached, is a refusal with its reason, never an
+exception that could fail the incident.
+"""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 from temporalio import activity
 
 from activities.deps import ActivityDeps
+from firebreak.broker.client import BrokerError
 from firebreak.contracts import Approval, ApprovalCheck
-from firebreak.roster import Roster
-from firebreak.signing import verify_approval
 
 
 class ApprovalActivities:
     def __init__(self, deps: ActivityDeps) -> None:
         self.deps = deps
-        self._roster: tuple[float, Roster] | None = None
-
-    def roster(self) -> Roster:
-        """Reloaded when the file changes, so a roster edit needs no worker restart."""
-        path = Path(self.deps.settings.resolved_roster())
-        mtime = path.stat().st_mtime
-        if self._roster is None or self._roster[0] != mtime:
-            self._roster = (mtime, Roster.load(path))
-        return self._roster[1]
 
     @activity.defn(name="verify_approval")
     async def verify_approval(self, approval: Approval) -> ApprovalCheck:
         try:
-            roster = self.roster()
-        except FileNotFoundError:
-            return ApprovalCheck(valid=False, reason="no roster is configured: nobody can approve")
-        return verify_approval(approval, roster)
+            return await self.deps.broker.check_approval(approval)
+        except BrokerError as exc:
+            if exc.status is None or exc.status >= 500:
+                raise  # unreachable or failing: worth the activity's retries
+            return ApprovalCheck(valid=False, reason=f"the broker refused to check it: {exc}")

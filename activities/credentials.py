@@ -15,7 +15,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities.deps import ActivityDeps
 from firebreak.broker.client import IssuedCredential, MintRefused
-from firebreak.contracts import Approval, Plan
+from firebreak.contracts import Approval, Plan, Receipt
 
 MAX_TTL_S = 900.0
 # A no-op unless the worker process configures an OpenTelemetry SDK.
@@ -34,7 +34,8 @@ async def activity_credential(
     step_id: str = "",
     plan: Plan | None = None,
     approvals: Sequence[Approval] = (),
-    requested_by: str | None = None,
+    receipts: Sequence[Receipt] = (),
+    undo: bool = False,
 ) -> AsyncIterator[IssuedCredential]:
     info = activity.info()
     # The credential never outlives the activity that holds it.
@@ -48,7 +49,7 @@ async def activity_credential(
             audience=audience, verb=verb, resource=resource, ttl_s=ttl,
             workflow_id=info.workflow_id, run_id=info.workflow_run_id, activity_id=info.activity_id,
             step_id=step_id, runbook=runbook, params=params or {}, plan=plan, approvals=list(approvals),
-            requested_by=requested_by,
+            receipts=list(receipts), undo=undo,
         ) as credential:
             # Grant id and scope only: the token itself never reaches a log, span or error.
             span.set_attribute("firebreak.grant_id", credential.grant.grant_id)

@@ -1,8 +1,10 @@
 """Execution: one approved step, with a write credential minted for exactly that step.
 
 The idempotency key is the workflow id, run id and step id, so a retried
-activity never acts twice at the target. Only the fields the undo needs are
-kept from the target's response: nothing else it says reaches history.
+activity never acts twice at the target. The token binds that key and the
+exact body (see ``firebreak.broker.rules``): the body is sent as the canonical
+JSON bytes the broker hashed. Only the fields the undo needs are kept from the
+target's response: nothing else it says reaches history.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from temporalio.exceptions import ApplicationError
 from activities.credentials import activity_credential
 from activities.deps import ActivityDeps
 from activities.targets import reason, resource_url
-from firebreak.contracts import ExecuteRequest, PlanStep, StepResult
+from firebreak.contracts import ExecuteRequest, PlanStep, StepResult, canonical_json
 
 
 def _kept_fields(step: PlanStep) -> set[str]:
@@ -43,11 +45,14 @@ class ExecuteActivities:
         url = resource_url(self.deps.target_url(step.target), step.resource, verb.split(".", 1)[1])
         async with activity_credential(
             self.deps, audience=step.target, verb=verb, resource=step.resource, runbook=request.plan.runbook,
-            step_id=step.id, plan=request.plan, approvals=request.approvals, requested_by=request.requested_by,
+            step_id=step.id, plan=request.plan, approvals=request.approvals, receipts=request.receipts,
+            undo=request.undo,
         ) as credential:
             try:
                 response = await self.deps.http.post(
-                    url, json=body, headers={"Authorization": f"Bearer {credential.token}", "Idempotency-Key": key},
+                    url, content=canonical_json(body),
+                    headers={"Authorization": f"Bearer {credential.token}", "Idempotency-Key": key,
+                             "Content-Type": "application/json"},
                     timeout=max(1.0, step.timeout_s - 5),
                 )
             except httpx.HTTPError as exc:

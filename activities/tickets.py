@@ -11,6 +11,7 @@ import os
 from datetime import datetime, timezone
 
 from temporalio import activity
+from temporalio.exceptions import ApplicationError
 
 from activities.deps import ActivityDeps
 from firebreak.contracts import Ticket, TicketRequest
@@ -36,6 +37,10 @@ class TicketActivities:
         directory = settings.resolved_ticket_dir()
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"{request.incident_id}.md"
+        # The contract's pattern already refuses separators; this makes the sink's promise local too.
+        if path.resolve().parent != directory.resolve():
+            raise ApplicationError(f"refused: ticket path for {request.incident_id!r} leaves {directory}",
+                                   non_retryable=True)
         stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
         tmp = path.with_suffix(".md.tmp")
         tmp.write_text(f"<!-- {request.event} at {stamp} -->\n{request.body_markdown}\n", encoding="utf-8")

@@ -45,7 +45,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from firebreak.serving import ThreadedServer
-from firebreak.signing import TargetVerifier, TokenRejected
+from firebreak.signing import TargetVerifier, TokenRejected, check_request_binding
 
 log = logging.getLogger("demo.fleet")
 
@@ -527,6 +527,11 @@ class _IdempotencyStore:
     def get(self, key: str) -> tuple[str, int, dict[str, Any]] | None:
         return self._items.get(key)
 
+    def succeeded(self, key: str) -> dict[str, Any] | None:
+        """The response of a write that succeeded under ``key``: the state an undo restores."""
+        item = self._items.get(key)
+        return item[2] if item is not None and 200 <= item[1] < 300 else None
+
     def put(self, key: str, fingerprint: str, status: int, body: dict[str, Any]) -> None:
         self._items[key] = (fingerprint, status, body)
         while len(self._items) > self._capacity:
@@ -587,6 +592,13 @@ def create_app(*, verifier: Verifier, chaos_token: str | None = None, fleet: Fle
         key = request.headers.get("idempotency-key")
         if key is not None and not _IDEMPOTENCY_KEY.match(key):
             return _error(400, "invalid_request", "Idempotency-Key must be 1-255 visible ASCII characters")
+        try:
+            # The token is for one exact request: this key, this body (or, for an undo, the
+            # values recorded at the write it undoes).
+            check_request_binding(claims, idempotency_key=key, body=await request.body(),
+                                  recorded_result=idempotency.succeeded)
+        except TokenRejected as exc:
+            return _error(403, "forbidden", exc.reason)
         body = await read_body(request, model)
         if isinstance(body, JSONResponse):
             return body

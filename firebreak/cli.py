@@ -176,12 +176,33 @@ async def _alert(args: argparse.Namespace) -> int:
         raise Refused("no alert was routed to a runbook")
     client = await connect(settings.temporal)
     requested_by = args.as_ or (_demo_requester(settings) if args.sample else None)
+    receipt = _receipt_signer(settings, requested_by)
     for group in routing.routed:
-        await deliver_routed(client, group, task_queue=settings.temporal.task_queue, requested_by=requested_by)
+        await deliver_routed(client, group, task_queue=settings.temporal.task_queue, requested_by=requested_by,
+                             receipt=receipt)
         print(f"{group.runbook.name}: {len(group.alerts)} alert(s) -> incident", file=sys.stderr)
     for group in routing.routed:
         print(group.incident_id)
     return 0 if not routing.refused else 1
+
+
+def _receipt_signer(settings: Settings, requested_by: str | None) -> Any:
+    """Who raised it, signed: the person with their own key, else this host's intake key.
+
+    Without a receipt the broker will authorize no write for the incident, so say so.
+    """
+    from firebreak import receipts, signing
+
+    if requested_by:
+        path = settings.state_dir / "keys" / f"{requested_by}.pem"
+        if not path.exists():
+            raise Refused(f"{requested_by} must sign what they raise: no key at {path}")
+        return receipts.person_signer(requested_by, signing.load_private_key(path))
+    if receipts.intake_key_path(settings.state_dir).exists():
+        return receipts.intake_signer(receipts.ensure_intake_key(settings.state_dir))
+    print("warning: no requester key and no intake key here: the incident can propose but never execute "
+          "(send alerts through `firebreak api`, or use --as NAME)", file=sys.stderr)
+    return None
 
 
 def _demo_requester(settings: Settings) -> str | None:
@@ -252,13 +273,88 @@ def _key_path(args: argparse.Namespace, settings: Settings) -> Path:
     raise Refused("say who you are: --key PATH (or --as NAME for a demo person)")
 
 
-async def _decide(args: argparse.Namespace, decision: str) -> int:
+async def _incident_status(settings: Settings, incident_id: str) -> tuple[Any, str]:
+    """The incident's status from the API (no Temporal access needed), else from Temporal itself."""
+    import httpx
+
+    from firebreak.contracts import IncidentStatus
+
+    token = settings.intake_token or _stack_value(settings, "intake_token")
+    if token:
+        try:
+            async with httpx.AsyncClient(timeout=10) as http:
+                response = await http.get(f"{settings.api_url}/v1/incidents/{incident_id}",
+                                          headers={"Authorization": f"Bearer {token}"})
+            if response.status_code == 200:
+                return IncidentStatus.model_validate(response.json()), f"the API at {settings.api_url}"
+            if response.status_code == 404:
+                raise Refused(f"no incident {incident_id!r}")
+        except httpx.HTTPError:
+            pass
+    from firebreak.temporal import connect
+
+    client = await connect(settings.temporal)
+    handle = client.get_workflow_handle(incident_id)
+    return await handle.query("status", result_type=IncidentStatus), f"Temporal at {settings.temporal.address}"
+
+
+def _stack_value(settings: Settings, key: str) -> str | None:
+    if settings.stack_file.exists():
+        return json.loads(settings.stack_file.read_text()).get("demo", {}).get(key)
+    return None
+
+
+def _approval_window(settings: Settings, runbook: str) -> timedelta:
+    """The longest an approval may be valid: the runbook's approval window (2 h if unknown here)."""
+    from firebreak.runbook import load_runbooks, parse_duration
+
+    try:
+        books = {b.name: b for b in load_runbooks(settings.resolved_runbooks_dir())}
+    except (RunbookError, OSError):
+        books = {}
+    book = books.get(runbook)
+    return parse_duration(book.remediate.windows.expire_after) if book else timedelta(hours=2)
+
+
+async def _submit(settings: Settings, incident_id: str, signed: Any) -> Any:
+    """Through the API, authenticated by the signature alone; straight to Temporal if the API is down."""
+    import httpx
+
+    from firebreak.contracts import ApprovalOutcome
+
+    try:
+        async with httpx.AsyncClient(timeout=30) as http:
+            response = await http.post(f"{settings.api_url}/v1/incidents/{incident_id}/approvals",
+                                       json=signed.model_dump(mode="json"))
+    except httpx.HTTPError:
+        response = None
+    if response is not None:
+        if response.status_code in (200, 409) and "counted" in response.text:
+            return ApprovalOutcome.model_validate(response.json())
+        if response.status_code != 503:
+            try:
+                why = response.json().get("error") or response.text[:200]
+            except ValueError:
+                why = response.text[:200]
+            raise Refused(f"the API refused it: HTTP {response.status_code}: {why}")
     from temporalio.client import WorkflowUpdateFailedError
 
-    from firebreak import signing
-    from firebreak.contracts import Approval, ApprovalOutcome, IncidentStatus
-    from firebreak.roster import Roster
     from firebreak.temporal import connect
+
+    print(f"note: the API at {settings.api_url} is unreachable; sending to Temporal directly", file=sys.stderr)
+    client = await connect(settings.temporal)
+    try:
+        return await client.get_workflow_handle(incident_id).execute_update(
+            "submit_approval", signed, result_type=ApprovalOutcome)
+    except WorkflowUpdateFailedError as exc:
+        raise Refused(f"refused: {exc.cause.message if exc.cause else exc}") from None
+
+
+async def _decide(args: argparse.Namespace, decision: str) -> int:
+    from firebreak import signing
+    from firebreak.contracts import Approval
+    from firebreak.plan_view import render_plan
+    from firebreak.roster import Roster
 
     settings = _settings(args)
     key_path = _key_path(args, settings)
@@ -267,27 +363,32 @@ async def _decide(args: argparse.Namespace, decision: str) -> int:
     public = signing.public_pem(key).strip()
     person = next((p for p in roster.people if p.public_key.strip() == public), None)
     approver = person.name if person else (args.as_ or key_path.stem)
-    client = await connect(settings.temporal)
-    handle = client.get_workflow_handle(args.id)
-    status = await handle.query("status", result_type=IncidentStatus)
-    if status.plan is None or status.plan_hash is None:
+    status, source = await _incident_status(settings, args.id)
+    plan = status.plan
+    if plan is None or status.plan_hash is None:
         raise Refused(f"{args.id} has no plan to decide on (phase {status.phase.value})")
-    _print(f"Incident {args.id} ({status.phase.value}); plan {status.plan_hash}")
-    for step in status.plan.steps:
-        undo = f"undo {step.undo.verb}" if step.undo else "no undo"
-        _print(f"  {step.id}  {step.verb} on {step.target}:{step.resource}  risk {step.risk}",
-               f"      blast radius: {step.blast_radius}", f"      rollback: {undo}")
+    window = _approval_window(settings, plan.runbook)
+    valid_for = timedelta(minutes=args.valid_for)
+    if not timedelta(0) < valid_for <= window:
+        raise Refused(f"--valid-for must be between 1 and {int(window.total_seconds() // 60)} minutes "
+                      f"(the runbook's approval window)")
+    # What you see is what you sign: render every field, hash what was rendered, sign that.
+    shown_hash = plan.hash
+    _print(f"Incident {args.id} ({status.phase.value}), from {source}",
+           f"Plan (workflow {plan.incident_id}, run {plan.run_id}), every field:", *render_plan(plan),
+           f"Plan hash, recomputed here: {shown_hash}")
+    if plan.incident_id != args.id:
+        raise Refused(f"the plan shown is for {plan.incident_id!r}, not {args.id!r}: refusing to sign")
+    if status.plan_hash != shown_hash:
+        raise Refused(f"the workflow says the plan hash is {status.plan_hash}, but the plan shown hashes to "
+                      f"{shown_hash}: refusing to sign")
     approval = Approval(
-        workflow_id=args.id, plan_hash=status.plan_hash, decision=decision,  # type: ignore[arg-type]
+        workflow_id=args.id, plan_hash=shown_hash, decision=decision,  # type: ignore[arg-type]
         steps=list(getattr(args, "steps", None) or []), nonce=secrets.token_hex(16),
-        expires_at=(datetime.now(timezone.utc) + timedelta(minutes=args.valid_for)).isoformat(timespec="seconds"),
+        expires_at=(datetime.now(timezone.utc) + valid_for).isoformat(timespec="seconds"),
         approver=approver, comment=(args.comment if decision == "approve" else args.reason) or "",
     )
-    signed = signing.sign_approval(approval, key)
-    try:
-        outcome = await handle.execute_update("submit_approval", signed, result_type=ApprovalOutcome)
-    except WorkflowUpdateFailedError as exc:
-        raise Refused(f"refused: {exc.cause.message if exc.cause else exc}") from None
+    outcome = await _submit(settings, args.id, signing.sign_approval(approval, key))
     if not outcome.counted:
         raise Refused(f"{decision} by {approver} refused: {outcome.reason}")
     if outcome.decided:
@@ -361,7 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("id")
         p.add_argument("--key", default=None, help="your Ed25519 private key (PEM)")
         p.add_argument("--as", dest="as_", default=None, help="demo person: uses STATE_DIR/keys/NAME.pem")
-        p.add_argument("--valid-for", type=int, default=15, help="minutes the signature stays valid")
+        p.add_argument("--valid-for", type=int, default=15,
+                       help="minutes the signature stays valid (default 15, at most the runbook's approval window)")
         if decision == "approve":
             p.add_argument("--steps", nargs="*", help="approve only these step ids")
             p.add_argument("--comment", default="")

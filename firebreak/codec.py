@@ -1,13 +1,32 @@
-"""Payload encryption: AES-256-GCM over every payload, failing closed on decode.
+"""Payload codecs: HMAC authentication (readable) or AES-256-GCM encryption, both failing closed.
 
-The Temporal server never sees plaintext: workflow inputs, results, signals,
-updates, memos, summaries and (with ``DefaultFailureConverterWithEncodedAttributes``)
-failure messages all pass through :class:`EncryptionCodec`. Search attributes,
-ids, workflow and activity type names and headers do not: keep secrets out of them.
+Two codecs, one of them on every client and worker (see ``firebreak/temporal.py``):
 
-Unlike Temporal's sample codec, decode refuses a payload that is not encrypted:
-otherwise anyone who can reach the server could inject plaintext signals or
-updates that the workflow would accept as if they came from a key holder.
+- :class:`PayloadAuthCodec` (the default stack): every payload keeps its data and metadata, so the
+  Temporal UI shows it as is, and gains one metadata entry, ``firebreak-mac``: an HMAC-SHA256 under
+  a key only Firebreak's processes hold. A payload without a valid MAC was written by someone who
+  can reach Temporal but is not Firebreak: a worker never runs an activity on it.
+- :class:`EncryptionCodec` (``firebreak up --encrypt``): the Temporal server never sees plaintext:
+  workflow inputs, results, signals, updates, memos, summaries and (with
+  ``DefaultFailureConverterWithEncodedAttributes``) failure messages all pass through it.
+  AES-GCM authenticates as it encrypts.
+
+Search attributes, ids, workflow and activity type names, headers, failure messages (unless encoded)
+and the markers the SDK's core writes itself (``workflow.patched``) pass through neither: keep secrets
+out of them, and do not trust them.
+
+Unlike Temporal's sample codec, neither passes an unauthenticated payload through. What decode does
+with one depends on where it is decoded (the SDK's serialization context, see :func:`_decodes_for_a_workflow`):
+
+- for a workflow (its input, signals, updates, queries, activity results), it becomes a marker,
+  ``{"firebreak_unauthenticated": "<reason>"}`` (see :func:`unauthenticated_reason`): raising there
+  would fail the workflow task on every retry, and a signal stays in history, so one outsider's
+  signal would wedge the incident forever. (Clients decode a workflow's answers in the same context,
+  so they get the marker too, and their typed conversion fails on it.)
+- for an activity's arguments, and without a context (``codec.decode`` called directly: the codec
+  server, ``firebreak history``), it raises :class:`DecryptionError` (:class:`PayloadAuthError` for
+  the auth codec): the activity fails with "Failed decoding arguments" caused by that message, and
+  nothing runs.
 
 Encrypted payload layout::
 
@@ -16,32 +35,49 @@ Encrypted payload layout::
 
 The key id is also bound into the ciphertext as associated data, so a payload
 cannot be relabelled with another key id without failing authentication.
+
+Authenticated payload layout: the payload as written, plus
+``metadata["firebreak-mac"] = "<key id>:<hex HMAC-SHA256>"`` over :func:`_mac_message`.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import copy
 import hashlib
+import hmac
+import json
 import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import ClassVar, Self, TypeVar
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from google.protobuf.message import DecodeError
 from temporalio.api.common.v1 import Payload
-from temporalio.converter import PayloadCodec
+from temporalio.converter import (
+    ActivitySerializationContext,
+    PayloadCodec,
+    SerializationContext,
+    WithSerializationContext,
+    WorkflowSerializationContext,
+)
 
 ENCODING = b"binary/encrypted"
 KEY_ID_METADATA = "encryption-key-id"
-KEY_BYTES = 32  # AES-256
+MAC_METADATA = "firebreak-mac"
+UNAUTHENTICATED = "firebreak_unauthenticated"
+KEY_BYTES = 32  # AES-256; for HMAC-SHA256, its output size
 # GCM's standard nonce, random per payload. NIST caps random nonces at 2^32 messages per key: rotate well before.
 NONCE_BYTES = 12
 TAG_BYTES = 16
 _AAD_PREFIX = b"firebreak/payload/v1\x00"
+_MAC_PREFIX = b"firebreak/payload-mac/v1\x00"
 _KEY_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_MAC_VALUE = re.compile(rb"^([A-Za-z0-9._-]{1,64}):([0-9a-f]{64})$")
+
+_Codec = TypeVar("_Codec", bound="_KeyedCodec")
 
 
 class EncryptionError(ValueError):
@@ -52,27 +88,260 @@ class DecryptionError(ValueError):
     """A payload this codec refuses to decode: not encrypted, unknown key, tampered or wrong key."""
 
 
+class PayloadAuthError(DecryptionError):
+    """A payload without a valid MAC: written by someone who does not hold the payload key."""
+
+
 def key_id_for(key: bytes) -> str:
-    """A stable id for a key, so every process names it alike without extra configuration.
+    """A stable id for an encryption key, so every process names it alike without extra configuration.
 
     A truncated SHA-256 under a domain tag: one-way, so it reveals nothing usable about the key.
     """
     return "fb-" + hashlib.sha256(b"firebreak-encryption-key-id\x00" + key).hexdigest()[:16]
 
 
-def _decode_key(key_b64: str) -> bytes:
+def mac_key_id_for(key: bytes) -> str:
+    """Like :func:`key_id_for` for a payload (MAC) key, under its own tag: the two kinds never share ids."""
+    return "fm-" + hashlib.sha256(b"firebreak-payload-mac-key-id\x00" + key).hexdigest()[:16]
+
+
+def _decode_key(key_b64: str, kind: str = "encryption key") -> bytes:
     # Standard or URL-safe alphabet, strictly: a stray character is a broken key, not noise to skip.
     text = key_b64.strip().translate(str.maketrans("-_", "+/"))
     try:
         key = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise EncryptionError("encryption key is not valid base64") from None
+        raise EncryptionError(f"{kind} is not valid base64") from None
     if len(key) != KEY_BYTES:
-        raise EncryptionError(f"encryption key must be {KEY_BYTES} bytes (AES-256), got {len(key)}")
+        raise EncryptionError(f"{kind} must be {KEY_BYTES} bytes, got {len(key)}")
     return key
 
 
-class EncryptionCodec(PayloadCodec):
+def _read_key_file(path: str | Path) -> str:
+    """The keys of a key file (one base64 key a line, ``#`` comments), comma-joined for ``from_b64``."""
+    lines = [line.split("#", 1)[0].strip() for line in Path(path).read_text().splitlines()]
+    return ",".join(line for line in lines if line)
+
+
+# -- unauthenticated payloads -------------------------------------------------------------------------
+
+
+def unauthenticated_marker(reason: str) -> Payload:
+    """What a workflow receives instead of a payload it must not trust: the reason, none of the content."""
+    body = json.dumps({UNAUTHENTICATED: reason[:200]}, separators=(",", ":"), sort_keys=True)
+    return Payload(metadata={"encoding": b"json/plain"}, data=body.encode())
+
+
+def unauthenticated_reason(value: object) -> str | None:
+    """The reason when ``value`` (a decoded signal, update or input) is the marker of a refused payload.
+
+    Pure, no I/O: safe in workflow code. Workflow handlers typed ``Any`` call it first and record
+    the refusal instead of reading the value.
+    """
+    if isinstance(value, dict) and len(value) == 1:
+        reason = value.get(UNAUTHENTICATED)
+        if isinstance(reason, str):
+            return reason
+    return None
+
+
+def _decodes_for_a_workflow(context: SerializationContext | None) -> bool:
+    """Whether the SDK is decoding for a workflow activation, where a refused payload must not raise.
+
+    Found in temporalio 1.35's source (worker/_workflow.py, _workflow_instance.py, _activity.py, client/):
+    - Workflow activations (input, signals, updates, queries) decode with a WorkflowSerializationContext.
+    - Activity *results* in an activation (ResolveActivity) decode with an ActivitySerializationContext,
+      the same one the activity worker uses for the activity's *arguments*; the fields cannot tell them
+      apart. Only the workflow side runs inside the SDK's command-aware visitor, which sets
+      ``current_command_info``: that (private) context variable is what tells them apart here.
+    - Clients pass a WorkflowSerializationContext too (starting a workflow, query/update answers, results),
+      so a client also gets the marker there; its typed conversion (``result_type=IncidentStatus``...) then
+      fails on it. Clients without a context (``codec.decode`` called directly, the codec server) raise.
+    - Nexus contexts are not used by Firebreak: strict.
+    """
+    if isinstance(context, WorkflowSerializationContext):
+        return True
+    if isinstance(context, ActivitySerializationContext):
+        return _in_workflow_activation()
+    return False
+
+
+def _in_workflow_activation() -> bool:
+    try:
+        from temporalio.worker._command_aware_visitor import current_command_info
+    except ImportError:  # a later SDK moved it: never wedge a workflow; an activity still fails on the marker's type
+        return True
+    return current_command_info.get() is not None
+
+
+class _KeyedCodec(PayloadCodec, WithSerializationContext):
+    """Keys by id (the first writes, all read), key files, and decode's behaviour per serialization context."""
+
+    _kind: ClassVar[str] = "key"
+
+    def __init__(self, keys: Mapping[str, bytes], current: str) -> None:
+        if current not in keys:
+            raise EncryptionError(f"current key id {current!r} is not among the keys")
+        for key_id, key in keys.items():
+            if not _KEY_ID.match(key_id):
+                raise EncryptionError(f"bad key id {key_id!r}: 1-64 of A-Z a-z 0-9 . _ -")
+            if len(key) != KEY_BYTES:
+                raise EncryptionError(f"{self._kind} {key_id!r} must be {KEY_BYTES} bytes, got {len(key)}")
+        self.current = current
+        self._key_ids = list(keys)
+        self._context: SerializationContext | None = None
+
+    @staticmethod
+    def _derive_key_id(key: bytes) -> str:
+        raise NotImplementedError
+
+    @classmethod
+    def from_b64(cls: type[_Codec], key_b64: str) -> _Codec:
+        """One base64 key, or several separated by commas or whitespace: the first encodes, all decode.
+
+        The comma form lets ``FIREBREAK_ENCRYPT_KEY=NEW,OLD`` rotate keys without another setting.
+        Key ids are derived from the keys (:func:`key_id_for`, :func:`mac_key_id_for`).
+        """
+        parts = [p for p in re.split(r"[,\s]+", key_b64) if p]
+        if not parts:
+            raise EncryptionError(f"no {cls._kind} given")
+        keys = [_decode_key(p, cls._kind) for p in parts]
+        ids = [cls._derive_key_id(k) for k in keys]
+        return cls(dict(zip(ids, keys)), current=ids[0])
+
+    @classmethod
+    def from_key_file(cls: type[_Codec], path: str | Path) -> _Codec:
+        """A file of base64 keys, one a line, the current one first (as written by :func:`write_key_file`)."""
+        return cls.from_b64(_read_key_file(path))
+
+    @staticmethod
+    def generate_key_b64() -> str:
+        return base64.b64encode(os.urandom(KEY_BYTES)).decode("ascii")
+
+    @property
+    def key_ids(self) -> list[str]:
+        return list(self._key_ids)
+
+    def __repr__(self) -> str:  # never the keys
+        return f"{type(self).__name__}(current={self.current!r}, key_ids={self.key_ids!r})"
+
+    def with_context(self, context: SerializationContext) -> Self:
+        # The SDK calls this per operation; the copy shares the keys and only remembers where it decodes.
+        bound = copy.copy(self)
+        bound._context = context
+        return bound
+
+    async def decode(self, payloads: Sequence[Payload]) -> list[Payload]:
+        # Decided at decode time: for an activity context it depends on who is decoding (see above).
+        if _decodes_for_a_workflow(self._context):
+            return [self._open_or_mark(p) for p in payloads]
+        try:
+            return [self._open(p) for p in payloads]  # one refused payload spoils the batch
+        except DecryptionError as exc:
+            if isinstance(self._context, ActivitySerializationContext):
+                # The SDK reports "Failed decoding arguments" caused by this: say that nothing ran.
+                raise type(exc)(f"{exc}; refusing to run the activity") from None
+            raise
+
+    def _open_or_mark(self, payload: Payload) -> Payload:
+        try:
+            return self._open(payload)
+        except DecryptionError as exc:
+            return unauthenticated_marker(_unauthenticated(str(exc)))
+
+    def _open(self, payload: Payload) -> Payload:
+        raise NotImplementedError
+
+
+def _unauthenticated(reason: str) -> str:
+    return reason if reason.startswith("unauthenticated payload") else f"unauthenticated payload: {reason}"
+
+
+# -- authentication ------------------------------------------------------------------------------------
+
+
+class PayloadAuthCodec(_KeyedCodec):
+    """Signs every payload with HMAC-SHA256, in a metadata entry; verifies and strips it on decode.
+
+    The data and the other metadata stay as written, so the UI shows them. Rotation works as for
+    :class:`EncryptionCodec`: append the new key everywhere, then move it first, then drop the old
+    one once no open workflow holds payloads signed with it.
+    """
+
+    _kind = "payload key"
+
+    def __init__(self, keys: Mapping[str, bytes], current: str) -> None:
+        super().__init__(keys, current)
+        self._keys = {key_id: bytes(key) for key_id, key in keys.items()}
+
+    _derive_key_id = staticmethod(mac_key_id_for)
+
+    async def encode(self, payloads: Sequence[Payload]) -> list[Payload]:
+        return [self.sign(p) for p in payloads]
+
+    def sign(self, payload: Payload) -> Payload:
+        signed = Payload()
+        signed.CopyFrom(payload)
+        _drop_mac(signed)  # re-signing replaces, never stacks
+        mac = _mac(self._keys[self.current], self.current, signed)
+        signed.metadata[MAC_METADATA] = f"{self.current}:{mac.hex()}".encode("ascii")
+        return signed
+
+    def verify(self, payload: Payload) -> Payload:
+        """The payload without its MAC entry, or :class:`PayloadAuthError` naming why not."""
+        return self._open(payload)
+
+    def _open(self, payload: Payload) -> Payload:
+        value = payload.metadata.get(MAC_METADATA)
+        if value is None:
+            raise PayloadAuthError("unauthenticated payload: no MAC")
+        found = _MAC_VALUE.match(value)
+        if found is None:
+            raise PayloadAuthError("unauthenticated payload: malformed MAC")
+        key_id, presented = found.group(1).decode("ascii"), bytes.fromhex(found.group(2).decode("ascii"))
+        key = self._keys.get(key_id)
+        if key is None:
+            raise PayloadAuthError(f"unauthenticated payload: MAC under an unknown key id {key_id!r}")
+        plain = Payload()
+        plain.CopyFrom(payload)
+        _drop_mac(plain)
+        if not hmac.compare_digest(_mac(key, key_id, plain), presented):
+            raise PayloadAuthError(f"unauthenticated payload: bad MAC under key {key_id!r}: tampered or wrong key")
+        return plain
+
+
+def _drop_mac(payload: Payload) -> None:
+    if MAC_METADATA in payload.metadata:  # a protobuf map's del raises on a missing key
+        del payload.metadata[MAC_METADATA]
+
+
+def _mac(key: bytes, key_id: str, payload: Payload) -> bytes:
+    return hmac.new(key, _mac_message(key_id, payload), hashlib.sha256).digest()
+
+
+def _mac_message(key_id: str, payload: Payload) -> bytes:
+    """The canonical bytes a MAC covers: every field of the payload but the MAC itself.
+
+    Each part length-prefixed (so no two payloads serialize alike), metadata sorted by the UTF-8 bytes
+    of its keys, the key id bound in (so a MAC cannot be relabelled), external payload references
+    serialized deterministically (Firebreak uses none; covering them keeps a future one from riding along).
+    """
+    def part(data: bytes) -> bytes:
+        return len(data).to_bytes(8, "big") + data
+
+    metadata = sorted((k.encode(), v) for k, v in payload.metadata.items() if k != MAC_METADATA)
+    chunks = [_MAC_PREFIX, part(key_id.encode("ascii")), len(metadata).to_bytes(4, "big")]
+    chunks += [part(k) + part(v) for k, v in metadata]
+    chunks.append(part(payload.data))
+    chunks.append(len(payload.external_payloads).to_bytes(4, "big"))
+    chunks += [part(ref.SerializeToString(deterministic=True)) for ref in payload.external_payloads]
+    return b"".join(chunks)
+
+
+# -- encryption ----------------------------------------------------------------------------------------
+
+
+class EncryptionCodec(_KeyedCodec):
     """Encrypts with the current key; decrypts with any known key, chosen by the payload's key id.
 
     Rotation, in two steps so no running process meets a key it does not know:
@@ -81,55 +350,21 @@ class EncryptionCodec(PayloadCodec):
     Drop ``OLD`` only once no open workflow (and no history you still want to read) holds payloads under it.
     """
 
+    _kind = "encryption key"
+
     def __init__(self, keys: Mapping[str, bytes], current: str) -> None:
-        if current not in keys:
-            raise EncryptionError(f"current key id {current!r} is not among the keys")
-        self._ciphers: dict[str, AESGCM] = {}
-        for key_id, key in keys.items():
-            if not _KEY_ID.match(key_id):
-                raise EncryptionError(f"bad key id {key_id!r}: 1-64 of A-Z a-z 0-9 . _ -")
-            if len(key) != KEY_BYTES:
-                raise EncryptionError(f"key {key_id!r} must be {KEY_BYTES} bytes (AES-256), got {len(key)}")
-            self._ciphers[key_id] = AESGCM(bytes(key))
-        self.current = current
+        # cryptography is imported where used: workflow code imports this module (unauthenticated_reason),
+        # and cryptography imported inside the workflow sandbox crashes the worker.
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-    @classmethod
-    def from_b64(cls, key_b64: str) -> EncryptionCodec:
-        """One base64 key, or several separated by commas or whitespace: the first encodes, all decode.
+        super().__init__(keys, current)
+        self._ciphers = {key_id: AESGCM(bytes(key)) for key_id, key in keys.items()}
 
-        The comma form lets ``FIREBREAK_ENCRYPT_KEY=NEW,OLD`` rotate keys without another setting.
-        Key ids are derived from the keys (:func:`key_id_for`).
-        """
-        parts = [p for p in re.split(r"[,\s]+", key_b64) if p]
-        if not parts:
-            raise EncryptionError("no encryption key given")
-        keys = [_decode_key(p) for p in parts]
-        ids = [key_id_for(k) for k in keys]
-        return cls(dict(zip(ids, keys)), current=ids[0])
-
-    @classmethod
-    def from_key_file(cls, path: str | Path) -> EncryptionCodec:
-        """A file of base64 keys, one a line, the current one first (as written by :func:`write_key_file`)."""
-        lines = [line.split("#", 1)[0].strip() for line in Path(path).read_text().splitlines()]
-        return cls.from_b64(",".join(line for line in lines if line))
-
-    @staticmethod
-    def generate_key_b64() -> str:
-        return base64.b64encode(AESGCM.generate_key(bit_length=KEY_BYTES * 8)).decode("ascii")
-
-    @property
-    def key_ids(self) -> list[str]:
-        return list(self._ciphers)
-
-    def __repr__(self) -> str:  # never the keys
-        return f"EncryptionCodec(current={self.current!r}, key_ids={self.key_ids!r})"
+    _derive_key_id = staticmethod(key_id_for)
 
     async def encode(self, payloads: Sequence[Payload]) -> list[Payload]:
         # Every payload, whatever its encoding: nothing leaves this process in clear.
         return [self.encrypt(p) for p in payloads]
-
-    async def decode(self, payloads: Sequence[Payload]) -> list[Payload]:
-        return [self.decrypt(p) for p in payloads]
 
     def encrypt(self, payload: Payload) -> Payload:
         key_id = self.current
@@ -141,6 +376,11 @@ class EncryptionCodec(PayloadCodec):
         )
 
     def decrypt(self, payload: Payload) -> Payload:
+        return self._open(payload)
+
+    def _open(self, payload: Payload) -> Payload:
+        from cryptography.exceptions import InvalidTag
+
         encoding = payload.metadata.get("encoding", b"")
         if encoding != ENCODING:
             # Fail closed: plaintext here was written by someone without the key.
@@ -167,6 +407,9 @@ def _aad(key_id: str) -> bytes:
     return _AAD_PREFIX + key_id.encode("ascii")
 
 
+# -- key files -----------------------------------------------------------------------------------------
+
+
 def write_key_file(path: str | Path, keys_b64: Sequence[str]) -> Path:
     """Write keys (current first), readable by the owner only. Refuses to replace an existing file."""
     path = Path(path)
@@ -177,10 +420,13 @@ def write_key_file(path: str | Path, keys_b64: Sequence[str]) -> Path:
     return path
 
 
-def ensure_key_file(path: str | Path) -> Path:
-    """The key file at ``path``, created with a fresh key the first time (``firebreak up --encrypt``)."""
+def ensure_key_file(path: str | Path, codec: type[_KeyedCodec] = EncryptionCodec) -> Path:
+    """The key file at ``path``, created with a fresh key the first time.
+
+    ``firebreak up --encrypt`` for the encryption key; ``codec=PayloadAuthCodec`` for the payload key.
+    """
     path = Path(path)
     if not path.exists():
-        write_key_file(path, [EncryptionCodec.generate_key_b64()])
-    EncryptionCodec.from_key_file(path)  # fail now, not at the first payload
+        write_key_file(path, [codec.generate_key_b64()])
+    codec.from_key_file(path)  # fail now, not at the first payload
     return path

@@ -13,7 +13,8 @@ Unlike Temporal's sample server:
 - every request needs ``Authorization: Bearer <token>`` (compared in constant time);
 - ``X-Namespace`` must be the configured namespace: the key belongs to one namespace;
 - CORS admits the configured UI origins only, never ``*``;
-- a payload the codec cannot decrypt fails the request (400): garbage is never passed through.
+- a payload the codec cannot decrypt is answered as the refusal marker
+  (``{"firebreak_unauthenticated": reason}``): garbage is never passed through as if genuine.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from starlette.middleware.cors import CORSMiddleware
 from temporalio.api.common.v1 import Payload, Payloads
 from temporalio.converter import PayloadCodec
 
-from firebreak.codec import DecryptionError, EncryptionCodec
+from firebreak.codec import DecryptionError, EncryptionCodec, unauthenticated_marker
 from firebreak.serving import ThreadedServer
 
 # Exactly what the Temporal UI sends: it adds Authorization only when told to pass a token.
@@ -97,10 +98,15 @@ def create_app(
             message = json_format.ParseDict({"payloads": document.get("payloads", [])}, Payloads())
         except (ValueError, RecursionError, json_format.ParseError):
             return _error(400, "bad_request", "body must be {\"payloads\": [...]} in protobuf JSON")
-        try:
-            decoded = await codec.decode(list(message.payloads))
-        except DecryptionError as exc:
-            return _error(400, "undecodable", str(exc))
+        # One payload at a time: one that cannot be authenticated (an outsider's, or the patch markers
+        # the SDK writes without the codec) is shown as the refusal marker, never as if it were genuine,
+        # and does not hide the rest of the history.
+        decoded = []
+        for payload in message.payloads:
+            try:
+                decoded.extend(await codec.decode([payload]))
+            except DecryptionError as exc:
+                decoded.append(unauthenticated_marker(str(exc)))
         return JSONResponse(
             {"payloads": [_payload_json(p) for p in decoded]},
             # Plaintext: keep it out of browser and proxy caches.

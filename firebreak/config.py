@@ -37,6 +37,9 @@ class TemporalSettings(BaseModel):
     api_key: str | None = Field(default=None, description="Temporal Cloud API key")
     encrypt_key: str | None = Field(default=None, description="base64 AES-256 key(s), current first: encrypts payloads")
     encrypt_key_file: str | None = Field(default=None, description="file of base64 keys, one a line, current first")
+    payload_key_file: str | None = Field(
+        default=None, description="file of base64 HMAC keys, one a line, current first: authenticates payloads "
+        "(ignored when encryption is on, which authenticates already)")
 
 
 class Settings(BaseModel):
@@ -96,6 +99,7 @@ _ENV = {
     "FIREBREAK_TEMPORAL_API_KEY": ("temporal", "api_key"),
     "FIREBREAK_ENCRYPT_KEY": ("temporal", "encrypt_key"),
     "FIREBREAK_ENCRYPT_KEY_FILE": ("temporal", "encrypt_key_file"),
+    "FIREBREAK_PAYLOAD_KEY_FILE": ("temporal", "payload_key_file"),
     "FIREBREAK_RUNBOOKS_DIR": ("runbooks_dir",),
     "FIREBREAK_ROSTER": ("roster",),
     "FIREBREAK_BROKER_URL": ("broker_url",),

@@ -81,6 +81,30 @@ class Alert(Model):
         return self.labels["alertname"]
 
 
+class Receipt(Model):
+    """Who raised an incident, signed by a key the worker never holds.
+
+    The intake API signs one for every delivery it accepts (``signer`` "intake",
+    ``requested_by`` None: an alert system, no person); ``firebreak alert`` has
+    the person who raises it sign their own (``signer`` == ``requested_by``).
+    The broker derives the requesters, whom separation of duties excludes from
+    approving, from these signatures alone.
+    """
+
+    incident_id: IncidentId
+    requested_by: str | None = Field(default=None, max_length=64)
+    signer: str = Field(min_length=1, max_length=64, description="'intake', or the roster name that signed")
+    issued_at: str = Field(description="RFC 3339; kept as sent because the signature covers these bytes")
+    signature: str = Field(default="", max_length=256)
+
+    @property
+    def issued(self) -> datetime:
+        return datetime.fromisoformat(self.issued_at.replace("Z", "+00:00"))
+
+    def signing_payload(self) -> bytes:
+        return canonical_json(self.model_dump(mode="json", exclude={"signature"}))
+
+
 class AlertSignal(Model):
     """Payload of the ``alert`` signal: the alerts of one delivery that share an incident."""
 
@@ -88,6 +112,7 @@ class AlertSignal(Model):
     received_at: datetime
     delivery_id: str | None = None
     requested_by: str | None = Field(default=None, description="roster name, when a person raised these alerts")
+    receipt: Receipt | None = Field(default=None, description="who raised these alerts, signed")
 
 
 class IncidentInput(Model):
@@ -98,6 +123,7 @@ class IncidentInput(Model):
     params: dict[str, str]
     requested_by: str | None = Field(default=None, description="roster name of whoever raised it, if a person")
     previous_run_id: str | None = Field(default=None, description="the earlier, closed run of this incident")
+    receipts: list[Receipt] = Field(default_factory=list, description="who opened it, signed")
 
 
 # -- evidence and diagnosis --------------------------------------------------
@@ -131,6 +157,7 @@ class Grant(Model):
     audience: str
     scope: str
     expires_at: datetime
+    audit_seq: int | None = Field(default=None, description="the broker's audit record of this mint")
 
 
 class Evidence(Model):
@@ -154,7 +181,7 @@ class Evidence(Model):
 
 
 class InvestigateRequest(Model):
-    incident_id: str
+    incident_id: IncidentId
     runbook: str
     spec: Investigation
     params: dict[str, str]
@@ -226,6 +253,11 @@ class PlanStep(Model):
         return f"{self.verb}:{self.resource}"
 
 
+# Fields added to Plan after plans were first hashed: left out of the hash while unset, so
+# that a plan built by an older workflow version keeps the hash its approvals signed.
+_LATER_PLAN_FIELDS = ("params", "requesters", "evidence")
+
+
 class Plan(Model):
     incident_id: str
     run_id: str = Field(description="binds approvals to this run: a later run of the same id is a new plan")
@@ -233,6 +265,9 @@ class Plan(Model):
     runbook_version: int
     hypothesis: str
     steps: list[PlanStep] = Field(min_length=1)
+    params: dict[str, str] | None = Field(default=None, description="the validated params every step is derived from")
+    requesters: list[str] | None = Field(default=None, description="who raised the incident (signed receipts)")
+    evidence: list[str] | None = Field(default=None, description="the top hypothesis's evidence, as shown")
 
     @model_validator(mode="after")
     def _unique_steps(self) -> "Plan":
@@ -242,7 +277,9 @@ class Plan(Model):
         return self
 
     def canonical(self) -> bytes:
-        return canonical_json(self.model_dump(mode="json"))
+        """Every field that decides what runs, and what the approver was shown: nothing is left out."""
+        unset = {name for name in _LATER_PLAN_FIELDS if getattr(self, name) is None}
+        return canonical_json(self.model_dump(mode="json", exclude=unset))
 
     @property
     def hash(self) -> str:
@@ -290,6 +327,9 @@ class ApprovalCheck(Model):
     valid: bool
     reason: str = ""
     groups: list[str] = Field(default_factory=list)
+    received_at: datetime | None = Field(
+        default=None, description="when the broker first saw it: its validity is judged at this instant, once"
+    )
 
 
 class ApprovalRecord(Model):
@@ -332,11 +372,12 @@ class PolicyNeed(Model):
 
 
 class ExecuteRequest(Model):
-    incident_id: str
+    incident_id: IncidentId
     plan: Plan
     step_id: str
     approvals: list[Approval] = Field(description="the signed approvals the broker checks itself")
     requested_by: str | None = None
+    receipts: list[Receipt] = Field(default_factory=list, description="who raised the incident, signed")
     undo: bool = False
     undo_params: dict[str, ScalarParam] = Field(default_factory=dict)
 
@@ -354,7 +395,7 @@ class StepResult(Model):
 
 
 class VerifyRequest(Model):
-    incident_id: str
+    incident_id: IncidentId
     runbook: str
     params: dict[str, str]
     step_id: str
@@ -375,7 +416,7 @@ class Ticket(Model):
 
 
 class TicketRequest(Model):
-    incident_id: str
+    incident_id: IncidentId
     event: Literal["proposed", "updated", "closed"]
     summary: str
     body_markdown: str
@@ -383,7 +424,7 @@ class TicketRequest(Model):
 
 
 class Notification(Model):
-    incident_id: str
+    incident_id: IncidentId
     kind: Literal["escalation", "expired", "closed"]
     to: str
     summary: str

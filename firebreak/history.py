@@ -15,7 +15,7 @@ async def _json(payloads: list[Payload], converter: DataConverter) -> list[Any]:
     if not payloads:
         return []
     if converter.payload_codec:
-        payloads = await converter.payload_codec.decode(payloads)
+        payloads = [await _decode_or_mark(converter, p) for p in payloads]
     out = []
     for payload in payloads:
         try:
@@ -23,6 +23,18 @@ async def _json(payloads: list[Payload], converter: DataConverter) -> list[Any]:
         except ValueError:
             out.append(None)
     return out
+
+
+async def _decode_or_mark(converter: DataConverter, payload: Payload) -> Payload:
+    """A payload the codec refuses (an outsider's signal, an SDK patch marker) reads as the refusal."""
+    from firebreak.codec import DecryptionError, unauthenticated_marker
+
+    assert converter.payload_codec is not None
+    try:
+        [decoded] = await converter.payload_codec.decode([payload])
+        return decoded
+    except DecryptionError as exc:
+        return unauthenticated_marker(str(exc))
 
 
 def _grants(value: Any) -> list[str]:

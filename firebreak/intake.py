@@ -17,6 +17,7 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from firebreak.contracts import Alert, AlertSignal, IncidentInput, IncidentReport
+from firebreak.receipts import ReceiptSigner
 from firebreak.runbook import LabelError, Runbook, route
 
 
@@ -98,6 +99,7 @@ async def deliver_routed(
     *,
     task_queue: str,
     requested_by: str | None = None,
+    receipt: ReceiptSigner | None = None,
     delivery_id: str | None = None,
     received_at: datetime | None = None,
 ) -> Delivered:
@@ -109,10 +111,14 @@ async def deliver_routed(
       closed run (``previous_run_id``). The first attempt refuses to reuse a
       closed id, which tells us the closed run's id in the same round trip; the
       common case (running or new) stays one call.
+
+    ``receipt`` signs who raised these alerts (the intake's key, or the person's own):
+    without one, no write of this incident can ever be authorized by the broker.
     """
+    signed = receipt(routed.incident_id) if receipt is not None else None
     signal = AlertSignal(
         alerts=routed.alerts, received_at=received_at or datetime.now(timezone.utc), delivery_id=delivery_id,
-        requested_by=requested_by,
+        requested_by=requested_by, receipt=signed,
     )
     count = len(routed.alerts)
     if all(alert.status == "resolved" for alert in routed.alerts):
@@ -128,7 +134,8 @@ async def deliver_routed(
         return Delivered(routed.incident_id, description.run_id, count, handle=handle)
 
     incident = IncidentInput(
-        incident_id=routed.incident_id, runbook=routed.runbook, params=routed.params, requested_by=requested_by
+        incident_id=routed.incident_id, runbook=routed.runbook, params=routed.params, requested_by=requested_by,
+        receipts=[signed] if signed is not None else [],
     )
     try:
         started = await _signal_with_start(client, routed, incident, signal, task_queue, REJECT_CLOSED)

@@ -15,40 +15,59 @@ from firebreak.escaping import render_plain, render_promql, render_text
 from firebreak.runbook import Investigation, Runbook, ScalarParam, parse_duration
 
 
-def build_plan(runbook: Runbook, params: Mapping[str, str], hypothesis: Hypothesis, *, incident_id: str, run_id: str) -> Plan | None:
-    """The steps that answer a hypothesis, or None if the runbook offers none."""
-    steps: list[PlanStep] = []
-    for number, name in enumerate(hypothesis.actions, start=1):
-        action = runbook.remediate.actions[name]
-        verify = None
-        if action.verify:
-            read = _metrics_read(runbook)
-            verify = VerifyCheck(
-                target=read.target,
-                resource=render_plain(read.resource, params),
-                query=render_promql(action.verify.query, params),
-                test=action.verify.test,
-                threshold=action.verify.threshold,
-                within_s=parse_duration(action.verify.within).total_seconds(),
-                interval_s=parse_duration(action.verify.interval).total_seconds(),
-            )
-        steps.append(
-            PlanStep(
-                id=f"s{number}",
-                action=name,
-                description=render_text(action.description or name, params),
-                executor=action.executor,
-                target=action.target,
-                verb=action.verb,
-                resource=render_plain(action.resource, params),
-                params=dict(action.params),
-                risk=action.risk,
-                blast_radius=render_text(action.blast_radius, params),
-                timeout_s=parse_duration(action.timeout).total_seconds(),
-                verify=verify,
-                undo=UndoStep(verb=action.undo.verb, params=dict(action.undo.params)) if action.undo else None,
-            )
+def derive_step(runbook: Runbook, params: Mapping[str, str], action_name: str, number: int) -> PlanStep:
+    """Step number ``number`` of a plan, as the runbook's catalog action renders it with ``params``.
+
+    The workflow builds plans with this and the broker re-derives them with it, so the two
+    can only agree when every field comes from the catalog.
+    """
+    action = runbook.remediate.actions[action_name]
+    verify = None
+    if action.verify:
+        read = _metrics_read(runbook)
+        verify = VerifyCheck(
+            target=read.target,
+            resource=render_plain(read.resource, params),
+            query=render_promql(action.verify.query, params),
+            test=action.verify.test,
+            threshold=action.verify.threshold,
+            within_s=parse_duration(action.verify.within).total_seconds(),
+            interval_s=parse_duration(action.verify.interval).total_seconds(),
         )
+    return PlanStep(
+        id=f"s{number}",
+        action=action_name,
+        description=render_text(action.description or action_name, params),
+        executor=action.executor,
+        target=action.target,
+        verb=action.verb,
+        resource=render_plain(action.resource, params),
+        params=dict(action.params),
+        risk=action.risk,
+        blast_radius=render_text(action.blast_radius, params),
+        timeout_s=parse_duration(action.timeout).total_seconds(),
+        verify=verify,
+        undo=UndoStep(verb=action.undo.verb, params=dict(action.undo.params)) if action.undo else None,
+    )
+
+
+def build_plan(
+    runbook: Runbook,
+    params: Mapping[str, str],
+    hypothesis: Hypothesis,
+    *,
+    incident_id: str,
+    run_id: str,
+    requesters: list[str] | None = None,
+    evidence: list[str] | None = None,
+    bind_all: bool = True,
+) -> Plan | None:
+    """The steps that answer a hypothesis, or None if the runbook offers none.
+
+    ``bind_all`` puts the params, the requesters and the evidence shown into the plan (and
+    so into its hash); only replays of incidents started before that existed pass False.
+    """
+    steps = [derive_step(runbook, params, name, number) for number, name in enumerate(hypothesis.actions, start=1)]
     if not steps:
         return None
     return Plan(
@@ -58,6 +77,9 @@ def build_plan(runbook: Runbook, params: Mapping[str, str], hypothesis: Hypothes
         runbook_version=runbook.version,
         hypothesis=hypothesis.id,
         steps=steps,
+        params=dict(params) if bind_all else None,
+        requesters=sorted(set(requesters or [])) if bind_all else None,
+        evidence=list(evidence or []) if bind_all else None,
     )
 
 
@@ -69,35 +91,47 @@ def _metrics_read(runbook: Runbook) -> Investigation:
     raise ValueError(f"runbook {runbook.name} verifies with a query but declares no prometheus read")
 
 
-def _template_regex(template: str, runbook: Runbook) -> re.Pattern[str]:
-    parts: list[str] = []
-    pos = 0
-    for match in re.finditer(r"\{([a-z][a-z0-9_]*)\}", template):
-        parts.append(re.escape(template[pos : match.start()]))
-        pattern = runbook.params[match.group(1)].pattern.removeprefix("^").removesuffix("$")
-        parts.append(f"(?:{pattern})")
-        pos = match.end()
-    parts.append(re.escape(template[pos:]))
-    return re.compile("".join(parts))
-
-
 def check_plan(plan: Plan, runbook: Runbook) -> None:
-    """Deny by default: every step must be a catalog action of this runbook, unchanged."""
+    """Deny by default: re-derive every step from this runbook and the plan's params.
+
+    Raises ValueError naming the first field that differs from what the catalog gives,
+    so a plan with hidden changes (undo params, verification, timeout...) never passes.
+    """
     if (plan.runbook, plan.runbook_version) != (runbook.name, runbook.version):
         raise ValueError(f"plan is for runbook {plan.runbook} v{plan.runbook_version}, not {runbook.name} v{runbook.version}")
-    for step in plan.steps:
-        action = runbook.remediate.actions.get(step.action)
-        if action is None:
-            raise ValueError(f"step {step.id}: action {step.action!r} is not in the runbook's catalog")
-        if (step.target, step.verb, step.risk) != (action.target, action.verb, action.risk):
-            raise ValueError(f"step {step.id}: target, verb or risk differ from the catalog action {step.action!r}")
-        if not _template_regex(action.resource, runbook).fullmatch(step.resource):
-            raise ValueError(f"step {step.id}: resource {step.resource!r} does not fit {action.resource!r}")
-        if step.params != dict(action.params):
-            raise ValueError(f"step {step.id}: params differ from the catalog action {step.action!r}")
-        expected_undo = action.undo.verb if action.undo else None
-        if (step.undo.verb if step.undo else None) != expected_undo:
-            raise ValueError(f"step {step.id}: undo differs from the catalog action {step.action!r}")
+    if plan.params is None:
+        raise ValueError("params: the plan does not bind the params its steps are derived from")
+    for name, value in plan.params.items():
+        spec = runbook.params.get(name)
+        if spec is None:
+            raise ValueError(f"params.{name}: not declared by runbook {runbook.name!r}")
+        if not re.fullmatch(spec.pattern.removeprefix("^").removesuffix("$"), value):
+            raise ValueError(f"params.{name}: does not match {spec.pattern}")
+    hypothesis = next((h for h in runbook.diagnose if h.id == plan.hypothesis), None)
+    if hypothesis is None:
+        raise ValueError(f"hypothesis: {plan.hypothesis!r} is not in runbook {runbook.name!r}")
+    if [s.action for s in plan.steps] != list(hypothesis.actions):
+        raise ValueError(f"steps: hypothesis {hypothesis.id!r} answers with {hypothesis.actions}, "
+                         f"not {[s.action for s in plan.steps]}")
+    for number, step in enumerate(plan.steps, start=1):
+        try:
+            derived = derive_step(runbook, plan.params, step.action, number).model_dump(mode="json")
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"step {step.id}: cannot be derived from the catalog: {exc}") from None
+        field = _first_difference(step.model_dump(mode="json"), derived)
+        if field is not None:
+            raise ValueError(f"step {step.id}: {field} differs from catalog action {step.action!r}")
+
+
+def _first_difference(given: Any, derived: Any, path: str = "") -> str | None:
+    """The dotted path of the first place two JSON values differ, or None."""
+    if isinstance(given, dict) and isinstance(derived, dict):
+        for key in sorted(set(given) | set(derived)):
+            found = _first_difference(given.get(key), derived.get(key), f"{path}.{key}" if path else key)
+            if found is not None:
+                return found
+        return None
+    return None if given == derived else (path or "(value)")
 
 
 def undo_params(step: PlanStep, response: Mapping[str, Any]) -> dict[str, ScalarParam]:

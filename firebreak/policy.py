@@ -8,13 +8,13 @@ touches crypto or I/O.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from firebreak.config import AGENT
 from firebreak.contracts import Approval, ApprovalCheck, Plan, PolicyNeed
-from firebreak.runbook import Runbook
+from firebreak.runbook import Runbook, parse_duration
 
 
 @dataclass(frozen=True)
@@ -58,8 +58,9 @@ def _judge(
     plan_hash: str,
     needs: dict[str, PolicyNeed],
     workflow_id: str,
-    requested_by: str | None,
-    now: datetime,
+    requesters: Collection[str],
+    at: datetime,
+    max_validity: timedelta,
     nonces: set[str],
 ) -> Judgement:
     if not check.valid:
@@ -68,13 +69,15 @@ def _judge(
         return Judgement(False, f"signed for workflow {approval.workflow_id!r}, not {workflow_id!r}")
     if approval.plan_hash != plan_hash:
         return Judgement(False, f"signed for plan {approval.plan_hash[:12]}, but the plan is now {plan_hash[:12]}")
-    if approval.expires <= now:
+    if approval.expires <= at:
         return Judgement(False, f"expired at {approval.expires_at}")
+    if approval.expires - at > max_validity:
+        return Judgement(False, f"valid until {approval.expires_at}, longer than the policy's maximum of {max_validity}")
     if approval.nonce in nonces:
         return Judgement(False, "nonce already used: a replayed approval")
     if approval.approver == AGENT:
         return Judgement(False, "the agent never approves its own plan")
-    if requested_by and approval.approver == requested_by:
+    if approval.approver in requesters:
         return Judgement(False, f"{approval.approver} requested this incident and cannot approve it")
     unknown = [s for s in approval.steps if plan.step(s) is None]
     if unknown:
@@ -97,18 +100,25 @@ def evaluate(
     approvals: Sequence[tuple[Approval, ApprovalCheck]],
     *,
     workflow_id: str,
-    requested_by: str | None,
+    requested_by: str | None | Collection[str],
     now: datetime,
 ) -> PolicyResult:
-    """Judge every approval in order and say which steps have their quorum."""
+    """Judge every approval in order and say which steps have their quorum.
+
+    An approval's time checks use the instant it was first received (``check.received_at``),
+    not ``now``: judged once on arrival, the verdict stands, so a quorum whose approvals
+    arrive hours apart still completes, and the broker reaches the same verdict later.
+    """
     plan_hash = plan.hash
+    requesters = {requested_by} if isinstance(requested_by, str) else set(requested_by or ())
+    max_validity = parse_duration(runbook.remediate.windows.expire_after)
     needs = {need.step: need for need in needs_for(plan, runbook)}
     nonces: set[str] = set()
     result = PolicyResult(needs=list(needs.values()), judgements=[])
     for approval, check in approvals:
         judgement = _judge(
-            approval, check, plan=plan, plan_hash=plan_hash, needs=needs,
-            workflow_id=workflow_id, requested_by=requested_by, now=now, nonces=nonces,
+            approval, check, plan=plan, plan_hash=plan_hash, needs=needs, workflow_id=workflow_id,
+            requesters=requesters, at=check.received_at or now, max_validity=max_validity, nonces=nonces,
         )
         if check.valid:
             # A validly signed nonce is spent even if the approval did not count.

@@ -108,6 +108,33 @@ class Roster(BaseModel):
         return cls.parse(text, str(path))
 
 
+class RosterSource:
+    """A roster file, reloaded when it changes, so adding a person needs no restart.
+
+    Fails closed: a missing or broken roster verifies nobody, and ``error`` says why.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._mtime: float | None = None
+        self._roster: Roster | None = None
+        self.error: str | None = None
+
+    def get(self) -> Roster | None:
+        try:
+            mtime = self.path.stat().st_mtime
+        except FileNotFoundError:
+            self._roster, self._mtime, self.error = None, None, f"no roster at {self.path}"
+            return None
+        if mtime != self._mtime:
+            try:
+                self._roster, self.error = Roster.load(self.path), None
+            except RosterError as exc:
+                self._roster, self.error = None, str(exc)
+            self._mtime = mtime
+        return self._roster
+
+
 def _first_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
     field = ".".join(str(p) for p in err["loc"]) or "(entry)"

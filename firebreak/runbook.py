@@ -141,7 +141,8 @@ class Action(_Strict):
 
 class Windows(_Strict):
     escalate_after: Duration = "30m"
-    expire_after: Duration = "2h"
+    expire_after: Duration = Field(default="2h", description="no quorum by then: expired; also the longest an approval may be valid")
+    execute_within: Duration = Field(default="1h", description="how long an approved plan may still mint its writes and undos")
 
 
 DEFAULT_POLICY: dict[str, ApprovalPolicy] = {

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import hmac
 import json
 import logging
 import os
@@ -36,7 +37,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey as Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey as Ed25519PublicKey
 
-from firebreak.contracts import Approval, ApprovalCheck
+from firebreak.contracts import Approval, ApprovalCheck, Receipt
 
 if TYPE_CHECKING:
     from firebreak.roster import Roster
@@ -193,6 +194,47 @@ def verify_approval(approval: Approval, roster: Roster) -> ApprovalCheck:
             reason=f"signature does not verify with {approval.approver!r}'s key (forged, or the approval was altered)",
         )
     return ApprovalCheck(valid=True, reason="signature verified", groups=list(person.groups))
+
+
+# -- receipts: who raised an incident ----------------------------------------------
+
+
+def sign_receipt(receipt: Receipt, key: Ed25519PrivateKey) -> Receipt:
+    signature = key.sign(receipt.signing_payload())
+    return receipt.model_copy(update={"signature": base64.b64encode(signature).decode("ascii")})
+
+
+def verify_receipt(receipt: Receipt, roster: Roster | None, intake_keys: list[Ed25519PublicKey]) -> str | None:
+    """None if the receipt is genuine, else why not.
+
+    "intake" receipts verify with one of the intake API's keys and name no person;
+    any other signer is a roster person who can only sign for themselves.
+    """
+    try:
+        signature = base64.b64decode(receipt.signature, validate=True)
+    except (binascii.Error, ValueError):
+        return "receipt signature is not base64"
+    if len(signature) != 64:
+        return "receipt is not signed"
+    payload = receipt.signing_payload()
+    if receipt.signer == "intake":
+        if receipt.requested_by is not None:
+            return "an intake receipt cannot name a person"
+        keys = intake_keys
+    else:
+        if receipt.requested_by != receipt.signer:
+            return f"{receipt.signer} signed a receipt naming {receipt.requested_by!r}: a person signs only for themselves"
+        person = roster.get(receipt.signer) if roster is not None else None
+        if person is None:
+            return f"receipt signer {receipt.signer!r} is not in the roster"
+        keys = [person.key]
+    for key in keys:
+        try:
+            key.verify(signature, payload)
+            return None
+        except InvalidSignature:
+            continue
+    return f"receipt signature by {receipt.signer!r} does not verify"
 
 
 # -- tokens: mint -----------------------------------------------------------------
@@ -431,6 +473,59 @@ class TargetVerifier:
         if key is None:
             raise TokenRejected(401, "token signed by an unknown key")
         return key
+
+
+def check_request_binding(
+    claims: dict[str, Any],
+    *,
+    idempotency_key: str | None,
+    body: bytes,
+    recorded_result: Callable[[str], dict[str, Any] | None],
+) -> None:
+    """A write token is good for one exact request: raise TokenRejected(403) for any other.
+
+    The broker puts ``req`` in every write token (see ``firebreak.broker.rules``):
+
+    * ``idempotency_key``: the request must carry exactly this ``Idempotency-Key``;
+    * ``body_sha256``: the SHA-256 of the exact body bytes, like HTTP's Content-Digest,
+      so neither the worker nor anyone who lifts the token can change what it does;
+    * or, for an undo, ``undo_of`` (the idempotency key of the write it undoes) and
+      ``undo_body`` (a template whose ``{result.FIELD}`` values the target fills from
+      the result it recorded for ``undo_of``): an undo before its write, or with any
+      other values, is refused.
+
+    ``recorded_result(key)`` returns the target's stored success response for a key, or None.
+    """
+    binding = claims.get("req")
+    if not isinstance(binding, dict):
+        raise TokenRejected(403, "write token does not bind its request (no req claim)")
+    if idempotency_key != binding.get("idempotency_key"):
+        raise TokenRejected(403, "Idempotency-Key differs from the one the token was minted for")
+    if "body_sha256" in binding:
+        if not hmac.compare_digest(hashlib.sha256(body).hexdigest(), str(binding["body_sha256"])):
+            raise TokenRejected(403, "request body differs from the body the token was minted for")
+        return
+    undo_of, template = binding.get("undo_of"), binding.get("undo_body")
+    if not isinstance(undo_of, str) or not isinstance(template, dict):
+        raise TokenRejected(403, "write token binds neither a body nor the write it undoes")
+    recorded = recorded_result(undo_of)
+    if recorded is None:
+        raise TokenRejected(403, "undo refused: the write it undoes has not run here")
+    expected: dict[str, Any] = {}
+    for name, value in template.items():
+        field = value[len("{result."):-1] if isinstance(value, str) and value.startswith("{result.") else None
+        if field is not None:
+            if field not in recorded:
+                raise TokenRejected(403, f"undo refused: the recorded write has no {field!r}")
+            expected[name] = recorded[field]
+        else:
+            expected[name] = value
+    try:
+        sent = json.loads(body or b"{}")
+    except ValueError:
+        raise TokenRejected(403, "undo body is not JSON") from None
+    if sent != expected:
+        raise TokenRejected(403, "undo body differs from the state recorded at the write it undoes")
 
 
 class _RevocationPoller:

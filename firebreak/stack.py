@@ -24,6 +24,7 @@ import yaml
 
 from firebreak import signing
 from firebreak.api import stack_info
+from firebreak.codec import PayloadAuthCodec, ensure_key_file
 from firebreak.runbook import default_runbook_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,12 +61,17 @@ class Stack:
         return self.state_dir / "logs"
 
     def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        self.logs.mkdir(parents=True, exist_ok=True)
-        log = (self.logs / f"{name}.log").open("ab")
-        proc = subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT,
-            env={**os.environ, **(env or {})}, start_new_session=True,
-        )
+        # Logs can hold incident details: the owner's only, like everything else in the state dir.
+        _private_dir(self.logs)
+        fd = os.open(self.logs / f"{name}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.fchmod(fd, 0o600)  # a log left by an earlier version may be 0644
+        with os.fdopen(fd, "ab") as log:
+            proc = subprocess.Popen(
+                args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT,
+                env={**os.environ, **(env or {})}, start_new_session=True,
+                # What the children create (the dev server's SQLite files, the broker's state, tickets) is 0600 too.
+                umask=0o077,
+            )
         self.processes[name] = proc
         return proc
 
@@ -140,6 +146,17 @@ def ensure_demo_roster(state_dir: Path) -> Path:
     return roster
 
 
+def _private_dir(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.chmod(0o700)  # mkdir's mode is masked by the umask, and skipped for a directory that exists
+
+
+def _private_files(*paths: Path) -> None:
+    for path in paths:
+        if path.exists():
+            path.chmod(0o600)
+
+
 def _secret(path: Path) -> str:
     if path.exists():
         return path.read_text().strip()
@@ -155,7 +172,7 @@ def up(state_dir: Path, ports: Ports | None = None, *, with_prometheus: bool = T
     """Start every component and write stack.json. Returns its content."""
     stack = Stack(state_dir=state_dir, ports=ports or Ports())
     p = stack.ports
-    state_dir.mkdir(parents=True, exist_ok=True)
+    _private_dir(state_dir)
     codec_key = state_dir / "codec" / "key"
     # Sticky: histories written encrypted stay readable only with the codec, so once on, stay on.
     encrypt = encrypt or codec_key.exists()
@@ -165,12 +182,20 @@ def up(state_dir: Path, ports: Ports | None = None, *, with_prometheus: bool = T
         raise RuntimeError(f"ports already in use: {', '.join(busy)}; is a stack running? try `firebreak down`")
     roster = ensure_demo_roster(state_dir)
     chaos_token = _secret(state_dir / "demo" / "chaos-token")
+    # Every component signs its payloads with this key and refuses unsigned ones: only Firebreak drives the worker.
+    payload_key = ensure_key_file(state_dir / "payload.key", PayloadAuthCodec)
+    # Not created here when missing: the dev server sets up its schema only in a database file it creates
+    # (an empty one fails with "no such table: namespaces"). spawn's umask makes it 0600 then, and SQLite
+    # gives -wal and -shm the database's mode; a database from an earlier version is tightened here.
+    database = state_dir / "temporal.db"
+    sqlite_files = [database, *(database.with_name(database.name + suffix) for suffix in ("-wal", "-shm"))]
+    _private_files(*sqlite_files)
     py = sys.executable
     try:
         codec_url = _start_codec(stack, codec_key) if encrypt else None
         temporal = stack.spawn("temporal", [
             temporal_binary(), "server", "start-dev", "--ip", "127.0.0.1", "--port", str(p.temporal),
-            "--ui-port", str(p.ui), "--db-filename", str(state_dir / "temporal.db"),
+            "--ui-port", str(p.ui), "--db-filename", str(database),
             "--sqlite-pragma", "journal_mode=wal", "--sqlite-pragma", "synchronous=normal", "--log-level", "warn",
             *[arg for sa in SEARCH_ATTRIBUTES for arg in ("--search-attribute", f"{sa}=Keyword")],
             *(["--ui-codec-endpoint", codec_url] if codec_url else []),
@@ -187,9 +212,10 @@ def up(state_dir: Path, ports: Ports | None = None, *, with_prometheus: bool = T
         wait_http(f"{fleet_url}/healthz", proc=fleet)
         wait_port(p.temporal, timeout=60, proc=temporal)
         wait_http(f"http://127.0.0.1:{p.ui}/", timeout=60, proc=temporal)
+        _private_files(*sqlite_files)  # they exist now
         settings = {
             "temporal": {"address": f"127.0.0.1:{p.temporal}", "namespace": "default",
-                         "ui_url": f"http://127.0.0.1:{p.ui}"},
+                         "ui_url": f"http://127.0.0.1:{p.ui}", "payload_key_file": str(payload_key)},
             "roster": str(roster),
             "runbooks_dir": str(default_runbook_dir()),
             "broker_url": broker_url,
@@ -251,8 +277,6 @@ def up(state_dir: Path, ports: Ports | None = None, *, with_prometheus: bool = T
 
 def _start_codec(stack: Stack, key_file: Path) -> str:
     """The decode-only codec server the Temporal UI asks to show encrypted payloads."""
-    from firebreak.codec import ensure_key_file
-
     ensure_key_file(key_file)
     token_file = key_file.parent / "token"
     _secret(token_file)

@@ -1,7 +1,8 @@
 """One way to reach Temporal: the same data converter everywhere.
 
-Clients, workers, test environments and the replayer all use
-:data:`DATA_CONVERTER`, so a payload written by one is read by all.
+Clients, workers, test environments and the replayer all use :func:`data_converter` of the same
+settings, so a payload written by one is read by all: :data:`DATA_CONVERTER` plus the payload
+authentication codec (``payload_key_file``, the default stack) or the encryption codec.
 """
 
 from __future__ import annotations
@@ -17,10 +18,9 @@ from temporalio.service import TLSConfig
 
 from firebreak.config import TemporalSettings
 
-# Failure messages and stack traces go through the codec too, not in clear text.
-DATA_CONVERTER: DataConverter = dataclasses.replace(
-    pydantic_data_converter, failure_converter_class=DefaultFailureConverterWithEncodedAttributes
-)
+# No codec: what payloads look like on the wire without a key, and how tests/histories were recorded.
+# Failure messages stay readable in the UI; only with encryption do they go through the codec.
+DATA_CONVERTER: DataConverter = pydantic_data_converter
 
 PHASE = SearchAttributeKey.for_keyword("FirebreakPhase")
 SERVICE = SearchAttributeKey.for_keyword("FirebreakService")
@@ -30,16 +30,30 @@ SEARCH_ATTRIBUTES = (PHASE, SERVICE, SEVERITY, RUNBOOK)
 
 
 def data_converter(settings: TemporalSettings | None = None) -> DataConverter:
-    """The shared converter, with the encryption codec when a key is configured."""
-    if settings is None or not (settings.encrypt_key or settings.encrypt_key_file):
+    """The shared converter: encrypting when an encryption key is set (AES-GCM authenticates too),
+    else authenticating when a payload key is set, else plain."""
+    if settings is None:
         return DATA_CONVERTER
-    from firebreak.codec import EncryptionCodec  # only with encryption on
+    from firebreak.codec import EncryptionCodec
 
-    if settings.encrypt_key and settings.encrypt_key_file:
-        raise ValueError("set encrypt_key or encrypt_key_file, not both")
-    codec = (EncryptionCodec.from_key_file(Path(settings.encrypt_key_file)) if settings.encrypt_key_file
-             else EncryptionCodec.from_b64(settings.encrypt_key or ""))
-    return dataclasses.replace(DATA_CONVERTER, payload_codec=codec)
+    if settings.encrypt_key or settings.encrypt_key_file:
+        if settings.encrypt_key and settings.encrypt_key_file:
+            raise ValueError("set encrypt_key or encrypt_key_file, not both")
+        codec = (EncryptionCodec.from_key_file(Path(settings.encrypt_key_file)) if settings.encrypt_key_file
+                 else EncryptionCodec.from_b64(settings.encrypt_key or ""))
+        # Failure messages and stack traces go through the codec too, not in clear text.
+        return dataclasses.replace(DATA_CONVERTER, payload_codec=codec,
+                                   failure_converter_class=DefaultFailureConverterWithEncodedAttributes)
+    if settings.payload_key_file:
+        return authenticated_converter(settings.payload_key_file)
+    return DATA_CONVERTER
+
+
+def authenticated_converter(payload_key_file: str | Path) -> DataConverter:
+    """DATA_CONVERTER that signs every payload and refuses unsigned ones (see firebreak.codec)."""
+    from firebreak.codec import PayloadAuthCodec
+
+    return dataclasses.replace(DATA_CONVERTER, payload_codec=PayloadAuthCodec.from_key_file(Path(payload_key_file)))
 
 
 async def connect(settings: TemporalSettings) -> Client:

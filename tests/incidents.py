@@ -11,9 +11,11 @@ from pathlib import Path
 import httpx
 from temporalio.client import Client, WorkflowHandle
 
+from firebreak import signing
 from firebreak.config import Settings
 from firebreak.contracts import Alert, IncidentStatus, Phase
 from firebreak.intake import deliver_routed, route_alerts
+from firebreak.receipts import ReceiptSigner, ensure_intake_key, intake_signer, person_signer
 from firebreak.runbook import load_runbooks
 
 
@@ -40,9 +42,17 @@ async def open_incident(client: Client, settings: Settings, alert: Alert, *, req
     if unique:  # tests share servers: keep their incidents apart
         routed.incident_id = f"{routed.incident_id}-{uuid.uuid4().hex[:6]}"
     # The handle from start_workflow: on the time-skipping server only it skips time while awaiting a result.
-    delivered = await deliver_routed(client, routed, task_queue=settings.temporal.task_queue, requested_by=requested_by)
+    delivered = await deliver_routed(client, routed, task_queue=settings.temporal.task_queue, requested_by=requested_by,
+                                     receipt=receipt_signer(settings.state_dir, requested_by))
     assert delivered.handle is not None
     return delivered.handle
+
+
+def receipt_signer(state_dir: Path, requested_by: str | None) -> ReceiptSigner:
+    """As the real senders sign: the person raising it with their own key, else the intake's key."""
+    if requested_by:
+        return person_signer(requested_by, signing.load_private_key(state_dir / "keys" / f"{requested_by}.pem"))
+    return intake_signer(ensure_intake_key(state_dir))
 
 
 async def status(handle: WorkflowHandle) -> IncidentStatus:

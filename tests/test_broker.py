@@ -6,6 +6,7 @@ Every refusal here must carry a reason and leave a ``deny`` record in the audit 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import shutil
 import time
@@ -23,8 +24,9 @@ from firebreak import signing
 from firebreak.broker.audit import verify_chain
 from firebreak.broker.client import BrokerClient, IssuedCredential, MintRefused
 from firebreak.broker.server import BrokerServer
-from firebreak.contracts import Approval, Hypothesis, Plan
+from firebreak.contracts import Approval, Hypothesis, Plan, Receipt
 from firebreak.plan import build_plan
+from firebreak.receipts import ensure_intake_key, intake_signer, person_signer
 from firebreak.roster import entry_yaml
 from firebreak.runbook import Runbook, default_runbook_dir, load_runbooks
 from firebreak.signing import TargetVerifier, TokenRejected
@@ -40,6 +42,20 @@ class Env:
     keys: dict[str, signing.Ed25519PrivateKey]
     runbook: Runbook
     plan: Plan
+
+    @property
+    def receipts(self) -> list[Receipt]:
+        """An alert system raised it: signed by the intake's key, naming no person."""
+        return [intake_signer(ensure_intake_key(self.state_dir))(WF)]
+
+    def person_receipt(self, who: str) -> Receipt:
+        return person_signer(who, self.keys[who])(WF)
+
+    def plan_for(self, run_id: str = "run-1", requesters: list[str] | None = None) -> Plan:
+        hypothesis = Hypothesis(id="bad_deploy", title="bad deploy", score=0.9, findings=[], actions=["rollback"])
+        plan = build_plan(self.runbook, PARAMS, hypothesis, incident_id=WF, run_id=run_id, requesters=requesters)
+        assert plan is not None
+        return plan
 
     @property
     def client(self) -> BrokerClient:
@@ -124,6 +140,7 @@ def write_fields(env: Env, approvals: list[Approval], **kw: Any) -> dict[str, An
         params=PARAMS,
         plan=env.plan,
         approvals=approvals,
+        receipts=env.receipts,
     )
     fields.update(kw)
     return fields
@@ -211,8 +228,9 @@ async def test_write_with_valid_approval_is_issued(env: Env) -> None:
     approval = env.approve("alice")
     async with env.client as client:
         cred = await client.mint(**write_fields(env, [approval]))
-        # The same approval again (a retry, or the step's undo) is fine.
-        undo = await client.mint(**write_fields(env, [approval], verb="fleet.deploy"))
+        # The same approval again (a retry of the same activity, or the step's undo) is fine.
+        await client.mint(**write_fields(env, [approval]))
+        undo = await client.mint(**write_fields(env, [approval], verb="fleet.deploy", undo=True, activity_id="10"))
     step = env.plan.steps[0]
     verifier = TargetVerifier.from_broker(env.server.url, "fleet")
     try:
@@ -224,8 +242,11 @@ async def test_write_with_valid_approval_is_issued(env: Env) -> None:
         assert info.value.status == 403
     finally:
         verifier.close()
-    mint = env.audit()[-2]
+    mint = env.audit()[-3]
     assert mint["event"] == "mint" and mint["approvers"] == ["alice"]
+    # Each write token binds its exact request: the step's body hash, or the write it undoes.
+    key = f"{WF}/run-1/s1"
+    assert claims["req"] == {"idempotency_key": f"{key}/do", "body_sha256": hashlib.sha256(b"{}").hexdigest()}
     # A write credential lives no longer than the step may run.
     assert cred.expires_at <= datetime.now(UTC) + timedelta(seconds=step.timeout_s + 1)
     assert_no_token_in_audit(env, cred.token, undo.token)
@@ -245,9 +266,15 @@ async def test_write_with_approvals_for_another_plan_hash_refused(env: Env) -> N
 
 async def test_plan_edited_after_approval_refused(env: Env) -> None:
     approval = env.approve("alice")
+    # A plan edited by hand no longer fits the runbook (the broker re-derives each step)...
     step = env.plan.steps[0].model_copy(update={"resource": "service/payments"})
     edited = env.plan.model_copy(update={"steps": [step]})
-    await refused(env, write_fields(env, [approval], plan=edited, resource="service/payments"), "signed for plan")
+    await refused(env, write_fields(env, [approval], plan=edited, resource="service/payments"),
+                  "step s1: resource differs")
+    # ...and one re-derived consistently for other params is another plan, with another hash.
+    hypothesis = Hypothesis(id="bad_deploy", title="bad deploy", score=0.9, findings=[], actions=["rollback"])
+    other = build_plan(env.runbook, {**PARAMS, "service": "payments"}, hypothesis, incident_id=WF, run_id="run-1")
+    await refused(env, write_fields(env, [approval], plan=other, resource="service/payments"), "signed for plan")
 
 
 async def test_plan_outside_the_runbook_catalog_refused(env: Env) -> None:
@@ -284,7 +311,89 @@ async def test_approver_outside_the_groups_refused(env: Env) -> None:
 
 
 async def test_requester_cannot_approve_own_incident(env: Env) -> None:
-    await refused(env, write_fields(env, [env.approve("alice")], requested_by="alice"), "cannot approve")
+    plan = env.plan_for(requesters=["alice"])
+    fields = write_fields(env, [env.approve("alice", plan=plan)], plan=plan, receipts=[env.person_receipt("alice")])
+    await refused(env, fields, "alice requested this incident and cannot approve it")
+
+
+async def test_requester_comes_from_signed_receipts_never_from_the_worker(env: Env) -> None:
+    """Finding 5: leaving the requester out of the mint request no longer lets their approval count."""
+    # No receipt at all: refused, whatever else the request says.
+    await refused(env, write_fields(env, [env.approve("alice")], receipts=[]), "no genuine receipt")
+    # A receipt the worker forged (signed with a key that is not the intake's): refused.
+    forged = signing.sign_receipt(env.receipts[0].model_copy(update={"signature": ""}), signing.generate_key())
+    await refused(env, write_fields(env, [env.approve("alice")], receipts=[forged]), "does not verify")
+    # alice raised it (signed receipt); a plan that leaves her out is refused, naming the field...
+    receipts = [env.person_receipt("alice"), *env.receipts]
+    await refused(env, write_fields(env, [env.approve("alice")], receipts=receipts), "requesters: the plan names []")
+    # ...and one that names her cannot use her approval.
+    plan = env.plan_for(requesters=["alice"])
+    fields = write_fields(env, [env.approve("alice", plan=plan)], plan=plan, receipts=receipts)
+    await refused(env, fields, "alice requested this incident")
+    # bob cannot sign a receipt naming alice (a person signs only for themselves).
+    fake = signing.sign_receipt(Receipt(incident_id=WF, requested_by="alice", signer="bob",
+                                        issued_at=datetime.now(UTC).isoformat()), env.keys["bob"])
+    await refused(env, write_fields(env, [env.approve("alice")], receipts=[fake]), "signs only for themselves")
+
+
+async def test_a_plan_with_fields_the_runbook_does_not_derive_is_refused_naming_the_field(env: Env) -> None:
+    """Finding 2: undo params, verification and timeout are re-derived by the broker, not trusted."""
+    step = env.plan.steps[0]
+    assert step.undo is not None and step.verify is not None
+    for changed, field in (
+        ({"undo": step.undo.model_copy(update={"params": {"version": "pwned"}})}, "undo.params.version"),
+        ({"verify": step.verify.model_copy(update={"threshold": 1e9})}, "verify.threshold"),
+        ({"timeout_s": 900.0}, "timeout_s"),
+        ({"description": "scale inventory"}, "description"),
+    ):
+        crafted = env.plan.model_copy(update={"steps": [step.model_copy(update=changed)]})
+        reason = await refused(env, write_fields(env, [env.approve("alice", plan=crafted)], plan=crafted),
+                               "does not fit runbook")
+        assert f"step s1: {field} differs" in reason
+
+
+async def test_approvals_are_spent_once_per_step_and_undo_only_after_its_step(env: Env) -> None:
+    """Findings 3 and 4: no undo before its step; the same approvals cannot mint the step again."""
+    approval = env.approve("alice")
+    await refused(env, write_fields(env, [approval], verb="fleet.deploy", undo=True, activity_id="7"),
+                  "undo of step s1 before its step's write was issued")
+    async with env.client as client:
+        await client.mint(**write_fields(env, [approval], activity_id="9"))
+        await client.mint(**write_fields(env, [approval], activity_id="9"))  # a retry of that activity: fine
+    reason = await refused(env, write_fields(env, [approval], activity_id="12"), "already minted for this run")
+    assert "approvals are not reusable" in reason
+    # The undo, once: a second activity cannot mint it again.
+    async with env.client as client:
+        await client.mint(**write_fields(env, [], verb="fleet.deploy", undo=True, activity_id="13"))
+    await refused(env, write_fields(env, [], verb="fleet.deploy", undo=True, activity_id="14"),
+                  "step s1/undo of plan")
+    # A restart keeps all of it.
+    env.server.stop()
+    env.server.start()
+    await refused(env, write_fields(env, [approval], activity_id="15"), "already minted for this run")
+
+
+async def test_an_approval_valid_for_longer_than_the_policy_allows_is_refused(env: Env) -> None:
+    ten_years = (datetime.now(UTC) + timedelta(days=3650)).isoformat()
+    reason = await refused(env, write_fields(env, [env.approve("alice", expires_at=ten_years)]), "not approved")
+    assert "longer than the policy's maximum" in reason
+
+
+async def test_approvals_are_judged_when_they_arrive_not_at_mint_time(env: Env) -> None:
+    """Finding 7: an approval checked on arrival still counts after its signature expired."""
+    soon = (datetime.now(UTC) + timedelta(seconds=2)).isoformat()
+    approval = env.approve("alice", expires_at=soon)
+    async with env.client as client:
+        check = await client.check_approval(approval)
+        assert check.valid and check.received_at is not None
+        await asyncio.sleep(2.5)  # the signature has expired now
+        again = await client.check_approval(approval)
+        assert again.received_at == check.received_at  # judged once: the first arrival stands
+        await client.mint(**write_fields(env, [approval]))
+    # An approval nobody checked on arrival is judged at the mint: expired, refused.
+    late = env.approve("alice", expires_at=soon, plan=env.plan_for("run-2"))
+    await asyncio.sleep(2.5)
+    await refused(env, write_fields(env, [late], plan=env.plan_for("run-2"), run_id="run-2"), "expired")
 
 
 async def test_expired_approval_refused(env: Env) -> None:
@@ -305,9 +414,10 @@ async def test_nonce_reused_by_a_different_approval_refused(env: Env) -> None:
     first = env.approve("alice")
     async with env.client as client:
         await client.mint(**write_fields(env, [first]))
-    # bob signs a different approval that happens to carry alice's nonce
-    second = env.approve("bob", nonce=first.nonce)
-    await refused(env, write_fields(env, [second]), "reuses a nonce")
+    # bob signs a different approval (for another run's plan) that happens to carry alice's nonce
+    plan = env.plan_for("run-2")
+    second = env.approve("bob", nonce=first.nonce, plan=plan)
+    await refused(env, write_fields(env, [second], plan=plan, run_id="run-2"), "reuses a nonce")
 
 
 async def test_nonces_survive_a_broker_restart(env: Env) -> None:
@@ -316,7 +426,9 @@ async def test_nonces_survive_a_broker_restart(env: Env) -> None:
         await client.mint(**write_fields(env, [first]))
     env.server.stop()
     env.server.start()
-    await refused(env, write_fields(env, [env.approve("bob", nonce=first.nonce)]), "reuses a nonce")
+    plan = env.plan_for("run-2")
+    await refused(env, write_fields(env, [env.approve("bob", nonce=first.nonce, plan=plan)], plan=plan,
+                                    run_id="run-2"), "reuses a nonce")
 
 
 async def test_write_for_a_different_workflow_id_than_approvals_refused(env: Env) -> None:

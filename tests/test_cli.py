@@ -10,6 +10,9 @@ from temporalio.testing import WorkflowEnvironment
 
 from firebreak.cli import main
 from firebreak.contracts import Phase
+from api_harness import TOKEN, running_api
+from conftest import CLOSED_PORT_URL
+from firebreak.receipts import ensure_intake_key
 from incidents import inject, make_alert, open_incident, wait_for_phase
 from worker import build_worker
 
@@ -20,20 +23,34 @@ def cli_state(tmp_path: Path, state_dir: Path, dev_env: WorkflowEnvironment, set
     (tmp_path / "keys").symlink_to(state_dir / "keys")
     stack = {"settings": {
         "temporal": {"address": dev_env.client.service_client.config.target_host,
-                     "task_queue": settings.temporal.task_queue},
+                     "task_queue": settings.temporal.task_queue,
+                     "payload_key_file": settings.temporal.payload_key_file},  # the worker refuses unsigned payloads
         "roster": str(settings.resolved_roster()),
         "runbooks_dir": str(settings.resolved_runbooks_dir()),
         "targets": settings.targets,
+        "api_url": CLOSED_PORT_URL,  # no API unless a test starts one: the CLI then goes to Temporal
     }}
     (tmp_path / "stack.json").write_text(json.dumps(stack))
+    # The CLI signs receipts for what it raises with this host's intake key, as on the stack.
+    ensure_intake_key(state_dir)
+    (tmp_path / "intake").symlink_to(state_dir / "intake")
     return tmp_path
+
+
+def point_at_api(cli_state: Path, api) -> None:
+    """As `firebreak up` writes it: the API's address and the demo's read token."""
+    stack = json.loads((cli_state / "stack.json").read_text())
+    stack["settings"]["api_url"] = api.url
+    stack["demo"] = {"intake_token": TOKEN}
+    (cli_state / "stack.json").write_text(json.dumps(stack))
 
 
 async def test_approve_as_requester_is_refused_then_on_call_approval_resolves(
     dev_env: WorkflowEnvironment, settings, fleet, cli_state: Path, capsys: pytest.CaptureFixture[str]
 ):
     inject(fleet.url, "checkout", "bad_deploy")
-    async with build_worker(dev_env.client, settings):
+    async with running_api(dev_env.client, settings, settings.state_dir) as api:
+        point_at_api(cli_state, api)
         handle = await open_incident(dev_env.client, settings, make_alert("DrillPair"), requested_by="bob")
         await wait_for_phase(handle, Phase.awaiting_approval)
         sd = ["--state-dir", str(cli_state)]
@@ -41,7 +58,12 @@ async def test_approve_as_requester_is_refused_then_on_call_approval_resolves(
         code = await _run(["approve", handle.id, "--key", str(cli_state / "keys" / "bob.pem"), *sd])
         out = capsys.readouterr()
         assert code == 1 and "bob requested this incident and cannot approve it" in out.err
-        assert "fleet.restart on fleet:service/checkout" in out.out and "blast radius" in out.out
+        # Every field is shown, the plan's origin too, and the hash is recomputed from what was shown.
+        assert f"from the API at {api.url}" in out.out and f"(workflow {handle.id}, run " in out.out
+        for shown in ('verb: "fleet.restart"', 'resource: "service/checkout"', "blast_radius:", "timeout_s:",
+                      'replicas: 5', "requesters:", '- "bob"', "evidence:"):
+            assert shown in out.out, shown
+        assert "Plan hash, recomputed here:" in out.out and "note: the API" not in out.err
 
         assert await _run(["status", handle.id, "--json", *sd]) == 0
         shown = json.loads(capsys.readouterr().out)

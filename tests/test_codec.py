@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -21,32 +22,39 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from temporalio.api.common.v1 import Payload
 from temporalio.api.failure.v1 import Failure
-from temporalio.client import (
-    Client,
-    WorkflowUpdateFailedError,
-    WorkflowUpdateRPCTimeoutOrCancelledError,
+from temporalio.client import Client, WorkflowUpdateFailedError
+from temporalio.converter import (
+    ActivitySerializationContext,
+    DefaultFailureConverter,
+    DefaultFailureConverterWithEncodedAttributes,
+    WorkflowSerializationContext,
 )
-from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer
 
-from conftest import temporal_bin
+from conftest import temporal_bin, unauthenticated_client
 from demo.prom import free_port
 from firebreak.codec import (
     ENCODING,
     KEY_ID_METADATA,
+    MAC_METADATA,
     DecryptionError,
     EncryptionCodec,
     EncryptionError,
+    PayloadAuthCodec,
+    UNAUTHENTICATED,
+    PayloadAuthError,
     ensure_key_file,
     key_id_for,
+    mac_key_id_for,
+    unauthenticated_reason,
 )
 from firebreak.codec_server import MAX_BODY_BYTES, CodecServer, create_app
 from firebreak.contracts import ApprovalOutcome, Phase
 from firebreak.history import history_rows
 from firebreak.config import TemporalSettings
-from firebreak.temporal import DATA_CONVERTER, connect
-from incidents import inject, make_alert, open_incident, wait_for_phase
+from firebreak.temporal import DATA_CONVERTER, connect, data_converter
+from incidents import inject, make_alert, open_incident, status, wait_for_phase
 from worker import build_worker
 from workflows.incident import IncidentWorkflow
 
@@ -62,6 +70,16 @@ def payload(value: Any) -> Payload:
 
 def as_json(p: Payload) -> dict[str, Any]:
     return json_format.MessageToDict(p)
+
+
+async def wait_for_status(handle: Any, predicate: Any, timeout: float = 15.0) -> Any:
+    """The incident's status once ``predicate(status)`` holds (signals are handled asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        current = await status(handle)
+        if predicate(current) or time.monotonic() > deadline:
+            return current
+        await asyncio.sleep(0.2)
 
 
 # -- the codec --------------------------------------------------------------------------------------
@@ -169,6 +187,178 @@ async def test_key_file_is_private_and_stable(tmp_path: Path) -> None:
     assert await EncryptionCodec.from_key_file(path).decode([enc]) == [payload("x")]
 
 
+# -- payload authentication -------------------------------------------------------------------------
+
+MAC_KEY = PayloadAuthCodec.generate_key_b64()
+IN_WORKFLOW = WorkflowSerializationContext(namespace=NAMESPACE, workflow_id="shop.checkout.error-rate")
+IN_ACTIVITY = ActivitySerializationContext(
+    namespace=NAMESPACE, workflow_id="attacker", workflow_type="Attack", activity_type="execute_step",
+    activity_id="1", activity_task_queue="firebreak", is_local=False)
+
+
+async def test_auth_codec_signs_in_one_metadata_entry_and_leaves_the_payload_readable() -> None:
+    codec = PayloadAuthCodec.from_b64(MAC_KEY)
+    originals = [payload({"runbook": "drill-rollback"}), payload(None), payload("x" * 5000), Payload()]
+    signed = await codec.encode(originals)
+    for original, sig in zip(originals, signed):
+        assert sig.data == original.data, "the data stays as written: readable in the UI"
+        assert {k: v for k, v in sig.metadata.items() if k != MAC_METADATA} == dict(original.metadata)
+        key_id, _, mac = sig.metadata[MAC_METADATA].decode().partition(":")
+        assert key_id == codec.current == mac_key_id_for(base64.b64decode(MAC_KEY)) and len(mac) == 64
+        assert MAC_METADATA not in original.metadata, "encode does not touch its input"
+    assert await codec.decode(signed) == originals
+    assert await codec.encode(signed) == signed, "signing again replaces the MAC, never stacks"
+
+
+def _variants(signed: Payload) -> dict[str, Payload]:
+    def changed(edit: Any) -> Payload:
+        copy = Payload()
+        copy.CopyFrom(signed)
+        edit(copy)
+        return copy
+
+    other_mac = ("0" if signed.metadata[MAC_METADATA][-1:] != b"0" else "1").encode()
+    return {
+        "data": changed(lambda p: setattr(p, "data", p.data.replace(b"alice", b"mallo"))),
+        "encoding": changed(lambda p: p.metadata.__setitem__("encoding", b"json/protobuf")),
+        "added metadata": changed(lambda p: p.metadata.__setitem__("messageType", b"x")),
+        "removed metadata": changed(lambda p: p.metadata.__delitem__("encoding")),
+        "mac": changed(lambda p: p.metadata.__setitem__(MAC_METADATA, p.metadata[MAC_METADATA][:-1] + other_mac)),
+        "data moved into metadata": changed(lambda p: (p.metadata.__setitem__("encoding", b"json/plain" + p.data),
+                                                       setattr(p, "data", b""))),
+    }
+
+
+async def _refusal(codec: PayloadAuthCodec, p: Payload) -> str:
+    try:
+        await codec.decode([p])
+    except PayloadAuthError as exc:
+        return str(exc)
+    return "accepted"
+
+
+async def test_auth_codec_refuses_any_change_and_any_unsigned_payload() -> None:
+    codec = PayloadAuthCodec.from_b64(MAC_KEY)
+    [signed] = await codec.encode([payload({"approver": "alice", "decision": "approve"})])
+    refusals = {what: await _refusal(codec, tampered) for what, tampered in _variants(signed).items()}
+    assert all(reason.startswith("unauthenticated payload: bad MAC") for reason in refusals.values()), refusals
+    for plain in (payload({"approver": "mallory"}), payload(None), Payload()):
+        with pytest.raises(PayloadAuthError, match="^unauthenticated payload: no MAC$"):
+            await codec.decode([plain])
+    for junk in (b"", b"fm-x", b"fm-x:zz", b"no colon" + b"0" * 64, b"bad id!:" + b"0" * 64):
+        forged = Payload()
+        forged.CopyFrom(signed)
+        forged.metadata[MAC_METADATA] = junk
+        with pytest.raises(PayloadAuthError, match="malformed MAC"):
+            await codec.decode([forged])
+    # A MAC under a key id the codec does not hold, and a valid MAC relabelled with another id.
+    [theirs] = await PayloadAuthCodec.from_b64(PayloadAuthCodec.generate_key_b64()).encode([payload("x")])
+    with pytest.raises(PayloadAuthError, match="unknown key id"):
+        await codec.decode([theirs])
+    key = os.urandom(32)
+    both = PayloadAuthCodec({"k1": key, "k2": key}, "k1")
+    [sig] = await both.encode([payload("x")])
+    sig.metadata[MAC_METADATA] = b"k2" + sig.metadata[MAC_METADATA][2:]
+    with pytest.raises(PayloadAuthError, match="bad MAC under key 'k2'"):
+        await both.decode([sig])
+    # The encryption codec's kind of refusal, for the codec server and clients alike.
+    assert issubclass(PayloadAuthError, DecryptionError)
+    # One bad payload spoils the batch: nothing is half-decoded.
+    with pytest.raises(PayloadAuthError):
+        await codec.decode([signed, payload(2)])
+
+
+async def test_auth_codec_rotation_old_key_verifies_new_key_signs() -> None:
+    old_b64, new_b64 = MAC_KEY, PayloadAuthCodec.generate_key_b64()
+    old = PayloadAuthCodec.from_b64(old_b64)
+    [before] = await old.encode([payload({"v": 1})])
+    rotated = PayloadAuthCodec.from_b64(f"{new_b64},{old_b64}")
+    assert rotated.key_ids == [rotated.current, old.current]
+    assert await rotated.decode([before]) == [payload({"v": 1})]
+    [after] = await rotated.encode([payload({"v": 2})])
+    assert after.metadata[MAC_METADATA].startswith(rotated.current.encode() + b":")
+    with pytest.raises(PayloadAuthError, match="unknown key id"):
+        await old.decode([after])  # a worker not yet given the new key refuses, it does not guess
+
+
+async def test_unauthenticated_payloads_become_markers_for_workflows_and_raise_elsewhere() -> None:
+    auth, enc = PayloadAuthCodec.from_b64(MAC_KEY), EncryptionCodec.from_b64(KEY)
+    [signed] = await auth.encode([payload({"decision": "approve"})])
+    [sealed] = await enc.encode([payload({"decision": "approve"})])
+    forged = payload({"approver": "mallory", "decision": "approve"})
+    converter = DATA_CONVERTER.payload_converter
+
+    # For a workflow: the refused payload becomes the marker, the good ones stay as they were.
+    for codec, good in ((auth, signed), (enc, sealed)):
+        decoded = await codec.with_context(IN_WORKFLOW).decode([good, forged])
+        assert decoded[0] == payload({"decision": "approve"})
+        [value] = converter.from_payloads(decoded[1:])
+        reason = unauthenticated_reason(value)
+        assert reason is not None and reason.startswith("unauthenticated payload: "), value
+        assert "mallory" not in json.dumps(value), "none of the refused content reaches the workflow"
+    assert unauthenticated_reason(converter.from_payloads(await auth.with_context(IN_WORKFLOW).decode([forged]))[0]) \
+        == "unauthenticated payload: no MAC"
+
+    # For an activity's arguments, and without a context (a client, the codec server): raise.
+    with pytest.raises(PayloadAuthError, match="^unauthenticated payload: no MAC; refusing to run the activity$"):
+        await auth.with_context(IN_ACTIVITY).decode([forged])
+    with pytest.raises(DecryptionError, match=r"not encrypted \(encoding 'json/plain'\); refusing to run the activity$"):
+        await enc.with_context(IN_ACTIVITY).decode([forged])
+    for codec in (auth, enc):
+        with pytest.raises(DecryptionError):
+            await codec.decode([forged])
+    assert await auth.with_context(IN_ACTIVITY).decode([signed]) == [payload({"decision": "approve"})]
+
+
+async def test_activity_results_in_a_workflow_activation_become_markers() -> None:
+    """The SDK decodes an activity's result for the workflow with the same ActivitySerializationContext
+    the activity worker uses for its arguments; only its command-aware visitor's context variable
+    tells the two apart. If a later SDK drops it, this test says so."""
+    from temporalio.api.enums.v1 import CommandType
+    from temporalio.worker._command_aware_visitor import current_command
+
+    codec = PayloadAuthCodec.from_b64(MAC_KEY).with_context(IN_ACTIVITY)
+    with current_command(CommandType.COMMAND_TYPE_SCHEDULE_ACTIVITY_TASK, 1):
+        [marker] = await codec.decode([payload({"result": "forged"})])
+    assert unauthenticated_reason(DATA_CONVERTER.payload_converter.from_payloads([marker])[0])
+    with pytest.raises(PayloadAuthError):
+        await codec.decode([payload({"result": "forged"})])
+
+
+def test_unauthenticated_reason_recognises_only_the_marker() -> None:
+    assert unauthenticated_reason({"firebreak_unauthenticated": "unauthenticated payload: no MAC"}) == \
+        "unauthenticated payload: no MAC"
+    for value in (None, "firebreak_unauthenticated", {}, {"firebreak_unauthenticated": 1},
+                  {"firebreak_unauthenticated": "x", "approver": "alice"}, ["firebreak_unauthenticated"],
+                  {"approver": "alice"}):
+        assert unauthenticated_reason(value) is None, value
+
+
+async def test_payload_key_file_and_converter_selection(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = ensure_key_file(tmp_path / "payload.key", PayloadAuthCodec)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    first = PayloadAuthCodec.from_key_file(path)
+    assert first.current.startswith("fm-") and ensure_key_file(path, PayloadAuthCodec) == path
+    assert PayloadAuthCodec.from_key_file(path).current == first.current
+    assert MAC_KEY not in repr(first) and path.read_text().strip() not in repr(first)
+    with pytest.raises(EncryptionError, match="payload key must be 32 bytes"):
+        PayloadAuthCodec.from_b64(base64.b64encode(b"k" * 16).decode())
+
+    signing = data_converter(TemporalSettings(payload_key_file=str(path)))
+    assert isinstance(signing.payload_codec, PayloadAuthCodec)
+    # Failures stay readable in the UI: only encryption moves them into encoded attributes.
+    assert signing.failure_converter_class is DefaultFailureConverter
+    encrypting = data_converter(TemporalSettings(payload_key_file=str(path), encrypt_key=KEY))
+    assert isinstance(encrypting.payload_codec, EncryptionCodec), "encryption authenticates already"
+    assert encrypting.failure_converter_class is DefaultFailureConverterWithEncodedAttributes
+    assert data_converter(TemporalSettings()) is DATA_CONVERTER and DATA_CONVERTER.payload_codec is None
+
+    from firebreak.config import load_settings
+
+    monkeypatch.setenv("FIREBREAK_PAYLOAD_KEY_FILE", str(path))
+    assert load_settings(tmp_path / "state").temporal.payload_key_file == str(path)
+
+
 # -- the codec server -------------------------------------------------------------------------------
 
 
@@ -222,14 +412,18 @@ async def test_codec_server_refuses_other_namespaces(codec_server: CodecServer) 
     assert post_decode(codec_server.url, [as_json(enc)], token=None, namespace="prod").status_code == 401
 
 
-async def test_codec_server_refuses_what_it_cannot_decrypt(codec_server: CodecServer) -> None:
+async def test_codec_server_shows_what_it_cannot_decrypt_as_refused(codec_server: CodecServer) -> None:
+    """Never passed through as if genuine; shown as the refusal, beside the payloads it can decode."""
     plain = as_json(payload({"approver": "mallory"}))
-    response = post_decode(codec_server.url, [plain])
-    assert response.status_code == 400 and "not encrypted" in response.json()["reason"]
-    [enc] = await EncryptionCodec.from_b64(EncryptionCodec.generate_key_b64()).encode([payload("x")])
-    response = post_decode(codec_server.url, [as_json(enc)])
-    assert response.status_code == 400 and "unknown key id" in response.json()["reason"]
-    for body in (b"not json", b"[]", b'{"payloads": "x"}', b'{"payloads": [{"data": "%%%"}]}'):
+    [mine] = await EncryptionCodec.from_b64(KEY).encode([payload("secret")])
+    [other] = await EncryptionCodec.from_b64(EncryptionCodec.generate_key_b64()).encode([payload("x")])
+    response = post_decode(codec_server.url, [plain, as_json(mine), as_json(other)])
+    assert response.status_code == 200
+    shown = [base64.b64decode(p["data"]).decode() for p in response.json()["payloads"]]
+    assert "not encrypted" in json.loads(shown[0])[UNAUTHENTICATED] and "mallory" not in shown[0]
+    assert shown[1] == '"secret"'
+    assert "unknown key id" in json.loads(shown[2])[UNAUTHENTICATED]
+    for body in (b"not json", b"[]", b'{"payloads": "x"}'):
         response = httpx.post(f"{codec_server.url}/decode", content=body, timeout=10, headers={
             "Authorization": f"Bearer {TOKEN}", "X-Namespace": NAMESPACE, "Content-Type": "application/json"})
         assert response.status_code == 400, body
@@ -303,8 +497,9 @@ def walk(message: Message, path: str = "") -> Iterator[tuple[str, Message]]:
 
 
 def never_through_codec(path: str) -> bool:
-    # Temporal never passes these to a codec: indexed for search, or for interceptors (tracing context).
-    return ".search_attributes" in path or ".header." in path
+    # Temporal never passes these to a codec: indexed for search, or for interceptors (tracing context),
+    # or written by the SDK's core itself (a workflow.patched() marker: the patch id and a flag).
+    return ".search_attributes" in path or ".header." in path or "marker_recorded_event_attributes.details[patch-" in path
 
 
 @pytest.fixture
@@ -312,10 +507,10 @@ async def encrypted_client(dev_env: WorkflowEnvironment) -> Client:
     """A client to the same dev server that encrypts: what every Firebreak process gets from a key setting."""
     client = await connect(TemporalSettings(address=dev_env.client.service_client.config.target_host,
                                             namespace=dev_env.client.namespace, encrypt_key=KEY))
-    # DATA_CONVERTER plus the codec: the failure converter still moves messages into encoded attributes.
+    # DATA_CONVERTER plus the codec, and failure messages moved into encoded (encrypted) attributes.
     converter = client.data_converter
     assert converter.payload_converter_class is DATA_CONVERTER.payload_converter_class
-    assert converter.failure_converter_class is DATA_CONVERTER.failure_converter_class
+    assert converter.failure_converter_class is DefaultFailureConverterWithEncodedAttributes
     assert isinstance(client.data_converter.payload_codec, EncryptionCodec)
     return client
 
@@ -330,7 +525,7 @@ async def test_incident_runs_encrypted_end_to_end(
     dev_env: WorkflowEnvironment, encrypted_client: Client, settings, broker, fleet, approvers,
     codec_server: CodecServer,
 ) -> None:
-    client, plain_client = encrypted_client, dev_env.client  # the same server, with and without the key
+    client, plain_client = encrypted_client, unauthenticated_client(dev_env)  # the same server, with and without the key
     converter = client.data_converter
     codec = converter.payload_codec
     assert isinstance(codec, EncryptionCodec)
@@ -343,6 +538,10 @@ async def test_incident_runs_encrypted_end_to_end(
         # Someone without the key cannot read the workflow's state.
         with pytest.raises(Exception, match="encoding"):
             await plain_client.get_workflow_handle(handle.id).query("status")
+        # A client with the payload (MAC) key but not the encryption key gets the marker, not the state:
+        # clients decode query answers in a workflow's serialization context too.
+        marked = await dev_env.client.get_workflow_handle(handle.id).query("status")
+        assert unauthenticated_reason(marked) == "unauthenticated payload: no MAC", marked
         outcome = await handle.execute_update(
             "submit_approval", approvers.approval("alice", handle.id, waiting.plan_hash), result_type=ApprovalOutcome)
         assert outcome.counted
@@ -412,36 +611,36 @@ def _decoded_text(exported: str) -> str:
     return "\n".join(parts)
 
 
-async def test_a_plaintext_update_is_refused_not_read(
+async def test_plaintext_messages_are_refused_and_do_not_wedge_the_incident(
     dev_env: WorkflowEnvironment, encrypted_client: Client, settings, broker, fleet, approvers,
-    codec_server: CodecServer,
 ) -> None:
     """Someone with access to Temporal but not the key sends a well-formed approval in clear.
 
-    The worker refuses to decode it: the workflow task fails (and is retried) and the
-    approval is never seen by the workflow, so it never counts.
+    The worker does not read it: the workflow gets the unauthenticated marker instead (raising there
+    would fail the workflow task on every retry, and a signal stays in history: the incident would be
+    wedged). The update, whose argument then cannot be an Approval, is rejected; nothing counts, and
+    the incident goes on answering and waiting.
     """
+    outsider = unauthenticated_client(dev_env)
     inject(fleet.url, "checkout", "bad_deploy")
     async with build_worker(encrypted_client, settings):
         handle = await open_incident(encrypted_client, settings, make_alert("DrillRollback"))
         waiting = await wait_for_phase(handle, Phase.awaiting_approval)
         forged = approvers.approval("alice", handle.id, waiting.plan_hash)
-        with pytest.raises((RPCError, WorkflowUpdateFailedError, WorkflowUpdateRPCTimeoutOrCancelledError)):
-            await dev_env.client.get_workflow_handle(handle.id).execute_update(
-                "submit_approval", forged, result_type=ApprovalOutcome, rpc_timeout=timedelta(seconds=2))
+        theirs = outsider.get_workflow_handle(handle.id)
+        with pytest.raises(WorkflowUpdateFailedError):
+            await theirs.execute_update("submit_approval", forged, result_type=ApprovalOutcome,
+                                        rpc_timeout=timedelta(seconds=10))
+        await theirs.signal("approval", forged)
+        after = await wait_for_status(handle, lambda s: len(s.approvals) >= 1)
+        assert after.phase == Phase.awaiting_approval
         await handle.terminate("test over")
-    # Two attempts failed (the first, and the retry), each recorded with its reason encrypted.
+    assert [r.counted for r in after.approvals] == [False], after.approvals
+    assert "alice" not in after.approvals[0].approver, "the refused payload's content is not read"
+    assert "unauthenticated payload" in after.approvals[0].reason and "not encrypted" in after.approvals[0].reason
     history = await handle.fetch_history()
-    failed = [e.workflow_task_failed_event_attributes.failure for e in history.events
-              if e.HasField("workflow_task_failed_event_attributes")]
-    assert failed and not any(e.HasField("workflow_execution_update_accepted_event_attributes") for e in history.events)
-    for failure in failed:
-        assert failure.application_failure_info.type == "DecryptionError"
-        assert_failure_encoded("workflow task failure", failure)
-    response = post_decode(codec_server.url, [as_json(failed[0].encoded_attributes)])
-    reason = json.loads(base64.b64decode(response.json()["payloads"][0]["data"]))
-    assert "not encrypted" in reason["message"] and "DecryptionError" in reason["stack_trace"]
-    assert "alice" not in reason["message"], "the refused payload's content is not echoed into history"
+    assert not [e for e in history.events if e.HasField("workflow_task_failed_event_attributes")]
+    assert not any(e.HasField("workflow_execution_update_accepted_event_attributes") for e in history.events)
 
 
 async def test_codec_server_command_serves_decode_and_prints_no_secret(tmp_path: Path) -> None:

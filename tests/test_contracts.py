@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from pydantic import ValidationError
 
 from firebreak.contracts import Alert, Approval, Hypothesis, IncidentInput, Plan, canonical_json
 from firebreak.escaping import TemplateError, path_segment, promql_string, render_plain, render_promql
 from firebreak.plan import build_plan, check_plan, undo_params
+from firebreak.plan_view import render_plan
 from firebreak.runbook import default_runbook_dir, load_runbook
 
 BOOK = load_runbook(default_runbook_dir() / "bad-deploy.yaml")
@@ -48,12 +51,83 @@ def test_plan_holds_only_catalog_actions():
     [step] = p.steps
     assert (step.verb, step.resource, step.target) == ("fleet.rollback", "service/checkout", "fleet")
     assert step.verify is not None and 'service="checkout"' in step.verify.query
-    with pytest.raises(ValueError, match="catalog"):
+    with pytest.raises(ValueError, match="answers with \\['rollback'\\], not \\['drop_db'\\]"):
         check_plan(p.model_copy(update={"steps": [step.model_copy(update={"action": "drop_db"})]}), BOOK)
-    with pytest.raises(ValueError, match="target, verb"):
+    with pytest.raises(ValueError, match="step s1: verb differs"):
         check_plan(p.model_copy(update={"steps": [step.model_copy(update={"verb": "fleet.deploy"})]}), BOOK)
-    with pytest.raises(ValueError, match="resource"):
+    with pytest.raises(ValueError, match="step s1: resource differs"):
         check_plan(p.model_copy(update={"steps": [step.model_copy(update={"resource": "service/../admin"})]}), BOOK)
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    ({"undo": {"verb": "fleet.deploy", "params": {"version": "pwned"}}}, "undo.params.version"),
+    ({"verify": {"threshold": 1e9}}, "verify.threshold"),
+    ({"verify": {"test": "above"}}, "verify.test"),
+    ({"timeout_s": 900.0}, "timeout_s"),
+    ({"description": "harmless"}, "description"),
+    ({"blast_radius": "none"}, "blast_radius"),
+    ({"params": {"version": "v1"}}, "params.version"),
+])
+def test_plan_fields_the_runbook_does_not_derive_are_named(change: dict, field: str):
+    p = plan()
+    step = p.steps[0].model_dump(mode="json")
+    for key, value in change.items():
+        step[key] = {**step[key], **value} if isinstance(step.get(key), dict) and key != "params" else value
+    crafted = p.model_copy(update={"steps": [p.steps[0].model_validate(step)]})
+    with pytest.raises(ValueError, match=f"step s1: {field.replace('.', '[.]')} differs"):
+        check_plan(crafted, BOOK)
+
+
+def test_plan_binds_its_params_and_they_must_fit_the_runbook():
+    with pytest.raises(ValueError, match="params.service: does not match"):
+        check_plan(plan(params={"namespace": "shop", "service": "Checkout; drop"}), BOOK)
+    with pytest.raises(ValueError, match="params: the plan does not bind"):
+        check_plan(plan(params=None), BOOK)
+    # params of another service re-derive another resource: the plan's own step no longer fits
+    with pytest.raises(ValueError, match="step s1: blast_radius differs|step s1: description differs"):
+        check_plan(plan(params={"namespace": "shop", "service": "payments"}), BOOK)
+
+
+def test_plan_hash_covers_every_field_and_the_screen_shows_it():
+    """Each leaf of the plan's JSON changes the hash and the approval screen: nothing is left out."""
+    p = plan(requesters=["bob"], evidence=["deploy v42 4s before the alert"])
+    data = p.model_dump(mode="json")
+
+    def leaves(value, path=()):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                yield from leaves(v, (*path, k))
+        elif isinstance(value, list) and value:
+            for i, v in enumerate(value):
+                yield from leaves(v, (*path, i))
+        else:
+            yield path
+
+    checked = 0
+    for path in leaves(data):
+        changed = json.loads(json.dumps(data))
+        node = changed
+        for part in path[:-1]:
+            node = node[part]
+        old = node[path[-1]]
+        node[path[-1]] = (old + 1) if isinstance(old, (int, float)) and not isinstance(old, bool) else (
+            f"{old}x" if isinstance(old, str) else ["x"] if isinstance(old, list) else {"x": "y"} if old == {} else "x")
+        try:
+            other = Plan.model_validate(changed)
+        except ValidationError:
+            continue  # a literal (executor, risk, test) has no other valid value of this shape
+        assert other.hash != p.hash, path
+        # ...and what the approver is shown changes with it (firebreak approve renders this).
+        assert render_plan(other) != render_plan(p), path
+        checked += 1
+    assert checked >= 25
+
+
+def test_a_plan_built_before_plans_bound_everything_keeps_its_hash():
+    """Replays of incidents started earlier rebuild their plan without the new fields: same hash."""
+    legacy = build_plan(BOOK, PARAMS, TOP, incident_id="i", run_id="r", bind_all=False)
+    assert legacy is not None and legacy.params is None
+    assert b'"params":null' not in legacy.canonical() and b'"requesters"' not in legacy.canonical()
 
 
 def test_undo_params_come_from_the_result():

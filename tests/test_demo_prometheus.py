@@ -158,7 +158,7 @@ def test_bad_deploy_seen_by_prometheus_alerted_and_rolled_back(
 
         peak = prometheus.query_value(RUNBOOK_RATIO)
         assert peak is not None
-        r = fleet.post("/services/checkout/rollback", headers=minter.headers("fleet.rollback", "service/checkout"))
+        r = fleet.post("/services/checkout/rollback", **minter.write("fleet.rollback", "service/checkout"))
         assert r.status_code == 200 and r.json()["version"] == "v41"
 
     # Over a 5s window the ratio is back to healthy within seconds; the runbook's

@@ -20,7 +20,6 @@ from conftest import needs
 from demo.prom import PrometheusProcess, free_port
 from firebreak.contracts import ApprovalOutcome, Phase
 from firebreak.history import history_rows
-from firebreak.temporal import DATA_CONVERTER
 from incidents import inject, make_alert, open_incident, wait_for_phase
 from worker import build_worker
 from workflows.incident import IncidentWorkflow
@@ -97,10 +96,11 @@ async def test_bad_deploy_is_diagnosed_rolled_back_verified_and_replays(
 
         history = await handle.fetch_history()
 
-    rows = await history_rows(history, DATA_CONVERTER)
+    # Read and replayed with the converter it was written with: the MACs are checked too.
+    rows = await history_rows(history, client.data_converter)
     details = "\n".join(r[3] for r in rows)
     assert "investigate error_rate" in details and "execute s1: fleet.rollback on service/checkout" in details
     assert "grant " in details and "REFUSED: bob requested this incident" in details
 
-    replayer = Replayer(workflows=[IncidentWorkflow], data_converter=DATA_CONVERTER)
+    replayer = Replayer(workflows=[IncidentWorkflow], data_converter=client.data_converter)
     await replayer.replay_workflow(WorkflowHistory.from_json(handle.id, history.to_json()))

@@ -24,6 +24,7 @@ import pytest
 
 from demo.fleet import BUCKETS, Fleet, FleetServer, create_app, parse_rfc3339, rfc3339
 from demo.prom import free_port
+from firebreak.contracts import canonical_json
 from firebreak.signing import generate_key, key_id, public_jwk
 
 from fixtures_demo import Minter, chaos_token, fleet_server, minter  # noqa: F401 - fixtures
@@ -170,8 +171,7 @@ async def test_bad_deploy_raises_5xx_and_rollback_restores(client: httpx.AsyncCl
     assert deploy["kind"] == "deploy" and deploy["author"] == "ci-bot"
     assert (deploy["version"], deploy["previous_version"]) == ("v42", "v41")
 
-    response = await client.post("/services/checkout/rollback",
-                                 headers=minter.headers("fleet.rollback", "service/checkout"))
+    response = await client.post("/services/checkout/rollback", **minter.write("fleet.rollback", "service/checkout"))
     assert response.status_code == 200, response.text
     body = response.json()
     assert (body["version"], body["previous_version"]) == ("v41", "v42")  # what an undo (deploy v42) needs
@@ -182,8 +182,7 @@ async def test_bad_deploy_raises_5xx_and_rollback_restores(client: httpx.AsyncCl
     assert error_ratio(before, after, "checkout") < 0.01
 
     # The undo of the rollback is a deploy of previous_version: the bad version comes back.
-    response = await client.post("/services/checkout/deploy", json={"version": body["previous_version"]},
-                                 headers=minter.headers("fleet.deploy", "service/checkout"))
+    response = await client.post("/services/checkout/deploy", **minter.write("fleet.deploy", "service/checkout", {"version": body["previous_version"]}))
     assert response.status_code == 200
     assert (response.json()["version"], response.json()["previous_version"]) == ("v42", "v41")
     before = await scrape(client)
@@ -201,8 +200,7 @@ async def test_saturation_then_scale_out(client: httpx.AsyncClient, clock: Manua
     assert 1.5 <= p99(before, after, "payments") <= 3.0
     assert value(after, "service_cpu_utilization", service="checkout") < 0.4
 
-    response = await client.post("/services/payments/scale", json={"replicas": 6},
-                                 headers=minter.headers("fleet.scale", "service/payments"))
+    response = await client.post("/services/payments/scale", **minter.write("fleet.scale", "service/payments", {"replicas": 6}))
     assert response.status_code == 200, response.text
     assert (response.json()["previous_replicas"], response.json()["replicas"]) == (3, 6)
     before = await scrape(client)
@@ -227,8 +225,7 @@ async def test_stuck_until_restart(client: httpx.AsyncClient, clock: ManualClock
     state = (await client.get("/services/inventory", headers=minter.headers("fleet.read", "service/inventory"))).json()
     assert state["serving"] is False and state["state"] == "stuck"
 
-    response = await client.post("/services/inventory/restart",
-                                 headers=minter.headers("fleet.restart", "service/inventory"))
+    response = await client.post("/services/inventory/restart", **minter.write("fleet.restart", "service/inventory"))
     assert response.status_code == 200, response.text
     assert response.json()["change"]["kind"] == "restart"
     before = await scrape(client)
@@ -263,8 +260,7 @@ async def test_change_log_records_every_change_and_filters_by_since(client: http
     clock.tick(1)
     for path, verb, body in [("rollback", "fleet.rollback", None), ("restart", "fleet.restart", None),
                              ("scale", "fleet.scale", {"replicas": 4}), ("deploy", "fleet.deploy", {"version": "v43"})]:
-        response = await client.post(f"/services/checkout/{path}", json=body,
-                                     headers=minter.headers(verb, "service/checkout"))
+        response = await client.post(f"/services/checkout/{path}", **minter.write(verb, "service/checkout", body))
         assert response.status_code == 200, response.text
         clock.tick(1)
 
@@ -286,15 +282,12 @@ async def test_change_log_records_every_change_and_filters_by_since(client: http
 
 
 async def test_noop_writes_do_not_record_changes(client: httpx.AsyncClient, minter: Minter) -> None:
-    response = await client.post("/services/payments/scale", json={"replicas": 3},
-                                 headers=minter.headers("fleet.scale", "service/payments"))
+    response = await client.post("/services/payments/scale", **minter.write("fleet.scale", "service/payments", {"replicas": 3}))
     assert response.json() == {"service": "payments", "changed": False, "replicas": 3, "previous_replicas": 3,
                                "change": None}
-    response = await client.post("/services/payments/deploy", json={"version": "v17"},
-                                 headers=minter.headers("fleet.deploy", "service/payments"))
+    response = await client.post("/services/payments/deploy", **minter.write("fleet.deploy", "service/payments", {"version": "v17"}))
     assert response.json()["changed"] is False
-    response = await client.post("/services/payments/rollback",
-                                 headers=minter.headers("fleet.rollback", "service/payments"))
+    response = await client.post("/services/payments/rollback", **minter.write("fleet.rollback", "service/payments"))
     assert response.status_code == 409 and response.json()["error"] == "conflict"  # nothing to roll back to
     changes = (await client.get("/services/payments/changes",
                                 headers=minter.headers("fleet.read", "service/payments"))).json()["changes"]
@@ -310,9 +303,9 @@ async def test_idempotency_key_replays_without_acting_twice(client: httpx.AsyncC
     key = {"Idempotency-Key": "shop.checkout.error-rate/run-1/rollback"}
     # Each attempt carries a fresh token (tokens are single use); the key makes it one action.
     first = await client.post("/services/checkout/rollback",
-                              headers=minter.headers("fleet.rollback", "service/checkout") | key)
+                              **minter.write("fleet.rollback", "service/checkout", key=key["Idempotency-Key"]))
     second = await client.post("/services/checkout/rollback",
-                               headers=minter.headers("fleet.rollback", "service/checkout") | key)
+                               **minter.write("fleet.rollback", "service/checkout", key=key["Idempotency-Key"]))
     assert first.status_code == second.status_code == 200
     assert second.json() == first.json()
     assert second.headers.get("idempotent-replayed") == "true"
@@ -321,29 +314,67 @@ async def test_idempotency_key_replays_without_acting_twice(client: httpx.AsyncC
     assert kinds.count("rollback") == 1
 
     # The same key for another request is refused, not replayed.
-    other = await client.post("/services/checkout/scale", json={"replicas": 5},
-                              headers=minter.headers("fleet.scale", "service/checkout") | key)
+    other = await client.post("/services/checkout/scale", **minter.write("fleet.scale", "service/checkout", {"replicas": 5}, key=key["Idempotency-Key"]))
     assert other.status_code == 422 and other.json()["error"] == "idempotency_key_reused"
 
     # Scale: replay returns the stored previous_replicas even though the state moved on.
     skey = {"Idempotency-Key": "scale-1"}
-    a = await client.post("/services/checkout/scale", json={"replicas": 6},
-                          headers=minter.headers("fleet.scale", "service/checkout") | skey)
-    b = await client.post("/services/checkout/scale", json={"replicas": 6},
-                          headers=minter.headers("fleet.scale", "service/checkout") | skey)
+    a = await client.post("/services/checkout/scale", **minter.write("fleet.scale", "service/checkout", {"replicas": 6}, key=skey["Idempotency-Key"]))
+    b = await client.post("/services/checkout/scale", **minter.write("fleet.scale", "service/checkout", {"replicas": 6}, key=skey["Idempotency-Key"]))
     assert a.json() == b.json() and a.json()["previous_replicas"] == 3
     assert [c["kind"] for c in sim.changes("checkout")].count("scale") == 1
 
 
 async def test_idempotent_replay_still_needs_a_valid_token(client: httpx.AsyncClient, minter: Minter) -> None:
     key = {"Idempotency-Key": "restart-1"}
-    ok = await client.post("/services/checkout/restart", headers=minter.headers("fleet.restart", "service/checkout") | key)
+    ok = await client.post("/services/checkout/restart", **minter.write("fleet.restart", "service/checkout", key=key["Idempotency-Key"]))
     assert ok.status_code == 200
     denied = await client.post("/services/checkout/restart", headers=key)
     assert denied.status_code == 401
     wrong = await client.post("/services/checkout/restart",
-                              headers=minter.headers("fleet.restart", "service/payments") | key)
+                              **minter.write("fleet.restart", "service/payments", key=key["Idempotency-Key"]))
     assert wrong.status_code == 403
+
+
+async def test_a_write_token_is_good_for_its_exact_request_only(client: httpx.AsyncClient, sim: Fleet,
+                                                                minter: Minter) -> None:
+    """The token binds the Idempotency-Key and the SHA-256 of the body: a tampered body or key is 403."""
+    write = minter.write("fleet.scale", "service/checkout", {"replicas": 4}, key="k-scale")
+    tampered = await client.post("/services/checkout/scale", content=canonical_json({"replicas": 30}),
+                                 headers=write["headers"])
+    assert tampered.status_code == 403 and "body differs" in tampered.json()["reason"]
+    write = minter.write("fleet.scale", "service/checkout", {"replicas": 4}, key="k-scale")
+    other_key = await client.post("/services/checkout/scale", content=write["content"],
+                                  headers=write["headers"] | {"Idempotency-Key": "k-other"})
+    assert other_key.status_code == 403 and "Idempotency-Key differs" in other_key.json()["reason"]
+    unbound = await client.post("/services/checkout/scale", json={"replicas": 4},
+                                headers=minter.headers("fleet.scale", "service/checkout"))
+    assert unbound.status_code == 403 and "does not bind its request" in unbound.json()["reason"]
+    assert sim.service_state("checkout")["replicas"] == 3  # none of them acted
+
+
+async def test_an_undo_token_takes_its_values_from_the_recorded_write(client: httpx.AsyncClient, sim: Fleet,
+                                                                     minter: Minter, chaos_token: str) -> None:
+    """Finding 3: an undo before its step ran, or with values other than the ones recorded, is refused."""
+    await fault(client, chaos_token, "checkout", "bad_deploy")  # v42 is running, v41 before it
+
+    def undo(version: str) -> dict[str, Any]:
+        req = {"idempotency_key": "wf/run/s1/undo", "undo_of": "wf/run/s1/do",
+               "undo_body": {"version": "{result.previous_version}"}}
+        token = minter.mint("fleet.deploy", "service/checkout", req=req)[0]
+        return {"content": canonical_json({"version": version}),
+                "headers": {"Authorization": f"Bearer {token}", "Idempotency-Key": "wf/run/s1/undo"}}
+
+    early = await client.post("/services/checkout/deploy", **undo("v42"))
+    assert early.status_code == 403 and "has not run here" in early.json()["reason"]
+    done = await client.post("/services/checkout/rollback", **minter.write("fleet.rollback", "service/checkout",
+                                                                           key="wf/run/s1/do"))
+    assert done.status_code == 200 and done.json()["previous_version"] == "v42"
+    pwned = await client.post("/services/checkout/deploy", **undo("pwned"))
+    assert pwned.status_code == 403 and "differs from the state recorded" in pwned.json()["reason"]
+    assert sim.service_state("checkout")["version"] == "v41"
+    restored = await client.post("/services/checkout/deploy", **undo("v42"))
+    assert restored.status_code == 200 and sim.service_state("checkout")["version"] == "v42"
 
 
 # -- auth -------------------------------------------------------------------------------------------
@@ -388,20 +419,17 @@ async def test_auth_failures(client: httpx.AsyncClient, minter: Minter) -> None:
 async def test_unknown_service_and_bad_bodies(client: httpx.AsyncClient, minter: Minter) -> None:
     response = await client.get("/services/nosuch", headers=minter.headers("fleet.read", "service/nosuch"))
     assert response.status_code == 404 and response.json()["error"] == "not_found"
-    response = await client.post("/services/nosuch/rollback", headers=minter.headers("fleet.rollback", "service/nosuch"))
+    response = await client.post("/services/nosuch/rollback", **minter.write("fleet.rollback", "service/nosuch"))
     assert response.status_code == 404 and response.json()["error"] == "not_found"
     # Auth comes before the body: an unauthenticated bad body is 401, not 422.
     assert (await client.post("/services/checkout/scale", json={"replicas": "many"})).status_code == 401
     for body in [{"replicas": 0}, {"replicas": 31}, {"replicas": "many"}, {"replicas": 4, "extra": 1}, {}]:
-        response = await client.post("/services/checkout/scale", json=body,
-                                     headers=minter.headers("fleet.scale", "service/checkout"))
+        response = await client.post("/services/checkout/scale", **minter.write("fleet.scale", "service/checkout", body))
         assert response.status_code == 422, body
         assert response.json()["error"] == "invalid_request"
-    response = await client.post("/services/checkout/deploy", json={"version": "../etc"},
-                                 headers=minter.headers("fleet.deploy", "service/checkout"))
+    response = await client.post("/services/checkout/deploy", **minter.write("fleet.deploy", "service/checkout", {"version": "../etc"}))
     assert response.status_code == 422
-    response = await client.post("/services/checkout/deploy", content=b"{not json",
-                                 headers=minter.headers("fleet.deploy", "service/checkout"))
+    response = await client.post("/services/checkout/deploy", **minter.write("fleet.deploy", "service/checkout", raw=b"{not json"))
     assert response.status_code == 400
     response = await client.get("/no/such/route")
     assert response.status_code == 404 and set(response.json()) == {"error", "reason"}
@@ -446,7 +474,7 @@ def test_fleet_server_over_http(fleet_server: FleetServer, minter: Minter, chaos
         r = c.post("/demo/faults", json={"service": "checkout", "kind": "bad_deploy"},
                    headers={"Authorization": f"Bearer {chaos_token}"})
         assert r.status_code == 200
-        r = c.post("/services/checkout/rollback", headers=minter.headers("fleet.rollback", "service/checkout"))
+        r = c.post("/services/checkout/rollback", **minter.write("fleet.rollback", "service/checkout"))
         assert r.status_code == 200 and r.json()["version"] == "v41"
     port = fleet_server.port
     fleet_server.stop()
@@ -525,7 +553,7 @@ def test_cli_runs_with_the_broker_verifier(broker_keys: BrokerKeys, minter: Mint
             time.sleep(2.0)
             r = c.post("/services/checkout/restart", headers={"Authorization": f"Bearer {token}"})
             assert r.status_code == 401 and r.json()["reason"] == "token revoked"
-            r = c.post("/services/checkout/restart", headers=minter.headers("fleet.restart", "service/checkout"))
+            r = c.post("/services/checkout/restart", **minter.write("fleet.restart", "service/checkout"))
             assert r.status_code == 200
     finally:
         process.terminate()

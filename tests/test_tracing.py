@@ -23,7 +23,7 @@ async def test_credentials_are_spans_with_grant_ids(time_env: WorkflowEnvironmen
     async with build_worker(time_env.client, settings):
         handle = await open_incident(time_env.client, settings, make_alert("DrillRollback"))
         waiting = await wait_for_phase(handle, Phase.awaiting_approval)
-        approval = approvers.approval("alice", handle.id, waiting.plan_hash, now=await time_env.get_current_time())
+        approval = approvers.approval("alice", handle.id, waiting.plan_hash)
         assert (await handle.execute_update("submit_approval", approval, result_type=ApprovalOutcome)).counted
         report = await handle.result()
 

@@ -65,7 +65,7 @@ async def test_failed_verification_rolls_the_step_back(time_env: WorkflowEnviron
     async with build_worker(time_env.client, settings):
         handle = await open_incident(time_env.client, settings, make_alert("DrillRollback"))
         waiting = await wait_for_phase(handle, Phase.awaiting_approval)
-        approval = approvers.approval("alice", handle.id, waiting.plan_hash, now=await time_env.get_current_time())
+        approval = approvers.approval("alice", handle.id, waiting.plan_hash)
         outcome = await handle.execute_update("submit_approval", approval, result_type=ApprovalOutcome)
         assert outcome.counted, outcome.reason
         report = await handle.result()
@@ -86,11 +86,9 @@ async def test_quorum_of_two_needs_two_people(time_env: WorkflowEnvironment, set
     async with build_worker(time_env.client, settings):
         handle = await open_incident(time_env.client, settings, make_alert("DrillHigh"))
         waiting = await wait_for_phase(handle, Phase.awaiting_approval)
-        now = await time_env.get_current_time()
-
         async def submit(name: str) -> ApprovalOutcome:
             return await handle.execute_update(
-                "submit_approval", approvers.approval(name, handle.id, waiting.plan_hash, now=now),
+                "submit_approval", approvers.approval(name, handle.id, waiting.plan_hash),
                 result_type=ApprovalOutcome)
 
         first = await submit("alice")
@@ -115,8 +113,7 @@ async def test_partial_approval_executes_only_the_approved_steps(time_env: Workf
         handle = await open_incident(time_env.client, settings, make_alert("DrillPair"))
         waiting = await wait_for_phase(handle, Phase.awaiting_approval)
         assert [s.id for s in waiting.plan.steps] == ["s1", "s2"]
-        approval = approvers.approval("alice", handle.id, waiting.plan_hash, steps=["s1"],
-                                      now=await time_env.get_current_time())
+        approval = approvers.approval("alice", handle.id, waiting.plan_hash, steps=["s1"])
         outcome = await handle.execute_update("submit_approval", approval, result_type=ApprovalOutcome)
         assert outcome.counted
         report = await handle.result()
@@ -137,8 +134,8 @@ async def test_bad_approvals_are_refused_recorded_and_nothing_executes(
         handle = await open_incident(time_env.client, settings, make_alert("DrillRollback"), requested_by="bob")
         waiting = await wait_for_phase(handle, Phase.awaiting_approval)
         plan_hash, wid = waiting.plan_hash, handle.id
-        now = await time_env.get_current_time()
-        sign = lambda name, **kw: approvers.approval(name, kw.pop("wid", wid), kw.pop("hash", plan_hash), now=now, **kw)  # noqa: E731
+        # Approvals carry wall-clock expiries: the broker judges each when it arrives, by its own clock.
+        sign = lambda name, **kw: approvers.approval(name, kw.pop("wid", wid), kw.pop("hash", plan_hash), **kw)  # noqa: E731
 
         unsigned = sign("alice").model_copy(update={"signature": ""})
         forged = sign("alice", sign_as="carol")
@@ -146,7 +143,7 @@ async def test_bad_approvals_are_refused_recorded_and_nothing_executes(
         older_plan = sign("alice", hash="0" * 64)
         carol = sign("carol")  # sre-leads only: not in the oncall group this runbook asks for
         expired = sign("alice", expires_in=timedelta(minutes=-1))
-        stranger = approvers.approval("alice", wid, plan_hash, now=now).model_copy(update={"approver": "mallory"})
+        stranger = approvers.approval("alice", wid, plan_hash).model_copy(update={"approver": "mallory"})
         requester = sign("bob")
 
         attempts = [
@@ -190,8 +187,7 @@ async def test_rejection_closes_the_incident(time_env: WorkflowEnvironment, sett
     async with build_worker(time_env.client, settings):
         handle = await open_incident(time_env.client, settings, make_alert("DrillRollback"))
         waiting = await wait_for_phase(handle, Phase.awaiting_approval)
-        rejection = approvers.approval("alice", handle.id, waiting.plan_hash, decision="reject",
-                                       now=await time_env.get_current_time())
+        rejection = approvers.approval("alice", handle.id, waiting.plan_hash, decision="reject")
         outcome = await handle.execute_update("submit_approval", rejection, result_type=ApprovalOutcome)
         assert outcome.counted
         report = await handle.result()

@@ -27,6 +27,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.tickets import TicketActivities
     from activities.verify import VerifyActivities
     from firebreak import policy
+    from firebreak.codec import unauthenticated_reason
     from firebreak.contracts import (
         Alert,
         AlertSignal,
@@ -46,6 +47,7 @@ with workflow.unsafe.imports_passed_through():
         Phase,
         Plan,
         PlanStep,
+        Receipt,
         StepResult,
         Ticket,
         TicketRequest,
@@ -65,13 +67,31 @@ WRITE = RetryPolicy(initial_interval=timedelta(seconds=2), maximum_interval=time
 MIN_TOP_SCORE = 0.5
 
 
+def _refusal(incident: Any) -> str | None:
+    """Why an incident input cannot be trusted or read, or None."""
+    unauthenticated = unauthenticated_reason(incident)
+    if unauthenticated is not None:
+        return unauthenticated
+    try:
+        IncidentInput.model_validate(incident)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        return f"not an incident input: {'.'.join(str(p) for p in first['loc']) or '(input)'}: {first['msg']}"
+    return None
+
+
 @workflow.defn
 class IncidentWorkflow:
     @workflow.init
-    def __init__(self, incident: IncidentInput) -> None:
-        self.incident = incident
+    def __init__(self, incident: Any) -> None:
+        # Typed Any and validated here, so that an input this worker must refuse (unauthenticated,
+        # or not an IncidentInput) fails the run with its reason instead of wedging its first task.
+        self.refused_input = _refusal(incident)
+        self.incident = IncidentInput.model_validate(incident) if self.refused_input is None else None
         # Whoever raised the incident may not approve it, even if an alert system opened it first.
-        self.requested_by = incident.requested_by
+        self.requested_by = self.incident.requested_by if self.incident else None
+        self.receipts: list[Receipt] = list(self.incident.receipts) if self.incident else []
+        self.plan_receipts: list[Receipt] = []
         self.phase = Phase.investigating
         self.alerts_received = 0
         self.firing: dict[str, Alert] = {}
@@ -103,17 +123,29 @@ class IncidentWorkflow:
         Typed as Any so that a payload this code cannot read is recorded, not
         dropped by the SDK: no alert disappears silently.
         """
+        signal = self._read_signal("alert", payload)
+        if signal is not None:
+            self._apply_alerts(signal)
+
+    def _read_signal(self, name: str, payload: Any) -> AlertSignal | None:
+        unauthenticated = unauthenticated_reason(payload)
+        if unauthenticated is not None:
+            self.refused_signals.append(f"{name} signal refused: {unauthenticated}")
+            return None
         try:
-            signal = AlertSignal.model_validate(payload)
+            return AlertSignal.model_validate(payload)
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "(payload)"
-            self.refused_signals.append(f"alert signal refused: {where}: {first['msg']}")
-            return
-        self._apply_alerts(signal)
+            self.refused_signals.append(f"{name} signal refused: {where}: {first['msg']}")
+            return None
 
     def _apply_alerts(self, signal: AlertSignal) -> None:
         self.requested_by = self.requested_by or signal.requested_by
+        # One receipt per requester is enough: a repeated delivery must not grow the history.
+        receipt = signal.receipt
+        if receipt is not None and all(r.requested_by != receipt.requested_by for r in self.receipts):
+            self.receipts.append(receipt)
         for alert in signal.alerts:
             self.alerts_received += 1
             if alert.status == "firing":
@@ -125,8 +157,11 @@ class IncidentWorkflow:
                 self.firing.pop(alert.fingerprint, None)
 
     @workflow.signal
-    def resolve(self, signal: AlertSignal) -> None:
+    def resolve(self, payload: Any) -> None:
         """The incident system says these alerts are resolved, whatever their status field says."""
+        signal = self._read_signal("resolve", payload)
+        if signal is None:
+            return
         self._apply_alerts(AlertSignal(
             alerts=[a.model_copy(update={"status": "resolved"}) for a in signal.alerts],
             received_at=signal.received_at,
@@ -151,6 +186,12 @@ class IncidentWorkflow:
 
     @workflow.query
     def status(self) -> IncidentStatus:
+        if self.incident is None:
+            return IncidentStatus(
+                incident_id=workflow.info().workflow_id, phase=Phase.failed, runbook="", runbook_version=0,
+                opened_at=self.opened_at, alerts_received=self.alerts_received,
+                refused_signals=self.refused_signals, outcome=f"refused to open: {self.refused_input}",
+            )
         return IncidentStatus(
             incident_id=self.incident.incident_id,
             phase=self.phase,
@@ -182,7 +223,12 @@ class IncidentWorkflow:
     # -- the run --------------------------------------------------------------
 
     @workflow.run
-    async def run(self, incident: IncidentInput) -> IncidentReport:
+    async def run(self, _input: Any) -> IncidentReport:
+        if self.refused_input is not None:
+            # Nothing runs for an input this worker cannot trust: no activity, no ticket.
+            raise ApplicationError(f"refused to open an incident: {self.refused_input}", type="InputRefused",
+                                   non_retryable=True)
+        incident = self.incident
         runbook = incident.runbook
         # Signal-with-start delivers the alert with the first task; wait in case it came apart.
         try:
@@ -217,12 +263,17 @@ class IncidentWorkflow:
                 f"the top hypothesis ({top.title}) has no remediation in the runbook's catalog")
             await self._notify("escalation", f"{why}; a human must take this incident")
             return await self._close(Phase.failed, f"escalated to a human: {why}")
+        # The plan binds everything the approver is shown: params, requesters, evidence.
+        bind_all = workflow.patched("plan-binds-all")
+        self.plan_receipts = list(self.receipts)
         self.plan = build_plan(
-            runbook, incident.params, top, incident_id=incident.incident_id, run_id=workflow.info().run_id
+            runbook, incident.params, top, incident_id=incident.incident_id, run_id=workflow.info().run_id,
+            requesters=sorted(self._requesters()), evidence=[f.detail for f in top.findings if f.held],
+            bind_all=bind_all,
         )
         assert self.plan is not None  # top.actions is not empty
         self.verdict = policy.evaluate(
-            self.plan, runbook, [], workflow_id=incident.incident_id, requested_by=self.requested_by,
+            self.plan, runbook, [], workflow_id=incident.incident_id, requested_by=self._requesters(),
             now=workflow.now(),
         )
         await self._ticket("proposed")
@@ -307,6 +358,9 @@ class IncidentWorkflow:
         now = workflow.now()
         # One at a time, in arrival order (asyncio.Lock is FIFO), so records read in the order sent.
         async with self.approval_lock:
+            unauthenticated = unauthenticated_reason(payload)
+            if unauthenticated is not None:
+                return self._record_refusal(payload, via, unauthenticated)
             try:
                 approval = Approval.model_validate(payload)
             except ValidationError as exc:
@@ -318,17 +372,21 @@ class IncidentWorkflow:
             if not approval.signature:
                 check = ApprovalCheck(valid=False, reason="unsigned: approvals must be signed with the approver's key")
             else:
-                check = await workflow.execute_activity_method(
-                    ApprovalActivities.verify_approval,
-                    approval,
-                    start_to_close_timeout=timedelta(seconds=15),
-                    retry_policy=QUICK,
-                    summary=f"verify {approval.decision} signature of {approval.approver}",
-                )
+                try:
+                    check = await workflow.execute_activity_method(
+                        ApprovalActivities.verify_approval,
+                        approval,
+                        start_to_close_timeout=timedelta(seconds=15),
+                        retry_policy=QUICK,
+                        summary=f"verify {approval.decision} signature of {approval.approver}",
+                    )
+                except ActivityError as exc:
+                    # A check that could not run is a refusal with its reason, never a failed incident.
+                    check = ApprovalCheck(valid=False, reason=f"the approval could not be checked: {exc.cause or exc}")
             self.received.append((approval, check))
             self.verdict = policy.evaluate(
                 self.plan, self.incident.runbook, self.received, workflow_id=self.incident.incident_id,
-                requested_by=self.requested_by, now=workflow.now(),
+                requested_by=self._requesters(), now=workflow.now(),
             )
             judgement = self.verdict.judgements[-1]
             self.records.append(ApprovalRecord(
@@ -410,7 +468,8 @@ class IncidentWorkflow:
         assert self.plan is not None
         request = ExecuteRequest(
             incident_id=self.incident.incident_id, plan=self.plan, step_id=step.id, approvals=approvals,
-            requested_by=self.requested_by, undo=undo is not None, undo_params=undo or {},
+            requested_by=self.requested_by, receipts=self.plan_receipts, undo=undo is not None,
+            undo_params=undo or {},
         )
         verb = step.undo.verb if undo is not None and step.undo else step.verb
         try:
@@ -445,6 +504,11 @@ class IncidentWorkflow:
                 result.status = "rolled_back"
 
     # -- bookkeeping ----------------------------------------------------------
+
+    def _requesters(self) -> set[str]:
+        """Everyone who raised this incident: none of them may approve it."""
+        named = {r.requested_by for r in self.receipts if r.requested_by}
+        return named | ({self.requested_by} if self.requested_by else set())
 
     def _all_resolved(self) -> bool:
         return self.alerts_received > 0 and not self.firing

@@ -13,6 +13,9 @@ Read: ``GET /v1/incidents``, ``GET /v1/incidents/{id}``, ``GET /v1/unrouted``
 (bearer unless ``read_requires_token`` is off), ``GET /healthz``; OpenAPI at
 ``/openapi.json`` and ``/docs``.
 
+Approvals: ``POST /v1/incidents/{id}/approvals``, a signed ``Approval``,
+authenticated by the approver's signature (no token): 200 counted, 409 refused.
+
 Answers: 202 accepted; 400 not JSON or wrong shape; 401 bad or missing token
 or signature; 413 body over ``max_body_bytes``; 422 every alert refused by a
 runbook; 503 Temporal unreachable (with ``Retry-After``; nothing acknowledged
@@ -35,10 +38,11 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, TypeAdapter
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from temporalio.client import Client, WorkflowExecutionStatus, WorkflowQueryFailedError
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowQueryFailedError, WorkflowUpdateFailedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from firebreak.api import auth
+from firebreak.api.approvals import ApprovalGate
 from firebreak.api.delivery import Accepted, ErrorBody, Intake, error_response
 from firebreak.api.gateway import ClientFactory, TemporalGateway, TemporalUnavailable
 from firebreak.api.retries import FILE_NAME as RETRIES_FILE
@@ -56,8 +60,9 @@ from firebreak.api.sources import (
 )
 from firebreak.api.unrouted import FILE_NAME as UNROUTED_FILE
 from firebreak.api.unrouted import UnroutedLog
-from firebreak.contracts import Alert, IncidentStatus, Phase
+from firebreak.contracts import Alert, ApprovalOutcome, IncidentStatus, Phase
 from firebreak.intake import WORKFLOW
+from firebreak.receipts import ensure_intake_key, intake_signer
 from firebreak.runbook import Runbook, load_runbooks
 from firebreak.temporal import PHASE, RUNBOOK, SERVICE, SEVERITY
 
@@ -171,7 +176,9 @@ def create_app(
     gateway = TemporalGateway(client_factory, settings.temporal_timeout_s)
     unrouted_log = UnroutedLog(settings.api_dir / UNROUTED_FILE)
     retries = DeliveryLog(settings.api_dir / RETRIES_FILE, settings.pagerduty_dedup_ttl_s)
-    intake = Intake(runbooks, gateway, unrouted_log, settings.temporal.task_queue)
+    intake = Intake(runbooks, gateway, unrouted_log, settings.temporal.task_queue,
+                    receipt=intake_signer(ensure_intake_key(settings.state_dir)))
+    approvals = ApprovalGate(settings.roster or settings.state_dir / "roster.yaml")
 
     app = FastAPI(
         title="Firebreak API",
@@ -337,6 +344,33 @@ def create_app(
         except WorkflowQueryFailedError as exc:
             raise ApiError(502, f"the incident's workflow could not answer its status query: {exc}") from None
         return JSONResponse(status.model_dump(mode="json"))
+
+    @app.post("/v1/incidents/{incident_id}/approvals", response_model=ApprovalOutcome,
+              responses={**{k: v for k, v in ERRORS.items() if k in (400, 401, 503)},
+                         404: {"model": ErrorBody, "description": "no such incident"},
+                         409: {"model": ErrorBody, "description": "the incident refused the approval"}},
+              summary="An approval or rejection, authenticated by the approver's own signature")
+    async def submit_approval(incident_id: str, request: Request) -> Response:
+        if not _PLAIN.fullmatch(incident_id):
+            raise ApiError(400, "incident id must match [A-Za-z0-9._:-]{1,200}", "path.incident_id")
+        approval = approvals.parse(await read_body(request, 64 * 1024), incident_id)
+        _auth(lambda: approvals.authenticate(approval))
+
+        async def update(client: Client) -> ApprovalOutcome:
+            handle = client.get_workflow_handle(incident_id)
+            outcome: ApprovalOutcome = await handle.execute_update(
+                "submit_approval", approval, result_type=ApprovalOutcome)
+            return outcome
+
+        try:
+            outcome = await gateway.call(update)
+        except RPCError as exc:
+            if exc.status == RPCStatusCode.NOT_FOUND:
+                raise ApiError(404, f"no open incident {incident_id!r}", "path.incident_id") from None
+            raise
+        except WorkflowUpdateFailedError as exc:
+            raise ApiError(409, f"refused: {exc.cause.message if exc.cause else exc}") from None
+        return JSONResponse(outcome.model_dump(mode="json"), status_code=200 if outcome.counted else 409)
 
     @app.get("/v1/unrouted", response_model=UnroutedList, dependencies=[Depends(require_reader)],
              responses={k: v for k, v in ERRORS.items() if k in (400, 401)})

@@ -40,6 +40,7 @@ from firebreak.api.gateway import TemporalGateway, TemporalUnavailable, is_unava
 from firebreak.api.sources import Parsed
 from firebreak.api.unrouted import UnroutedLog, UnroutedRecord
 from firebreak.intake import Delivered, Routed, deliver_routed, route_alerts
+from firebreak.receipts import ReceiptSigner
 from firebreak.runbook import Runbook
 
 log = logging.getLogger("firebreak.api")
@@ -108,11 +109,13 @@ def accepted(body: Accepted) -> JSONResponse:
 
 
 class Intake:
-    def __init__(self, runbooks: list[Runbook], gateway: TemporalGateway, log_: UnroutedLog, task_queue: str) -> None:
+    def __init__(self, runbooks: list[Runbook], gateway: TemporalGateway, log_: UnroutedLog, task_queue: str,
+                 receipt: ReceiptSigner | None = None) -> None:
         self.runbooks = runbooks
         self.gateway = gateway
         self.unrouted = log_
         self.task_queue = task_queue
+        self.receipt = receipt  # signs "an alert system raised this": the broker derives requesters from it
 
     async def accept(self, parsed: Parsed) -> JSONResponse:
         delivery_id = parsed.delivery_id or f"{parsed.source}-{uuid.uuid4().hex}"
@@ -171,8 +174,8 @@ class Intake:
 
         async def send(client: Client) -> list[Delivered | BaseException]:
             return await asyncio.gather(
-                *[deliver_routed(client, group, task_queue=self.task_queue, delivery_id=delivery_id,
-                                 received_at=received_at) for group in groups],
+                *[deliver_routed(client, group, task_queue=self.task_queue, receipt=self.receipt,
+                                 delivery_id=delivery_id, received_at=received_at) for group in groups],
                 return_exceptions=True,
             )
 

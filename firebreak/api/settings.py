@@ -56,6 +56,7 @@ class ApiSettings(BaseModel):
     )
     read_requires_token: bool = Field(default=True, description="GET /v1/incidents and /v1/unrouted need a token")
     pagerduty_dedup_ttl_s: float = Field(default=48 * 3600, description="PagerDuty retries for up to 48 h")
+    roster: Path | None = Field(default=None, description="approvers' public keys: approvals are checked before Temporal")
 
     @property
     def api_dir(self) -> Path:
@@ -81,6 +82,7 @@ class ApiSettings(BaseModel):
             "intake_tokens": intake,
             "pagerduty_secrets": pagerduty,
             "grafana_secrets": grafana,
+            "roster": settings.resolved_roster(),
         }
         values.update(overrides)
         return cls.model_validate(values)

@@ -24,9 +24,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from firebreak import signing
-from firebreak.broker.audit import AuditLog
-from firebreak.broker.models import FreezeRequest, MintRequest, MintResponse, RevokeRequest
-from firebreak.broker.rules import Decision, Denied, authorize_read, authorize_write
+from firebreak.broker.audit import AuditLog, checkpoint_at_shutdown
+from firebreak.broker.models import ApprovalCheckRequest, FreezeRequest, MintRequest, MintResponse, RevokeRequest
+from firebreak.broker.rules import Decision, Denied, authorize_read, authorize_write, judge_approval
 from firebreak.broker.state import (
     DurableState,
     GrantRecord,
@@ -35,7 +35,9 @@ from firebreak.broker.state import (
     read_or_create_secret,
 )
 from firebreak.config import AGENT
-from firebreak.roster import Roster, RosterError
+from firebreak.contracts import ApprovalCheck
+from firebreak.receipts import load_intake_public_keys
+from firebreak.roster import RosterSource
 from firebreak.runbook import Runbook, default_runbook_dir, load_runbooks
 
 log = logging.getLogger(__name__)
@@ -51,31 +53,6 @@ class BrokerHTTPError(Exception):
         self.status, self.error, self.reason = status, error, reason
 
 
-class _RosterSource:
-    """The roster file, reloaded when it changes, so adding a person needs no restart."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._mtime: float | None = None
-        self._roster: Roster | None = None
-        self.error: str | None = None
-
-    def get(self) -> Roster | None:
-        try:
-            mtime = self.path.stat().st_mtime
-        except FileNotFoundError:
-            self._roster, self._mtime, self.error = None, None, f"no roster at {self.path}"
-            return None
-        if mtime != self._mtime:
-            try:
-                self._roster, self.error = Roster.load(self.path), None
-            except RosterError as exc:
-                # Fail closed: a broken roster verifies nobody, and says why.
-                self._roster, self.error = None, str(exc)
-            self._mtime = mtime
-        return self._roster
-
-
 @dataclass
 class BrokerConfig:
     state_dir: Path
@@ -84,6 +61,7 @@ class BrokerConfig:
     agent_token: str | None = None
     admin_token: str | None = None
     issuer: str = ISSUER
+    intake_state_dir: Path | None = None  # where the intake's receipt key lives (default: state_dir)
 
 
 class Broker:
@@ -95,9 +73,9 @@ class Broker:
         self.kid = signing.key_id(self.key)
         self.agent_token = read_or_create_secret(self.dir / "agent-token", AGENT_TOKEN_ENV, config.agent_token)
         self.admin_token = read_or_create_secret(self.dir / "admin-token", ADMIN_TOKEN_ENV, config.admin_token)
-        self.audit = AuditLog(self.dir / "audit.jsonl")
+        self.audit = AuditLog(self.dir / "audit.jsonl", signing_key=self.key, kid=self.kid)
         self.runbooks: dict[str, Runbook] = {b.name: b for b in load_runbooks(config.runbooks_dir)}
-        self.roster = _RosterSource(config.roster_path)
+        self.roster = RosterSource(config.roster_path)
         # One lock around every decision that reads or changes grants, nonces or
         # the freeze flag: a mint can never slip in between "frozen?" and "issue".
         self.lock = threading.Lock()
@@ -143,6 +121,7 @@ class Broker:
                 activity_id=req.activity_id,
                 step_id=req.step_id,
                 plan_hash=decision.plan_hash,
+                extra=decision.claims,
             )
             grant_id = claims["jti"]
             self.state.add_grant(
@@ -160,7 +139,10 @@ class Broker:
                 )
             )
             self.state.remember_nonces(decision.nonces)
-            self.audit.append(
+            if decision.authorization is not None:
+                decision.authorization.minted[decision.slot] = req.activity_id
+                self.state.save_plan(decision.authorization)
+            record = self.audit.append(
                 "mint",
                 decision="issued",
                 reason="read declared by runbook" if req.is_read else f"approved plan {decision.plan_hash[:12]}",
@@ -179,6 +161,7 @@ class Broker:
             audience=req.audience,
             scope=claims["scope"],
             expires_at=datetime.fromtimestamp(claims["exp"], UTC),
+            audit_seq=record["seq"],
         )
 
     def _decide(self, req: MintRequest) -> Decision:
@@ -194,10 +177,21 @@ class Broker:
             if roster is None and req.plan is not None and req.approvals:
                 raise Denied(f"no approval can be verified: {self.roster.error}")
             decision = authorize_write(
-                req, runbook, roster, nonce_conflict=self.state.nonce_conflict, now=datetime.now(UTC)
+                req, runbook, roster, state=self.state,
+                intake_keys=load_intake_public_keys(self.config.intake_state_dir or self.config.state_dir),
+                nonce_conflict=self.state.nonce_conflict, now=datetime.now(UTC),
             )
         decision.ttl_s = min(decision.ttl_s, signing.MAX_TTL_S)
         return decision
+
+    def check_approval(self, req: ApprovalCheckRequest) -> ApprovalCheck:
+        """Verify an approval's signature and record when it arrived: its verdict is made once, now."""
+        with self.lock:
+            roster = self.roster.get()
+            check = judge_approval(req.approval, roster, self.state, datetime.now(UTC).timestamp())
+            if roster is None and not check.valid:
+                check = check.model_copy(update={"reason": f"{check.reason} ({self.roster.error})"})
+            return check
 
     # -- revoke, freeze --
 
@@ -284,7 +278,8 @@ def create_app(
             admin_token=admin_token,
         )
     )
-    app = FastAPI(title="Firebreak credential broker", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="Firebreak credential broker", docs_url=None, redoc_url=None, openapi_url=None,
+                  lifespan=checkpoint_at_shutdown(broker.audit))  # sign the audit head at shutdown
     app.state.broker = broker
     agent = Depends(_bearer_check(broker, "agent"))
     admin = Depends(_bearer_check(broker, "admin"))
@@ -323,6 +318,10 @@ def create_app(
     @app.post("/v1/mint", dependencies=[agent])
     def mint(req: MintRequest) -> MintResponse:
         return broker.mint(req)
+
+    @app.post("/v1/approvals/check", dependencies=[agent])
+    def check_approval(req: ApprovalCheckRequest) -> ApprovalCheck:
+        return broker.check_approval(req)
 
     @app.post("/v1/revoke", dependencies=[agent])
     def revoke(req: RevokeRequest) -> dict[str, Any]:

@@ -8,20 +8,27 @@ The main ``firebreak`` command calls :func:`register`; each subcommand sets
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 import httpx
 
 from firebreak import signing
 from firebreak.broker.audit import verify_chain
+from firebreak.broker.checkpoints import checkpoints_path
+from firebreak.broker.checkpoints import read as read_checkpoints
 from firebreak.broker.state import broker_dir
 from firebreak.config import Settings
 from firebreak.roster import entry_yaml
+
+if TYPE_CHECKING:  # temporalio is imported only when history is walked
+    from firebreak.audit_history import HistoryGrants
 
 SettingsLoader = Callable[[str | Path | None], Settings]
 ADMIN_TOKEN_ENV = "FIREBREAK_BROKER_ADMIN_TOKEN"
@@ -49,8 +56,31 @@ def register(subparsers: argparse._SubParsersAction, settings_loader: SettingsLo
     # -- audit verify --
     audit = subparsers.add_parser("audit", help="the broker's audit log")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
-    verify = audit_sub.add_parser("verify", help="check the audit log's hash chain")
+    verify = audit_sub.add_parser(
+        "verify",
+        help="check the audit log: hash chain, signed checkpoints, and the grants Temporal history recorded",
+        description="Broken if a record was edited, removed or reordered; if a checkpoint is not signed by the "
+        "broker's key, names a record past the log's end (tail cut off) or a record with another hash (log "
+        "rewritten and re-hashed); or if a grant in Temporal history names an audit record that is missing or "
+        "is not that grant's mint. Exit 0 intact, 1 broken.",
+    )
     verify.add_argument("--file", type=Path, default=None, help="default: STATE_DIR/broker/audit.jsonl")
+    verify.add_argument("--checkpoints", type=Path, default=None, help="default: audit.checkpoints.jsonl beside the log")
+    key_source = verify.add_mutually_exclusive_group()
+    key_source.add_argument(
+        "--public-key", type=Path, default=None,
+        help="the broker's key, PEM (public, or the private key file); default: derived from "
+        "STATE_DIR/broker/signing-key.pem",
+    )
+    key_source.add_argument("--jwks", default=None, help="the broker's JWKS instead: a URL or a file")
+    history = verify.add_mutually_exclusive_group()
+    history.add_argument(
+        "--history", dest="history", action="store_const", const="require", default="auto",
+        help="require the cross-check against IncidentWorkflow histories (fail if Temporal is unreachable); "
+        "by default it runs when Temporal answers and is reported as skipped when it does not",
+    )
+    history.add_argument("--no-history", dest="history", action="store_const", const="off",
+                         help="skip the Temporal history cross-check")
     _state_dir_option(verify)
     verify.set_defaults(func=lambda args: _audit_verify(args, settings(args)))
 
@@ -109,12 +139,88 @@ def _creds(args: argparse.Namespace, action: str, settings: Settings) -> int:
 
 def _audit_verify(args: argparse.Namespace, settings: Settings) -> int:
     path = args.file or broker_dir(settings.state_dir) / "audit.jsonl"
-    ok, bad_seq, message = verify_chain(path)
+    checkpoints = args.checkpoints or checkpoints_path(path)
+    try:
+        keys = _audit_keys(args, settings)
+    except (OSError, ValueError, httpx.HTTPError) as exc:
+        print(f"cannot load the broker's key: {exc}", file=sys.stderr)
+        return 1
+    if keys is None:
+        signed = len(read_checkpoints(checkpoints))
+        if signed:
+            print(f"{signed} checkpoints in {checkpoints} but no broker key to check them: give --public-key or "
+                  "--jwks", file=sys.stderr)
+            return 1
+        # A log from a broker without a key (or from before checkpoints): the chain is all there is.
+        print(f"no broker key at {broker_dir(settings.state_dir) / 'signing-key.pem'}: checkpoints not checked, "
+              "so a log cut short or rewritten whole would pass", file=sys.stderr)
+    history, problem = _audit_history(args.history, settings)
+    if problem is not None:
+        print(problem, file=sys.stderr)
+        return 1
+    ok, bad_seq, message = verify_chain(
+        path, public_key=keys, checkpoints=checkpoints, history=history.by_seq if history else None
+    )
+    if ok and history is not None and history.conflicts:
+        ok, message = False, history.conflicts[0]
     print(message, file=sys.stdout if ok else sys.stderr)
     if not ok:
-        print(f"first broken record: seq {bad_seq}", file=sys.stderr)
+        if bad_seq is not None:
+            print(f"first broken record: seq {bad_seq}", file=sys.stderr)
         return 1
+    if history is not None and history.without_seq:
+        print(f"note: {len(history.without_seq)} grants in history carry no audit_seq (older runs) and were not "
+              "checked", file=sys.stderr)
     return 0
+
+
+def _audit_keys(args: argparse.Namespace, settings: Settings) -> dict[str, signing.Ed25519PublicKey] | None:
+    """kid -> the broker's public key, from --public-key, --jwks or the broker's own key file; None if none."""
+    if args.jwks:
+        if urlparse(args.jwks).scheme in ("http", "https"):
+            response = httpx.get(args.jwks, timeout=10)
+            response.raise_for_status()
+            document = response.json()
+        else:
+            document = json.loads(Path(args.jwks).read_text())
+        keys = signing.jwks_keys(document)
+        if not keys:
+            raise ValueError(f"{args.jwks} holds no Ed25519 key")
+        return keys
+    path = args.public_key or broker_dir(settings.state_dir) / "signing-key.pem"
+    if args.public_key is None and not path.exists():
+        return None
+    text = path.read_bytes()
+    # Only the public half is kept: verifying needs nothing more.
+    public = (signing.load_private_key(path).public_key() if b"PRIVATE KEY" in text
+              else signing.load_public_key(text))
+    return {signing.key_id(public): public}
+
+
+def _audit_history(mode: str, settings: Settings) -> tuple[HistoryGrants | None, str | None]:
+    """(grants from Temporal history or None if not checked, a problem that fails the check or None)."""
+    if mode == "off":
+        return None, None
+    import asyncio
+
+    from firebreak.audit_history import history_grants
+    from firebreak.temporal import connect
+
+    async def gather() -> HistoryGrants:
+        client = await asyncio.wait_for(connect(settings.temporal), timeout=10)
+        return await history_grants(client)
+
+    try:
+        found = asyncio.run(gather())
+    except Exception as exc:  # unreachable, TLS, visibility not supported: what failed, in one line
+        reason = f"Temporal at {settings.temporal.address}: {type(exc).__name__}: {str(exc)[:300]}"
+        if mode == "require":
+            return None, f"history cross-check failed: {reason}"
+        print(f"history: not checked ({reason}); --history makes this an error", file=sys.stderr)
+        return None, None
+    print(f"history: {found.workflows} IncidentWorkflow runs, {len(found.by_seq)} grants with an audit seq",
+          file=sys.stderr)
+    return found, None
 
 
 def _broker(args: argparse.Namespace, settings: Settings) -> int:

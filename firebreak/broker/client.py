@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 
 from firebreak.broker.models import IssuedCredential, MintRequest
+from firebreak.contracts import Approval, ApprovalCheck
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,13 @@ class BrokerClient:
         if response.status_code != 200:
             raise BrokerError(f"mint failed: {_reason(response)}", response.status_code)
         return IssuedCredential.model_validate(response.json())
+
+    async def check_approval(self, approval: Approval) -> ApprovalCheck:
+        """The broker's one verdict on an approval's signature, with the instant it first arrived."""
+        response = await self._post("/v1/approvals/check", {"approval": approval.model_dump(mode="json")})
+        if response.status_code != 200:
+            raise BrokerError(f"approval check failed: {_reason(response)}", response.status_code)
+        return ApprovalCheck.model_validate(response.json())
 
     async def revoke(self, grant_id: str) -> bool:
         """True if revoked now or before; False if the broker no longer knows it (expired)."""

@@ -7,7 +7,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from firebreak.contracts import Approval, Grant, Plan
+from firebreak.contracts import Approval, Grant, Plan, Receipt
 
 Name = Annotated[str, Field(min_length=1, max_length=200)]
 
@@ -27,7 +27,9 @@ class MintRequest(BaseModel):
     params: dict[str, str] = Field(default_factory=dict)
     plan: Plan | None = None
     approvals: list[Approval] = Field(default_factory=list, max_length=50)
-    requested_by: str | None = None
+    receipts: list[Receipt] = Field(default_factory=list, max_length=50,
+                                    description="who raised the incident, signed by the intake or the person")
+    undo: bool = Field(default=False, description="the step's undo, not its write")
 
     @property
     def is_read(self) -> bool:
@@ -40,6 +42,13 @@ class MintResponse(BaseModel):
     audience: str
     scope: dict[str, str]
     expires_at: datetime
+    audit_seq: int | None = None
+
+
+class ApprovalCheckRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    approval: Approval
 
 
 class RevokeRequest(BaseModel):
@@ -68,6 +77,7 @@ class IssuedCredential(BaseModel):
     audience: str
     scope: dict[str, str]
     expires_at: datetime
+    audit_seq: int | None = None
 
     @property
     def scope_str(self) -> str:
@@ -75,7 +85,8 @@ class IssuedCredential(BaseModel):
 
     @property
     def grant(self) -> Grant:
-        return Grant(grant_id=self.grant_id, audience=self.audience, scope=self.scope_str, expires_at=self.expires_at)
+        return Grant(grant_id=self.grant_id, audience=self.audience, scope=self.scope_str, expires_at=self.expires_at,
+                     audit_seq=self.audit_seq)
 
     @property
     def authorization(self) -> str:

@@ -7,9 +7,13 @@
   declared prometheus read (see ``firebreak.plan.build_plan``), so they need no
   separate rule.
 * A **write** (any other verb) is issued only for a step of a plan that this
-  runbook allows (``check_plan``), whose hash the broker recomputes, with the
-  step's exact target/verb/resource (or its undo verb), and only when signed
-  approvals, checked here against the roster, meet the policy for that step.
+  runbook derives field for field (``check_plan``), whose hash the broker
+  recomputes, with the step's exact target/verb/resource, only when signed
+  approvals (each judged once, at its first arrival) meet the policy for that
+  step, and only when signed receipts say who raised the incident (they may not
+  approve). The first write records a plan authorization; each step then mints
+  once per run (a retry of the same activity reuses its slot), and an undo only
+  after its step's write was issued. Tokens bind the exact request (``req``).
 """
 
 from __future__ import annotations
@@ -18,16 +22,19 @@ import hashlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from firebreak import signing
 from firebreak.broker.models import MintRequest
-from firebreak.contracts import Approval, ApprovalCheck, PlanStep, canonical_json
+from firebreak.broker.state import ApprovalSeen, DurableState, PlanAuthorization, plan_key
+from firebreak.contracts import Approval, ApprovalCheck, Plan, PlanStep, canonical_json
 from firebreak.escaping import TemplateError, render_plain
 from firebreak.plan import check_plan
 from firebreak.policy import evaluate
 from firebreak.roster import Roster
-from firebreak.runbook import Runbook
+from firebreak.runbook import Runbook, parse_duration
+from firebreak.signing import Ed25519PublicKey
 
 
 class Denied(Exception):
@@ -39,6 +46,10 @@ class Denied(Exception):
         self.approvers = approvers or []
 
 
+# How long the broker keeps an approval's verdict: past this it could authorize nothing anyway.
+APPROVAL_RECORD_S = 2 * 86400
+
+
 @dataclass
 class Decision:
     ttl_s: float
@@ -46,6 +57,10 @@ class Decision:
     approvers: list[str] = field(default_factory=list)
     # (nonce, approval digest, approval expiry) to remember once the mint is issued
     nonces: list[tuple[str, str, float]] = field(default_factory=list)
+    # the plan authorization to save, and the step slot ("s1/do") this mint spends, once issued
+    authorization: PlanAuthorization | None = None
+    slot: str = ""
+    claims: dict[str, Any] = field(default_factory=dict)
 
 
 def approval_digest(approval: Approval) -> str:
@@ -79,10 +94,65 @@ def authorize_read(request: MintRequest, runbook: Runbook) -> Decision:
     )
 
 
-def _step_allows(step: PlanStep, request: MintRequest) -> bool:
-    if (request.audience, request.resource) != (step.target, step.resource):
-        return False
-    return request.verb == step.verb or (step.undo is not None and request.verb == step.undo.verb)
+def judge_approval(approval: Approval, roster: Roster | None, state: DurableState, now: float) -> ApprovalCheck:
+    """The broker's verdict on an approval's signature, made once: at its first arrival.
+
+    Later presentations get the same verdict and the same ``received_at``, so the workflow
+    (which asks when the approval arrives) and a later mint judge it identically.
+    """
+    digest = approval_digest(approval)
+    seen = state.approval_seen(digest)
+    if seen is None:
+        if roster is None:
+            check = ApprovalCheck(valid=False, reason="the broker has no readable roster: no approval can be verified")
+        else:
+            check = signing.verify_approval(approval, roster)
+        seen = state.remember_approval(digest, ApprovalSeen(
+            received_at=now, workflow_id=approval.workflow_id, valid=check.valid, reason=check.reason,
+            groups=list(check.groups), keep_until=now + APPROVAL_RECORD_S,
+        ))
+    return ApprovalCheck(valid=seen.valid, reason=seen.reason, groups=seen.groups,
+                         received_at=datetime.fromtimestamp(seen.received_at, UTC))
+
+
+def derive_requesters(request: MintRequest, roster: Roster | None, intake_keys: list[Ed25519PublicKey],
+                      *, max_age: timedelta, now: datetime) -> list[str]:
+    """Who raised the incident, from signed receipts only; at least one is required."""
+    problems: list[str] = []
+    requesters: set[str] = set()
+    genuine = 0
+    for receipt in request.receipts:
+        if receipt.incident_id != request.workflow_id:
+            problems.append(f"receipt is for {receipt.incident_id!r}")
+            continue
+        if not now - max_age <= receipt.issued <= now + timedelta(minutes=5):
+            problems.append(f"receipt issued at {receipt.issued_at} is outside the incident's window")
+            continue
+        why = signing.verify_receipt(receipt, roster, intake_keys)
+        if why is not None:
+            problems.append(why)
+            continue
+        genuine += 1
+        if receipt.requested_by:
+            requesters.add(receipt.requested_by)
+    if not genuine:
+        detail = f" ({'; '.join(problems)})" if problems else ""
+        raise Denied(f"write {request.verb!r} carries no genuine receipt of who raised the incident{detail}")
+    return sorted(requesters)
+
+
+def _step_binding(request: MintRequest, step: PlanStep) -> dict[str, Any]:
+    """The ``req`` claim: what the target must see in the request this token is for.
+
+    A step's write binds the SHA-256 of its exact body, derived here from the catalog. An
+    undo binds the write it undoes: the target fills ``undo_body`` from the result *it*
+    recorded for ``undo_of`` and refuses any other body, so no undo param comes from the worker.
+    """
+    base = f"{request.workflow_id}/{request.run_id}/{step.id}"
+    if not request.undo:
+        return {"idempotency_key": f"{base}/do", "body_sha256": hashlib.sha256(canonical_json(step.params)).hexdigest()}
+    assert step.undo is not None
+    return {"idempotency_key": f"{base}/undo", "undo_of": f"{base}/do", "undo_body": dict(step.undo.params)}
 
 
 def authorize_write(
@@ -90,6 +160,8 @@ def authorize_write(
     runbook: Runbook,
     roster: Roster | None,
     *,
+    state: DurableState,
+    intake_keys: list[Ed25519PublicKey],
     nonce_conflict: Callable[[str, str], bool],
     now: datetime,
 ) -> Decision:
@@ -102,38 +174,86 @@ def authorize_write(
     if (plan.incident_id, plan.run_id) != (request.workflow_id, request.run_id):
         raise Denied(f"plan is for {plan.incident_id} run {plan.run_id}, not the requesting workflow's run")
     try:
-        check_plan(plan, runbook)
+        check_plan(plan, runbook)  # every step re-derived from the broker's own runbook copy
     except ValueError as exc:
         raise Denied(f"plan does not fit runbook {runbook.name!r}: {exc}") from None
     plan_hash = plan.hash  # recomputed here from the plan sent, never taken on trust
     step = plan.step(request.step_id)
     if step is None:
         raise Denied(f"step {request.step_id!r} is not in the plan")
-    if not _step_allows(step, request):
-        raise Denied(
-            f"step {step.id} allows {step.verb!r}"
-            + (f" (undo {step.undo.verb!r})" if step.undo else "")
-            + f" on {step.target}/{step.resource}, not {request.verb!r} on {request.audience}/{request.resource}"
-        )
+    verb = (step.undo.verb if step.undo else None) if request.undo else step.verb
+    if (request.audience, request.resource, request.verb) != (step.target, step.resource, verb):
+        kind = "undo" if request.undo else "write"
+        raise Denied(f"step {step.id} {kind} allows {verb!r} on {step.target}/{step.resource}, "
+                     f"not {request.verb!r} on {request.audience}/{request.resource}")
+    key = plan_key(request.workflow_id, request.run_id, plan_hash)
+    authorization = state.plan(key)
+    nonces: list[tuple[str, str, float]] = []
+    if request.undo:
+        if authorization is None or f"{step.id}/do" not in authorization.minted:
+            raise Denied(f"undo of step {step.id} before its step's write was issued")
+    elif authorization is None or step.id not in authorization.approved_steps:
+        # Requesters are derived once, when the plan is first authorized, from signed receipts only.
+        approval_window = parse_duration(runbook.remediate.windows.expire_after)
+        requesters = derive_requesters(request, roster, intake_keys,
+                                       max_age=approval_window + timedelta(minutes=30), now=now)
+        if plan.requesters != requesters:
+            raise Denied(f"requesters: the plan names {plan.requesters}, the signed receipts say {requesters}")
+        authorization, nonces = _authorize(request, plan, step, runbook, roster, state, authorization,
+                                           requesters=requesters, nonce_conflict=nonce_conflict, now=now)
+    assert authorization is not None
+    if now.timestamp() > authorization.expires_at:
+        raise Denied(f"plan {plan_hash[:12]}'s authorization ended at "
+                     f"{datetime.fromtimestamp(authorization.expires_at, UTC).isoformat()} (execution window)")
+    slot = f"{step.id}/{'undo' if request.undo else 'do'}"
+    earlier = authorization.minted.get(slot)
+    if earlier is not None and earlier != request.activity_id:
+        raise Denied(f"step {slot} of plan {plan_hash[:12]} was already minted for this run (activity {earlier}); "
+                     "approvals are not reusable")
+    # A write credential lives no longer than the step may run.
+    ttl = min(request.ttl_s, max(step.timeout_s, 1.0))
+    return Decision(ttl_s=ttl, plan_hash=plan_hash, approvers=authorization.approvers.get(step.id, []),
+                    nonces=nonces, authorization=authorization, slot=slot,
+                    claims={"req": _step_binding(request, step)})
+
+
+def _authorize(
+    request: MintRequest,
+    plan: Plan,
+    step: PlanStep,
+    runbook: Runbook,
+    roster: Roster | None,
+    state: DurableState,
+    existing: PlanAuthorization | None,
+    *,
+    requesters: list[str],
+    nonce_conflict: Callable[[str, str], bool],
+    now: datetime,
+) -> tuple[PlanAuthorization, list[tuple[str, str, float]]]:
+    """Judge the approvals (each at its recorded arrival) and record the plan authorization."""
     if not request.approvals:
         raise Denied(f"write {request.verb!r} for step {step.id} carries no approvals")
-    if roster is None:
-        raise Denied("the broker has no roster: no approval can be verified")
-
+    windows = runbook.remediate.windows
+    approval_window = parse_duration(windows.expire_after)
     checked: list[tuple[Approval, ApprovalCheck]] = []
     nonces: list[tuple[str, str, float]] = []
     for approval in request.approvals:
-        check = signing.verify_approval(approval, roster)
+        check = judge_approval(approval, roster, state, now.timestamp())
         if check.valid:
             digest = approval_digest(approval)
             if nonce_conflict(approval.nonce, digest):
                 raise Denied(f"approval by {approval.approver} reuses a nonce seen on a different approval")
             nonces.append((approval.nonce, digest, approval.expires.timestamp()))
+            assert check.received_at is not None
+            if now - check.received_at > approval_window:
+                # Judged once, but not forever: it authorizes within the approval window of its arrival.
+                check = check.model_copy(update={
+                    "valid": False, "reason": f"received at {check.received_at.isoformat()}, "
+                                              f"more than {approval_window} before its first use"})
         checked.append((approval, check))
 
-    result = evaluate(
-        plan, runbook, checked, workflow_id=request.workflow_id, requested_by=request.requested_by, now=now
-    )
+    result = evaluate(plan, runbook, checked, workflow_id=request.workflow_id, requested_by=requesters, now=now)
+    plan_hash = plan.hash
     if result.rejected:
         raise Denied(f"plan {plan_hash[:12]} was rejected by {result.rejected_by}")
     if step.id not in result.approved_steps:
@@ -145,13 +265,22 @@ def authorize_write(
             f"needs {need.approvers} approver(s) from {need.groups}, has {need.approved_by or 'none'}" if need else ""
         )
         why = f" ({why})" if why else ""
-        raise Denied(f"step {step.id} of plan {plan_hash[:12]} is not approved: {wanted}{why}")
-
-    approvers = [
-        a.approver
-        for (a, _), j in zip(checked, result.judgements, strict=True)
-        if j.counted and a.decision == "approve" and (not a.steps or step.id in a.steps)
-    ]
-    # A write credential lives no longer than the step may run.
-    ttl = min(request.ttl_s, max(step.timeout_s, 1.0))
-    return Decision(ttl_s=ttl, plan_hash=plan_hash, approvers=approvers, nonces=nonces)
+        raise Denied(f"step {step.id} of plan {plan_hash[:12]} is not approved: {wanted}{why}",
+                     approvers=[a.approver for a, _ in checked])
+    stamp = now.timestamp()
+    lifetime = parse_duration(windows.execute_within).total_seconds()
+    keep = stamp + lifetime + approval_window.total_seconds() + 3600
+    approved = {n.step: list(n.approved_by) for n in result.needs if n.met}
+    if existing is None:
+        authorization = PlanAuthorization(
+            workflow_id=request.workflow_id, run_id=request.run_id, plan_hash=plan_hash, created_at=stamp,
+            expires_at=stamp + lifetime, keep_until=keep, approved_steps=sorted(approved), approvers=approved,
+            digests=sorted({approval_digest(a) for a, _ in checked}), requesters=requesters, minted={},
+        )
+    else:  # more approvals arrived for steps the first ones did not cover
+        authorization = existing
+        authorization.approved_steps = sorted(set(existing.approved_steps) | set(approved))
+        authorization.approvers = {**approved, **existing.approvers}
+        authorization.digests = sorted(set(existing.digests) | {approval_digest(a) for a, _ in checked})
+        authorization.keep_until = max(existing.keep_until, keep)
+    return authorization, nonces

@@ -8,13 +8,15 @@ from typing import Self
 import uvicorn
 
 from firebreak.broker.app import Broker, create_app
+from firebreak.broker.checkpoints import checkpoints_path
 from firebreak.serving import ThreadedServer
 
 
 class BrokerServer(ThreadedServer):
     """The real broker over real HTTP on a free port, in a background thread.
 
-    ``start()`` returns once it accepts connections; ``stop()`` shuts it down.
+    ``start()`` returns once it accepts connections; ``stop()`` shuts it down and
+    signs a checkpoint of the audit log's head.
     Start it again with the same ``state_dir`` to test what survives a restart.
     """
 
@@ -50,11 +52,22 @@ class BrokerServer(ThreadedServer):
     def audit_path(self) -> Path:
         return self.state_dir / "broker" / "audit.jsonl"
 
+    @property
+    def checkpoints_path(self) -> Path:
+        return checkpoints_path(self.audit_path)
+
     def start(self, timeout: float = 10.0) -> Self:
         # A new Broker on each start: a restart re-reads its state from state_dir.
         self.app = create_app(self.state_dir, **self._kwargs)  # type: ignore[arg-type]
         self.broker = self.app.state.broker
         return super().start(timeout)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        super().stop(timeout)
+        # ThreadedServer runs uvicorn with lifespan="off", so the app's shutdown hook never runs here:
+        # sign the audit head ourselves, once no request can append any more.
+        if self.broker is not None:
+            self.broker.audit.close()
 
 
 def run(

@@ -8,6 +8,9 @@ audit.jsonl       hash-chained audit log
 frozen            present while the kill switch is on (survives restarts)
 grants.json       live grants (jti, expiry, revoked?) so a freeze after a restart still revokes
 nonces.json       approval nonces seen, with the digest of the approval that carried each
+approvals.json    each approval's verdict and the instant the broker first saw it (judged once)
+plans.json        plan authorizations per (workflow, run, plan hash): who approved which
+                  steps, until when, and which step and undo each activity minted (once)
 ```
 
 Nothing here holds a token: grants are known by their id (the jti).
@@ -88,6 +91,47 @@ class GrantRecord:
 REVOKED_MARGIN_S = 60
 
 
+@dataclass
+class ApprovalSeen:
+    """The broker's one judgement of an approval's signature, made when it first arrived."""
+
+    received_at: float
+    workflow_id: str
+    valid: bool
+    reason: str
+    groups: list[str]
+    keep_until: float
+
+
+@dataclass
+class PlanAuthorization:
+    """Recorded at the first write mint of (workflow, run, plan hash); later mints use it.
+
+    ``minted`` maps "STEP/do" and "STEP/undo" to the activity that minted it: a retry of
+    that activity may mint again (same idempotency key), nothing else may.
+    """
+
+    workflow_id: str
+    run_id: str
+    plan_hash: str
+    created_at: float
+    expires_at: float
+    keep_until: float
+    approved_steps: list[str]
+    approvers: dict[str, list[str]]
+    digests: list[str]
+    requesters: list[str]
+    minted: dict[str, str]
+
+    @property
+    def key(self) -> str:
+        return plan_key(self.workflow_id, self.run_id, self.plan_hash)
+
+
+def plan_key(workflow_id: str, run_id: str, plan_hash: str) -> str:
+    return f"{workflow_id}/{run_id}/{plan_hash}"
+
+
 class DurableState:
     """Grants, nonces and the freeze flag. Not thread-safe: the app holds one lock."""
 
@@ -98,13 +142,21 @@ class DurableState:
         self._grants_file = directory / "grants.json"
         self._nonces_file = directory / "nonces.json"
         self._frozen_file = directory / "frozen"
+        self._approvals_file = directory / "approvals.json"
+        self._plans_file = directory / "plans.json"
         self.grants: dict[str, GrantRecord] = {}
         self.nonces: dict[str, dict[str, Any]] = {}
+        self.approvals: dict[str, ApprovalSeen] = {}
+        self.plans: dict[str, PlanAuthorization] = {}
         if self._grants_file.exists():
             for gid, rec in json.loads(self._grants_file.read_text()).items():
                 self.grants[gid] = GrantRecord(**rec)
         if self._nonces_file.exists():
             self.nonces = json.loads(self._nonces_file.read_text())
+        if self._approvals_file.exists():
+            self.approvals = {d: ApprovalSeen(**r) for d, r in json.loads(self._approvals_file.read_text()).items()}
+        if self._plans_file.exists():
+            self.plans = {k: PlanAuthorization(**r) for k, r in json.loads(self._plans_file.read_text()).items()}
         self.prune()
 
     # -- freeze --
@@ -125,6 +177,9 @@ class DurableState:
         now = time.time() if now is None else now
         self.grants = {g: r for g, r in self.grants.items() if r.exp + REVOKED_MARGIN_S > now}
         self.nonces = {n: v for n, v in self.nonces.items() if v["expires_at"] > now}
+        # Kept until no approval they hold could authorize anything again (see rules.authorize_write).
+        self.approvals = {d: a for d, a in self.approvals.items() if a.keep_until > now}
+        self.plans = {k: p for k, p in self.plans.items() if p.keep_until > now}
 
     def add_grant(self, grant: GrantRecord) -> None:
         self.prune()
@@ -168,3 +223,23 @@ class DurableState:
         if changed:
             self.prune()
             _atomic_json(self._nonces_file, self.nonces)
+
+    # -- approvals judged once, plan authorizations --
+
+    def approval_seen(self, digest: str) -> ApprovalSeen | None:
+        return self.approvals.get(digest)
+
+    def remember_approval(self, digest: str, seen: ApprovalSeen) -> ApprovalSeen:
+        """The first judgement stands: a second arrival of the same approval changes nothing."""
+        if digest not in self.approvals:
+            self.approvals[digest] = seen
+            _atomic_json(self._approvals_file, {d: asdict(a) for d, a in self.approvals.items()})
+        return self.approvals[digest]
+
+    def plan(self, key: str) -> PlanAuthorization | None:
+        return self.plans.get(key)
+
+    def save_plan(self, plan: PlanAuthorization) -> None:
+        self.plans[plan.key] = plan
+        self.prune()
+        _atomic_json(self._plans_file, {k: asdict(p) for k, p in self.plans.items()})

@@ -1,0 +1,62 @@
+"""Receipts for opened incidents: who signs them, and where the intake's key lives.
+
+The intake API holds its own Ed25519 key (``STATE/intake/receipt-key.pem``);
+the broker reads only the public half (``receipt-key.pub``). The worker holds
+neither, so it cannot claim that nobody, or somebody else, raised an incident.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+from firebreak import signing
+from firebreak.contracts import Receipt
+
+INTAKE = "intake"
+ReceiptSigner = Callable[[str], Receipt]
+
+
+def intake_key_path(state_dir: str | Path) -> Path:
+    return Path(state_dir) / "intake" / "receipt-key.pem"
+
+
+def intake_public_path(state_dir: str | Path) -> Path:
+    return intake_key_path(state_dir).with_suffix(".pub")
+
+
+def ensure_intake_key(state_dir: str | Path) -> signing.Ed25519PrivateKey:
+    """The intake's receipt key, created (0600) with its public half on first use."""
+    path = intake_key_path(state_dir)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        signing.write_private_key(path, signing.generate_key())
+    key = signing.load_private_key(path)
+    public = intake_public_path(state_dir)
+    if not public.exists():
+        public.write_text(signing.public_pem(key))
+    return key
+
+
+def load_intake_public_keys(state_dir: str | Path) -> list[signing.Ed25519PublicKey]:
+    public = intake_public_path(state_dir)
+    return [signing.load_public_key(public.read_text())] if public.exists() else []
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def intake_signer(key: signing.Ed25519PrivateKey) -> ReceiptSigner:
+    """Receipts for deliveries from alert systems: no person raised them."""
+    return lambda incident_id: signing.sign_receipt(
+        Receipt(incident_id=incident_id, requested_by=None, signer=INTAKE, issued_at=_now()), key
+    )
+
+
+def person_signer(name: str, key: signing.Ed25519PrivateKey) -> ReceiptSigner:
+    """Receipts for an alert a person raised by hand: signed with their own roster key."""
+    return lambda incident_id: signing.sign_receipt(
+        Receipt(incident_id=incident_id, requested_by=name, signer=name, issued_at=_now()), key
+    )
