@@ -134,12 +134,13 @@ class _ManagedProcess:
             raise FileNotFoundError(f"{self.name} is not installed (apt-get install {self.name})")
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.render()
-        with open(self.log_path, "ab") as log:
+        # Logs are the owner's alone (0600), and so is what the process writes (umask 077).
+        with os.fdopen(os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as log:
             # A session of its own, like the stack's other processes: `firebreak down`
             # stops each by process group, and a Ctrl-C meant for a CLI does not reach it.
             self._process = subprocess.Popen(
                 self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.state_dir,
-                start_new_session=True,
+                start_new_session=True, umask=0o077,
             )
         return self
 
