@@ -22,6 +22,7 @@ from activities.diagnose import diagnose
 from activities.execute import ExecuteActivities
 from activities.investigate import InvestigateActivities
 from activities.notify import NotifyActivities
+from activities.observe import ObserveActivities
 from activities.tickets import TicketActivities
 from activities.verify import VerifyActivities
 from firebreak.config import Settings, load_settings
@@ -36,6 +37,7 @@ def activities_for(deps: ActivityDeps) -> Sequence[Any]:
         ApprovalActivities(deps).verify_approval,
         ExecuteActivities(deps).execute_step,
         VerifyActivities(deps).verify_step,
+        ObserveActivities(deps).observe_target,
         TicketActivities(deps).file_ticket,
         NotifyActivities(deps).notify,
     ]

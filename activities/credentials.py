@@ -14,10 +14,12 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.deps import ActivityDeps
-from firebreak.broker.client import IssuedCredential, MintRefused
+from firebreak.broker.client import CredentialsFrozen, IssuedCredential, MintRefused
 from firebreak.contracts import Approval, Plan, Receipt
 
 MAX_TTL_S = 900.0
+# The ApplicationError type a workflow recognises as "held by the kill switch", not failed.
+FROZEN = "CredentialsFrozen"
 # A no-op unless the worker process configures an OpenTelemetry SDK.
 tracer = trace.get_tracer("firebreak.activities")
 
@@ -55,6 +57,10 @@ async def activity_credential(
             span.set_attribute("firebreak.grant_id", credential.grant.grant_id)
             activity.logger.info("holding grant %s for %s:%s", credential.grant.grant_id, verb, resource)
             yield credential
+    except CredentialsFrozen as exc:
+        # Not a failure of the step: the workflow holds the incident until the broker thaws.
+        span.set_status(trace.Status(trace.StatusCode.ERROR, "credentials frozen"))
+        raise ApplicationError(exc.reason, type=FROZEN, non_retryable=True) from None
     except MintRefused as exc:
         span.set_status(trace.Status(trace.StatusCode.ERROR, "credential refused"))
         raise ApplicationError(f"credential refused: {exc.reason}", type="MintRefused", non_retryable=True) from None

@@ -7,7 +7,7 @@ a silent omission and never a failed workflow.
 from __future__ import annotations
 
 import math
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 from urllib.parse import quote
 
@@ -44,6 +44,25 @@ def parse_prometheus(body: dict[str, Any]) -> list[Series]:
     return series
 
 
+# Prometheus refuses a range query of more than 11,000 points per series.
+MAX_POINTS = 11_000
+
+
+def range_start(started: datetime, now: datetime, lookback: timedelta, step: timedelta) -> tuple[datetime, timedelta]:
+    """Where a range query starts, and its step, so that it covers ``lookback`` before the alert's start
+    and ends exactly at ``now``.
+
+    Anchored at the alert's start, not at now: an investigation that runs late (a re-investigation, a
+    worker that was down) still sees the time before the fault, the baseline a before/after test needs.
+    Prometheus evaluates at start, start + step, ...: counting the steps back from ``now`` makes ``now``
+    itself a point, so the latest value is the value at the investigation, not up to a step older.
+    """
+    span = (now - (min(started, now) - lookback)).total_seconds()
+    step_s = max(step.total_seconds(), math.ceil(span / MAX_POINTS))
+    points = max(1, math.ceil(span / step_s))
+    return now - timedelta(seconds=points * step_s), timedelta(seconds=step_s)
+
+
 class InvestigateActivities:
     def __init__(self, deps: ActivityDeps) -> None:
         self.deps = deps
@@ -52,6 +71,9 @@ class InvestigateActivities:
     async def investigate(self, request: InvestigateRequest) -> Evidence:
         spec = request.spec
         now = datetime.now(timezone.utc)
+        started = request.alert_started_at
+        if started.tzinfo is None:  # an incident system that sent a naive time means UTC
+            started = started.replace(tzinfo=timezone.utc)
         evidence = Evidence(
             id=spec.id, kind=spec.kind, title=spec.title, source=spec.target, query="", ok=False, gathered_at=now
         )
@@ -65,9 +87,9 @@ class InvestigateActivities:
                 evidence.grant = credential.grant
                 headers = {"Authorization": f"Bearer {credential.token}"}
                 if spec.kind == "change_log":
-                    await self._changes(evidence, spec, base, resource, headers, now)
+                    await self._changes(evidence, spec, base, resource, headers, now, started)
                 else:
-                    await self._prometheus(evidence, spec, base, request.params, headers, now)
+                    await self._prometheus(evidence, spec, base, request.params, headers, now, started)
             evidence.ok = True
         except ApplicationError as exc:  # the broker refused the read credential
             evidence.gap = f"{spec.id}: {exc.message}"
@@ -77,20 +99,21 @@ class InvestigateActivities:
 
     async def _prometheus(
         self, evidence: Evidence, spec: Investigation, base: str, params: dict[str, str],
-        headers: dict[str, str], now: datetime,
+        headers: dict[str, str], now: datetime, started: datetime,
     ) -> None:
         query = render_promql(spec.query, params)
         evidence.query = query
-        lookback = parse_duration(spec.lookback)
         link_base = self.deps.settings.prometheus_url_for_links or base
-        evidence.link = f"{link_base}/graph?g0.expr={quote(query)}&g0.tab=0&g0.range_input={spec.lookback}"
         if spec.kind == "prometheus_range":
+            start, step = range_start(started, now, parse_duration(spec.lookback), parse_duration(spec.step))
             url, args = f"{base}/api/v1/query_range", {
-                "query": query, "start": (now - lookback).timestamp(), "end": now.timestamp(),
-                "step": parse_duration(spec.step).total_seconds(),
+                "query": query, "start": start.timestamp(), "end": now.timestamp(), "step": step.total_seconds(),
             }
+            shown = f"{math.ceil((now - start).total_seconds())}s"
         else:
             url, args = f"{base}/api/v1/query", {"query": query, "time": now.timestamp()}
+            shown = spec.lookback
+        evidence.link = f"{link_base}/graph?g0.expr={quote(query)}&g0.tab=0&g0.range_input={shown}"
         response = await self.deps.http.get(url, params=args, headers=headers)
         if response.status_code >= 500:
             response.raise_for_status()
@@ -98,9 +121,11 @@ class InvestigateActivities:
 
     async def _changes(
         self, evidence: Evidence, spec: Investigation, base: str, resource: str,
-        headers: dict[str, str], now: datetime,
+        headers: dict[str, str], now: datetime, started: datetime,
     ) -> None:
-        since = now - parse_duration(spec.lookback)
+        # From the alert's start, not from now: an investigation that runs late still sees the change
+        # that preceded the alert.
+        since = min(started, now) - parse_duration(spec.lookback)
         url = resource_url(base, resource, "changes")
         evidence.query = f"GET {url}?since={since.isoformat()}"
         response = await self.deps.http.get(url, params={"since": since.isoformat()}, headers=headers)

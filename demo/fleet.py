@@ -35,6 +35,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Literal, Protocol, Self
 
 import uvicorn
@@ -83,7 +84,8 @@ LATENCY_U_CAP = 0.97
 # linear interpolation lands near the true p99 in the range the alerts care about.
 BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0)
 
-FaultKind = Literal["bad_deploy", "saturation", "stuck", "clear"]
+# "clear" ends a fault; "reset" also gives the service a fresh start (see Fleet.inject).
+FaultKind = Literal["bad_deploy", "saturation", "stuck", "clear", "reset"]
 ChangeKind = Literal["deploy", "rollback", "restart", "scale"]
 
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -225,11 +227,18 @@ class Fleet:
         # What a real target may return beside the result (session ids, internal URLs): tests put a
         # canary here to prove Firebreak keeps none of it in history.
         self.response_extras: dict[str, Any] = {}
+        # Services under a change freeze at the target: every write answers 409, as a locked
+        # deployment would (tests use it to make an undo fail).
+        self.locked: set[str] = set()
         # The running versions were deployed long before the demo starts, so a
         # "change in the last 30 minutes" question answers no until a fault or a person acts.
+        self._history_age_s = history_age_s
         for svc in self._services.values():
-            self._record(svc, "deploy", author="ci-bot", version=svc.version, previous_version=None,
-                         description=f"deploy {svc.version}", at=now - history_age_s)
+            self._record_origin(svc, now)
+
+    def _record_origin(self, svc: _Service, now: float) -> None:
+        self._record(svc, "deploy", author="ci-bot", version=svc.version, previous_version=None,
+                     description=f"deploy {svc.version}", at=now - self._history_age_s)
 
     # ---- time ----
 
@@ -379,9 +388,27 @@ class Fleet:
                 svc.saturated = False
                 svc.stuck = False
                 svc.bad_versions.discard(svc.version)
+            elif kind == "reset":
+                self._reset(svc)
             else:  # pragma: no cover - the HTTP layer validates kinds
                 raise FleetError(422, "invalid_request", f"unknown fault kind {kind!r}")
             return self._demo_service(svc)
+
+    def _reset(self, svc: _Service) -> None:
+        """The service as the demo started it: initial version and replicas, no fault, and a change log
+        holding only its original deploy, long ago.
+
+        For benchmarks that reuse a service: the next trial's 30-minute change lookback must not find the
+        last trial's deploy, nor its remediation. The counters keep counting (Prometheus must never see
+        them fall), so the metrics' own history is left for the runbooks' medians and windows to judge.
+        """
+        svc.version = INITIAL_VERSIONS[svc.name]
+        svc.previous_version = None
+        svc.replicas = INITIAL_REPLICAS
+        svc.saturated = svc.stuck = False
+        svc.bad_versions.clear()
+        self._changes = [c for c in self._changes if c["service"] != svc.name]
+        self._record_origin(svc, self._clock())
 
     def _demo_service(self, svc: _Service) -> dict[str, Any]:
         rates = svc.code_rates()
@@ -613,6 +640,8 @@ def create_app(*, verifier: Verifier, chaos_token: str | None = None, fleet: Fle
                 return JSONResponse(stored[2], status_code=stored[1], headers={"Idempotent-Replayed": "true"})
         who, context = author_of(claims)
         try:
+            if name in fleet.locked:
+                raise FleetError(409, "locked", f"{name} is locked for changes at the target")
             status, result = 200, {**act(parsed, who, context), **fleet.response_extras}
         except FleetError as exc:
             status, result = exc.status, {"error": exc.error, "reason": exc.reason}
@@ -730,12 +759,18 @@ class FleetServer(ThreadedServer):
             close()
 
 
-def _build_verifier(broker_url: str, audience: str, wait_s: float) -> TargetVerifier:
+def replay_cache_path(state_dir: str | Path) -> Path:
+    """Where the fleet keeps the jtis it accepted, so that a restart still refuses their replay."""
+    return Path(state_dir) / "replay-jtis.jsonl"
+
+
+def _build_verifier(broker_url: str, audience: str, wait_s: float,
+                    replay_path: Path | None = None) -> TargetVerifier:
     """The broker may still be starting: retry its JWKS for a while before giving up."""
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            return TargetVerifier.from_broker(broker_url, audience)
+            return TargetVerifier.from_broker(broker_url, audience, replay_cache_path=replay_path)
         except Exception as exc:  # noqa: BLE001 - any failure to reach the broker is retried the same way
             if time.monotonic() >= deadline:
                 raise SystemExit(f"demo.fleet: cannot reach the broker at {broker_url}: {exc}") from exc
@@ -753,10 +788,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="bearer token for POST /demo/faults (or FIREBREAK_CHAOS_TOKEN); unset disables faults")
     parser.add_argument("--audience", default=AUDIENCE)
     parser.add_argument("--broker-wait", type=float, default=30.0, help="seconds to wait for the broker at start")
+    parser.add_argument("--state-dir", default=os.environ.get("FIREBREAK_FLEET_STATE_DIR"),
+                        help="where the fleet keeps what must survive a restart (the jtis it accepted); "
+                             "unset keeps them in memory, and a restart would accept a replayed token")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    verifier = _build_verifier(args.broker_url, args.audience, args.broker_wait)
+    replay_path = replay_cache_path(args.state_dir) if args.state_dir else None
+    if replay_path is None:
+        log.warning("no --state-dir: accepted jtis are kept in memory only; a restart forgets them")
+    verifier = _build_verifier(args.broker_url, args.audience, args.broker_wait, replay_path)
     app = create_app(verifier=verifier, chaos_token=args.chaos_token)
     # Access logs carry paths and status only, never headers, so no token reaches a log.
     try:

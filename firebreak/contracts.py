@@ -27,7 +27,12 @@ def canonical_json(data: Any) -> bytes:
 
 
 class Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Every model here crosses a Temporal boundary, where payloads outlive the code that wrote them:
+    # a history recorded before a field was removed, or a payload from a newer worker mid-deploy. So
+    # unknown fields are ignored (never kept, never re-emitted: signatures cover the declared fields
+    # only) and new fields need defaults. HTTP boundaries stay strict by validating with
+    # ``extra="forbid"`` where they parse (the broker's requests, the intake API, runbook YAML).
+    model_config = ConfigDict(extra="ignore")
 
 
 class Phase(StrEnum):
@@ -42,6 +47,7 @@ class Phase(StrEnum):
     rejected = "rejected"
     expired = "expired"
     rolled_back = "rolled_back"
+    rollback_failed = "rollback_failed"
     failed = "failed"
 
     @property
@@ -50,11 +56,21 @@ class Phase(StrEnum):
 
 
 CLOSED_PHASES = frozenset(
-    {Phase.resolved, Phase.auto_resolved, Phase.rejected, Phase.expired, Phase.rolled_back, Phase.failed}
+    {Phase.resolved, Phase.auto_resolved, Phase.rejected, Phase.expired, Phase.rolled_back, Phase.rollback_failed,
+     Phase.failed}
 )
+# Endings a human must take over: they escalate with the evidence.
+NEEDS_A_HUMAN = frozenset({Phase.failed, Phase.rollback_failed, Phase.expired})
 
 
 # -- alerts -------------------------------------------------------------------
+
+
+# What one alert may carry into a workflow's history: its annotations are capped at intake, so a
+# repeated 1 MB annotation costs the incident a few KB per delivery, never its history.
+MAX_ANNOTATION_CHARS = 2048
+MAX_ANNOTATIONS = 32
+TRUNCATED = "… (truncated by Firebreak)"
 
 
 class Alert(Model):
@@ -68,6 +84,18 @@ class Alert(Model):
     starts_at: datetime | None = None
     ends_at: datetime | None = None
     generator_url: str | None = None
+
+    @field_validator("annotations", mode="before")
+    @classmethod
+    def _capped(cls, annotations: Any) -> Any:
+        if not isinstance(annotations, dict):
+            return annotations
+        kept = dict(list(annotations.items())[:MAX_ANNOTATIONS])
+        if len(annotations) > MAX_ANNOTATIONS:
+            kept["firebreak_dropped_annotations"] = str(len(annotations) - MAX_ANNOTATIONS)
+        return {str(k)[:128]: (v[: MAX_ANNOTATION_CHARS - len(TRUNCATED)] + TRUNCATED
+                               if isinstance(v, str) and len(v) > MAX_ANNOTATION_CHARS else v)
+                for k, v in kept.items()}
 
     @field_validator("labels")
     @classmethod
@@ -255,7 +283,7 @@ class PlanStep(Model):
 
 # Fields added to Plan after plans were first hashed: left out of the hash while unset, so
 # that a plan built by an older workflow version keeps the hash its approvals signed.
-_LATER_PLAN_FIELDS = ("params", "requesters", "evidence")
+_LATER_PLAN_FIELDS = ("params", "requesters", "evidence", "observed")
 
 
 class Plan(Model):
@@ -268,6 +296,8 @@ class Plan(Model):
     params: dict[str, str] | None = Field(default=None, description="the validated params every step is derived from")
     requesters: list[str] | None = Field(default=None, description="who raised the incident (signed receipts)")
     evidence: list[str] | None = Field(default=None, description="the top hypothesis's evidence, as shown")
+    observed: dict[str, dict[str, Any]] | None = Field(
+        default=None, description="per step, the target state its precondition must still find before the write")
 
     @model_validator(mode="after")
     def _unique_steps(self) -> "Plan":
@@ -330,6 +360,7 @@ class ApprovalCheck(Model):
     received_at: datetime | None = Field(
         default=None, description="when the broker first saw it: its validity is judged at this instant, once"
     )
+    held: str | None = Field(default=None, description="the broker's kill switch is on: who, when, why")
 
 
 class ApprovalRecord(Model):
@@ -353,6 +384,7 @@ class ApprovalOutcome(Model):
     reason: str
     phase: Phase
     decided: bool = Field(default=False, description="the plan now has every approval it will wait for")
+    held: str | None = Field(default=None, description="credentials are frozen: the approved plan waits for a thaw")
     waiting_for: list[str] = Field(default_factory=list, description="what each step still needs")
 
 
@@ -392,6 +424,16 @@ class StepResult(Model):
     verified: bool | None = None
     verification: str = ""
     rollback: "StepResult | None" = None
+
+
+class ObserveRequest(Model):
+    """Read the fields of a step's target state that its precondition names."""
+
+    incident_id: IncidentId
+    runbook: str
+    params: dict[str, str]
+    step: PlanStep
+    fields: list[str]
 
 
 class VerifyRequest(Model):
@@ -458,6 +500,9 @@ class IncidentStatus(Model):
     steps: list[StepResult] = Field(default_factory=list)
     tickets: list[Ticket] = Field(default_factory=list)
     refused_signals: list[str] = Field(default_factory=list, description="signals that could not be read")
+    sink_gaps: list[str] = Field(default_factory=list, description="tickets or notifications that could not be sent")
+    held: str | None = Field(default=None, description="waiting for the broker's kill switch to be released")
+    reproposals: list[str] = Field(default_factory=list, description="why earlier plans were withdrawn")
     closed_at: datetime | None = None
     outcome: str = ""
 

@@ -39,9 +39,15 @@ def parse_duration(text: str) -> timedelta:
 Duration = Annotated[str, Field(pattern=_DURATION.pattern)]
 
 
+# Runbook YAML is strict: parse_runbook validates with extra="forbid", which is what turns a typo'd field
+# into an error naming it, and the JSON Schema says additionalProperties: false. The models themselves
+# ignore unknown fields because a runbook also travels inside Temporal payloads (the workflow input, the
+# diagnose and investigate requests), which must still decode after a field is added or removed.
+_SCHEMA_CONFIG = ConfigDict(extra="ignore", frozen=True, json_schema_extra={"additionalProperties": False})
+
+
 class _Strict(BaseModel):
-    # extra="forbid" is what turns a typo'd field into an error naming it.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = _SCHEMA_CONFIG
 
 
 class Param(_Strict):
@@ -91,7 +97,8 @@ class Condition(_Strict):
     evidence: Identifier
     test: Literal["above", "below", "recent_change", "rose_after_change", "absent"]
     threshold: float = 0.0
-    factor: float = Field(default=2.0, description="rose_after_change: after/before mean ratio")
+    factor: float = Field(default=2.0, description="rose_after_change: ratio of the value once the query's rate window "
+                          "has passed since the change to the median before it")
     within: Duration = "30m"
     weight: float = Field(default=1.0, gt=0)
     description: str = ""
@@ -102,6 +109,19 @@ class HypothesisSpec(_Strict):
     title: str
     conditions: list[Condition] = Field(min_length=1)
     actions: list[Identifier] = Field(default_factory=list, description="catalog actions that answer it")
+
+
+class Decide(_Strict):
+    """When the diagnosis is too close to call, look once more before proposing or escalating.
+
+    An alert can open the incident while its evidence is still arriving (a rate window only half past the
+    change): a second look a little later turns a near miss into a clear answer either way.
+    """
+
+    margin: float = Field(default=0.1, ge=0, le=1, description=(
+        "a top score within this of the threshold (or below it with evidence missing) is undecided"))
+    reinvestigate_after: Duration = Field(default="30s", description=(
+        "how long to wait before the one re-investigation: at least the longest rate window the evidence reads"))
 
 
 class Verify(_Strict):
@@ -117,6 +137,17 @@ class Undo(_Strict):
 
     verb: str
     params: dict[str, ScalarParam] = Field(default_factory=dict)
+
+
+class Precondition(_Strict):
+    """What must still hold just before the write: the target's state, as it was when the plan was proposed.
+
+    The fields are read from the step's resource with the target's read verb (e.g. ``fleet.read`` on
+    ``service/checkout``) at proposal, put in the plan the approvers sign, and read again right before
+    the first write. Any change means the plan no longer fits the world: it is proposed anew.
+    """
+
+    fields: list[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")]] = Field(min_length=1)
 
 
 class ApprovalPolicy(_Strict):
@@ -137,6 +168,7 @@ class Action(_Strict):
     verify: Verify | None = None
     undo: Undo | None = None
     approval: ApprovalPolicy | None = Field(default=None, description="overrides the policy for this risk")
+    precondition: Precondition | None = Field(default=None, description="state re-read right before the write")
 
 
 class Windows(_Strict):
@@ -157,6 +189,9 @@ class Remediate(_Strict):
     approval: dict[Risk, ApprovalPolicy] = Field(default_factory=dict)
     windows: Windows = Windows()
     escalate_to: str = Field(default="", description="who is notified at escalation, e.g. 'sre-leads'")
+    on_unverified: Literal["rollback", "escalate"] = Field(
+        default="rollback", description="a verification that could not run: undo the step, or leave it and escalate"
+    )
 
     def policy_for(self, action: Action) -> ApprovalPolicy:
         return action.approval or self.approval.get(action.risk) or DEFAULT_POLICY[action.risk]
@@ -171,9 +206,10 @@ class Runbook(_Strict):
     params: dict[Identifier, Param]
     investigate: list[Investigation] = Field(min_length=1)
     diagnose: list[HypothesisSpec] = Field(min_length=1)
+    decide: Decide = Decide()
     remediate: Remediate
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(**_SCHEMA_CONFIG, populate_by_name=True)
 
     @model_validator(mode="after")
     def _references(self) -> "Runbook":
@@ -284,9 +320,45 @@ def parse_runbook(text: str, path: str = "<runbook>") -> Runbook:
     index: dict[tuple[Any, ...], int] = {}
     _line_index(node, (), index)
     try:
-        return Runbook.model_validate(data)
+        book = Runbook.model_validate(data, extra="forbid")
     except ValidationError as exc:
         raise _explain(exc, path, index) from None
+    problem = unmet_evidence_need(book)
+    if problem is not None:
+        loc, message = problem
+        raise RunbookError(path, _line_for(loc, index), ".".join(str(p) for p in loc), message)
+    return book
+
+
+def unmet_evidence_need(book: Runbook) -> tuple[tuple[Any, ...], str] | None:
+    """A condition that asks for more than its evidence reads, and where it is; None if all are met.
+
+    Checked when a runbook is loaded, not as a model validator: runbooks also travel inside Temporal
+    payloads, which must keep decoding whatever this check learns to refuse later.
+    """
+    specs = {inv.id: inv for inv in book.investigate}
+    change_logs = [inv for inv in book.investigate if inv.kind == "change_log"]
+    for h, hyp in enumerate(book.diagnose):
+        for c, cond in enumerate(hyp.conditions):
+            loc: tuple[Any, ...] = ("diagnose", h, "conditions", c)
+            spec = specs[cond.evidence]
+            if cond.test in ("recent_change", "absent"):
+                if spec.kind != "change_log":
+                    return loc + ("evidence",), f"{cond.test} needs change_log evidence, {spec.id!r} is {spec.kind}"
+                sources = [spec]
+            elif cond.test == "rose_after_change":
+                if spec.kind != "prometheus_range":
+                    return loc + ("evidence",), f"rose_after_change needs prometheus_range evidence, {spec.id!r} is {spec.kind}"
+                if not change_logs:
+                    return loc + ("test",), "rose_after_change needs a change_log in investigate to find the change"
+                sources = change_logs
+            else:
+                continue
+            widest = max(sources, key=lambda s: parse_duration(s.lookback))
+            if parse_duration(cond.within) > parse_duration(widest.lookback):
+                return loc + ("within",), (
+                    f"looks {cond.within} back for a change, but {widest.id!r} reads changes only {widest.lookback} back")
+    return None
 
 
 def _path_of(err: Any) -> tuple[Any, ...]:

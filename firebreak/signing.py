@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey as Ed25519PublicKey
 
 from firebreak.contracts import Approval, ApprovalCheck, Receipt
+from firebreak.replay_cache import ReplayCache
 
 if TYPE_CHECKING:
     from firebreak.roster import Roster
@@ -306,23 +307,6 @@ class TokenRejected(Exception):
         return (type(self), (self.status, self.reason))
 
 
-class _ReplayCache:
-    """jti -> exp; an entry lives until its token would have expired anyway."""
-
-    def __init__(self) -> None:
-        self._seen: dict[str, float] = {}
-        self._lock = threading.Lock()
-
-    def check_and_add(self, jti: str, exp: float, now: float, leeway: float) -> bool:
-        with self._lock:
-            if len(self._seen) > 1024:
-                self._seen = {j: e for j, e in self._seen.items() if e + leeway >= now}
-            if jti in self._seen:
-                return False
-            self._seen[jti] = exp
-            return True
-
-
 class TargetVerifier:
     """What a target runs on every request: one pinned algorithm, all claims required,
     one audience, a small leeway, single use (jti replay cache), and revocation.
@@ -340,7 +324,10 @@ class TargetVerifier:
         revoked: Callable[[], set[str]] | None = None,
         issuer: str | None = None,
         on_unknown_kid: Callable[[], dict[str, Ed25519PublicKey]] | None = None,
+        replay_cache_path: str | Path | None = None,
     ) -> None:
+        """``replay_cache_path``: where the accepted jtis are kept, so a restarted target still
+        refuses a replay (see :mod:`firebreak.replay_cache`); None keeps them in memory only."""
         if not audience:
             raise ValueError("audience is required")
         if not 0 <= leeway_s <= 30:
@@ -351,7 +338,7 @@ class TargetVerifier:
         self._keys = dict(public_keys)
         self._revoked = revoked
         self._on_unknown_kid = on_unknown_kid
-        self._replay = _ReplayCache()
+        self._replay = ReplayCache(replay_cache_path)
         self._poller: _RevocationPoller | None = None
 
     # -- construction from a running broker --
@@ -366,6 +353,7 @@ class TargetVerifier:
         poll_interval_s: float = 1.0,
         max_stale_s: float = 15.0,
         issuer: str | None = None,
+        replay_cache_path: str | Path | None = None,
     ) -> TargetVerifier:
         """Keys from the broker's JWKS; revocations polled from ``GET /v1/revoked``.
 
@@ -382,6 +370,7 @@ class TargetVerifier:
             revoked=poller.revoked,
             issuer=issuer,
             on_unknown_kid=poller.fetch_keys_rate_limited,
+            replay_cache_path=replay_cache_path,
         )
         verifier._poller = poller
         poller.start()
@@ -390,6 +379,7 @@ class TargetVerifier:
     def close(self) -> None:
         if self._poller is not None:
             self._poller.stop()
+        self._replay.close()
 
     # -- verification --
 

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import yaml
 
 from firebreak import signing
+from firebreak.roster import entry_yaml
 from firebreak.api import stack_info
 from firebreak.codec import PayloadAuthCodec, ensure_key_file
 from firebreak.runbook import default_runbook_dir
@@ -137,12 +137,13 @@ def ensure_demo_roster(state_dir: Path) -> Path:
     roster = state_dir / "roster.yaml"
     if roster.exists():
         return roster
-    people = []
+    entries = []
     for name, groups in DEMO_PEOPLE.items():
         key = signing.generate_key()
         signing.write_private_key(keys / f"{name}.pem", key)
-        people.append({"name": name, "groups": groups, "public_key": signing.public_pem(key)})
-    roster.write_text(yaml.safe_dump({"people": people}, sort_keys=False))
+        entries.append(entry_yaml(name, groups, signing.public_pem(key)))
+    # The layout `firebreak keys new` prints, so that appending its output (>> roster.yaml) adds a person.
+    roster.write_text("people:\n" + "".join(entries))
     return roster
 
 

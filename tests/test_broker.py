@@ -146,7 +146,7 @@ def write_fields(env: Env, approvals: list[Approval], **kw: Any) -> dict[str, An
     return fields
 
 
-async def refused(env: Env, fields: dict[str, Any], expect: str) -> str:
+async def refused(env: Env, fields: dict[str, Any], expect: str, status: int = 403) -> str:
     """Mint must be refused with a reason containing ``expect``, and audited as a deny."""
     before = len(env.audit())
     async with env.client as client:
@@ -154,7 +154,7 @@ async def refused(env: Env, fields: dict[str, Any], expect: str) -> str:
             await client.mint(**fields)
     reason = info.value.reason
     assert expect in reason, reason
-    assert info.value.status == 403
+    assert info.value.status == status
     deny = env.last_deny()
     assert deny["seq"] > before and deny["reason"] == reason and deny["decision"] == "denied"
     assert deny["audience"] == fields["audience"] and deny["step_id"] == fields["step_id"]
@@ -465,8 +465,10 @@ async def test_freeze_refuses_every_mint_revokes_live_grants_and_survives_restar
         assert response.status_code == 200 and response.json()["revoked"] == 1
         assert live.grant_id in httpx.get(f"{env.server.url}/v1/revoked").json()["revoked"]
 
-        await refused(env, read_fields(), "frozen")
-        await refused(env, write_fields(env, [env.approve("alice")]), "frozen")
+        # 423: held, not refused for good; the reason says who froze it and why.
+        reason = await refused(env, read_fields(), "credentials frozen by someone at ", status=423)
+        assert reason.endswith(": drill")
+        await refused(env, write_fields(env, [env.approve("alice")]), "frozen", status=423)
 
         # The target hears of the revocation within a poll or two.
         deadline = time.monotonic() + 5
@@ -480,7 +482,7 @@ async def test_freeze_refuses_every_mint_revokes_live_grants_and_survives_restar
     env.server.stop()
     env.server.start()
     assert httpx.get(f"{env.server.url}/healthz").json()["frozen"] is True
-    await refused(env, read_fields(), "frozen")
+    await refused(env, read_fields(), "frozen", status=423)
 
     admin = {"Authorization": f"Bearer {env.server.admin_token}"}
     assert httpx.post(f"{env.server.url}/v1/thaw", headers=admin).status_code == 200
@@ -496,13 +498,22 @@ async def test_cli_creds_freeze_and_thaw(
     from firebreak.broker import cli
 
     monkeypatch.setenv("FIREBREAK_BROKER_URL", env.server.url)
-    freeze = ["creds", "freeze", "--state-dir", str(env.state_dir), "--reason", "t"]
+    freeze = ["creds", "freeze", "--state-dir", str(env.state_dir), "--reason", "suspicious mints", "--as", "carol"]
     assert await asyncio.to_thread(cli.main, freeze) == 0
     assert "frozen" in capsys.readouterr().out
-    await refused(env, read_fields(), "frozen")
-    assert await asyncio.to_thread(cli.main, ["creds", "thaw", "--state-dir", str(env.state_dir)]) == 0
+    await refused(env, read_fields(), "credentials frozen by carol at ", status=423)
+    thaw = ["creds", "thaw", "--state-dir", str(env.state_dir), "--reason", "all clear", "--as", "dana"]
+    assert await asyncio.to_thread(cli.main, thaw) == 0
     async with env.client as client:
         await client.mint(**read_fields())
+    # The audit log records who did it and why.
+    freeze_record = next(r for r in env.audit() if r["event"] == "freeze")
+    thaw_record = next(r for r in env.audit() if r["event"] == "thaw")
+    assert freeze_record["subject"] == "carol" and freeze_record["reason"].startswith("suspicious mints")
+    assert (thaw_record["subject"], thaw_record["reason"]) == ("dana", "all clear")
+    # Freezing needs a reason.
+    with pytest.raises(SystemExit):
+        cli.main(["creds", "freeze", "--state-dir", str(env.state_dir)])
 
 
 # -- revocation and the client's context manager -------------------------------------------

@@ -105,3 +105,18 @@ def test_cli_keys_new_writes_0600_key_and_prints_its_roster_entry(
     # never overwrites, and a name cannot be a path
     assert cli.main(["keys", "new", "--name", "dana", "--out", str(out)]) == 1
     assert cli.main(["keys", "new", "--name", "../evil", "--out", str(out)]) == 2
+
+
+def test_adding_a_person_the_documented_way_keeps_the_roster_readable(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """`firebreak keys new --name erin --group oncall >> STATE/roster.yaml` adds erin, and breaks nobody."""
+    from firebreak.cli import main
+    from firebreak.stack import ensure_demo_roster
+
+    roster = ensure_demo_roster(tmp_path)
+    assert main(["keys", "new", "--name", "erin", "--group", "oncall", "--state-dir", str(tmp_path)]) == 0
+    with roster.open("a") as out:
+        out.write(capsys.readouterr().out)
+    loaded = Roster.load(roster)
+    assert loaded.names() == ["alice", "bob", "carol", "erin"]
+    assert loaded.get("erin").groups == ["oncall"]

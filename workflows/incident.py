@@ -2,15 +2,21 @@
 
 investigating -> diagnosing -> proposing -> awaiting_approval -> executing
 -> verifying -> resolved, with the exits auto_resolved, rejected, expired,
-rolled_back and failed. Every side effect is an activity; every decision
-here is deterministic and visible in history.
+rolled_back, rollback_failed and failed. Every side effect is an activity;
+every decision here is deterministic and visible in history.
+
+Every ending is chosen here, never by a sink or a check: a ticket or
+notification that cannot be sent is a recorded gap; a verification that cannot
+run follows the runbook's ``on_unverified``; the broker's kill switch holds the
+incident until a thaw; a plan that no longer fits the world is proposed anew.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
@@ -23,7 +29,9 @@ with workflow.unsafe.imports_passed_through():
     from activities.diagnose import diagnose
     from activities.execute import ExecuteActivities
     from activities.investigate import InvestigateActivities
+    from activities.credentials import FROZEN
     from activities.notify import NotifyActivities
+    from activities.observe import ObserveActivities
     from activities.tickets import TicketActivities
     from activities.verify import VerifyActivities
     from firebreak import policy
@@ -39,11 +47,13 @@ with workflow.unsafe.imports_passed_through():
         Diagnosis,
         Evidence,
         ExecuteRequest,
+        NEEDS_A_HUMAN,
         IncidentInput,
         IncidentReport,
         IncidentStatus,
         InvestigateRequest,
         Notification,
+        ObserveRequest,
         Phase,
         Plan,
         PlanStep,
@@ -60,11 +70,23 @@ with workflow.unsafe.imports_passed_through():
     from workflows.summary import plan_markdown, status_markdown
 
 QUICK = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=10), maximum_attempts=3)
-PATIENT = RetryPolicy(initial_interval=timedelta(seconds=2), maximum_interval=timedelta(minutes=1), maximum_attempts=8)
-# Writes are idempotent at the target (idempotency key), so a retry never acts twice;
-# refusals (no approval, bad scope) are raised non-retryable by the activity.
-WRITE = RetryPolicy(initial_interval=timedelta(seconds=2), maximum_interval=timedelta(seconds=20), maximum_attempts=3)
+# Budgets, not attempt counts: an outage shorter than the budget delays the work, it does not fail it.
+# Refusals (no approval, bad scope, bad input) are raised non-retryable by the activities.
+PATIENT = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0,
+                      maximum_interval=timedelta(seconds=15))
+SINK_BUDGET = timedelta(minutes=5)  # a ticket or notification that cannot go by then is a recorded gap
+# Writes are idempotent at the target (the token binds the idempotency key), so a retry never acts twice.
+WRITE = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0,
+                    maximum_interval=timedelta(seconds=5))
+HOLD_POLL = timedelta(seconds=15)  # how often a held incident asks again whether the broker thawed
+MAX_PROPOSALS = 3  # a plan that keeps going stale is a human's job
 MIN_TOP_SCORE = 0.5
+# What incidents started before lifecycle v2 ran with: kept so that they replay as they ran.
+_LEGACY_PATIENT = RetryPolicy(initial_interval=timedelta(seconds=2), maximum_interval=timedelta(minutes=1),
+                              maximum_attempts=8)
+_LEGACY_WRITE = RetryPolicy(initial_interval=timedelta(seconds=2), maximum_interval=timedelta(seconds=20),
+                            maximum_attempts=3)
+T = TypeVar("T")
 
 
 def _refusal(incident: Any) -> str | None:
@@ -112,6 +134,11 @@ class IncidentWorkflow:
         self.outcome = ""
         self.closed_at = None
         self.refused_signals: list[str] = []
+        self.sink_gaps: list[str] = []
+        self.held: str | None = None
+        self.reproposals: list[str] = []
+        self.background: list[asyncio.Future[None]] = []
+        self.v2 = False  # set in run(): False only when replaying an incident started before lifecycle v2
         self.approval_lock = asyncio.Lock()
 
     # -- messages -------------------------------------------------------------
@@ -216,6 +243,9 @@ class IncidentWorkflow:
             steps=self.steps,
             tickets=self.tickets,
             refused_signals=self.refused_signals,
+            sink_gaps=self.sink_gaps,
+            held=self.held,
+            reproposals=self.reproposals,
             closed_at=self.closed_at,
             outcome=self.outcome,
         )
@@ -228,6 +258,9 @@ class IncidentWorkflow:
             # Nothing runs for an input this worker cannot trust: no activity, no ticket.
             raise ApplicationError(f"refused to open an incident: {self.refused_input}", type="InputRefused",
                                    non_retryable=True)
+        # One marker for everything lifecycle v2 adds to the commands (observations, escalations on
+        # failure): incidents started before it replay exactly as they ran.
+        self.v2 = workflow.patched("lifecycle-v2")
         incident = self.incident
         runbook = incident.runbook
         # Signal-with-start delivers the alert with the first task; wait in case it came apart.
@@ -241,6 +274,29 @@ class IncidentWorkflow:
             SERVICE.value_set(incident.params.get("service", "")),
             SEVERITY.value_set(self.severity or "none"),
         ])
+        while True:
+            outcome = await self._propose()
+            if outcome is None:
+                outcome = await self._await_approval()
+            if outcome is not None:
+                return outcome
+            stale = await self._plan_no_longer_fits() if self.v2 else None
+            if isinstance(stale, IncidentReport):
+                return stale
+            if stale is None:
+                return await self._execute_and_verify()
+            if len(self.reproposals) + 1 >= MAX_PROPOSALS:
+                return await self._close(Phase.failed, f"the plan went stale {MAX_PROPOSALS} times; last: {stale}")
+            # Nothing ran: withdraw the plan (its approvals no longer apply) and propose anew.
+            self.reproposals.append(stale)
+            self.plan, self.verdict, self.received = None, None, []
+            self.escalates_at = self.expires_at = None
+            self.escalated = False
+
+    async def _propose(self) -> IncidentReport | None:
+        """Investigate, diagnose and propose a plan; an ending if there is nothing to propose."""
+        incident = self.incident
+        runbook = incident.runbook
         await self._enter(Phase.investigating)
         started = self.started_at or self.opened_at
         self.evidence = list(await asyncio.gather(*[self._investigate(spec, started) for spec in runbook.investigate]))
@@ -261,7 +317,8 @@ class IncidentWorkflow:
         if top is None or top.score < MIN_TOP_SCORE or not top.actions:
             why = "no hypothesis is supported well enough" if top is None or top.score < MIN_TOP_SCORE else (
                 f"the top hypothesis ({top.title}) has no remediation in the runbook's catalog")
-            await self._notify("escalation", f"{why}; a human must take this incident")
+            if not self.v2:  # v2: _close escalates every ending that needs a human
+                await self._notify("escalation", f"{why}; a human must take this incident")
             return await self._close(Phase.failed, f"escalated to a human: {why}")
         # The plan binds everything the approver is shown: params, requesters, evidence.
         bind_all = workflow.patched("plan-binds-all")
@@ -272,17 +329,22 @@ class IncidentWorkflow:
             bind_all=bind_all,
         )
         assert self.plan is not None  # top.actions is not empty
+        if self.v2:
+            observed = await self._observe_all(self.plan)
+            if isinstance(observed, str):
+                return await self._close(Phase.failed, f"escalated to a human: {observed}")
+            if observed:
+                self.plan = self.plan.model_copy(update={"observed": observed})
         self.verdict = policy.evaluate(
             self.plan, runbook, [], workflow_id=incident.incident_id, requested_by=self._requesters(),
             now=workflow.now(),
         )
-        await self._ticket("proposed")
-
-        outcome = await self._await_approval()
-        if outcome is not None:
-            return outcome
-
-        return await self._execute_and_verify()
+        if self.v2:
+            # Off the critical path: the approval wait starts now, the ticket follows when it can.
+            self.background.append(asyncio.ensure_future(self._ticket("proposed")))
+        else:
+            await self._ticket("proposed")
+        return None
 
     async def _investigate(self, spec: Investigation, started: datetime) -> Evidence:
         try:
@@ -306,34 +368,40 @@ class IncidentWorkflow:
     # -- approval -------------------------------------------------------------
 
     async def _await_approval(self) -> IncidentReport | None:
+        """Wait for a decision; None when the plan is approved (fully, or partially with the rest left out)."""
         windows = self.incident.runbook.remediate.windows
-        escalate_after = parse_duration(windows.escalate_after)
-        expire_after = parse_duration(windows.expire_after)
-        self.escalates_at = workflow.now() + escalate_after
-        self.expires_at = workflow.now() + expire_after
+        if self.escalates_at is None or self.expires_at is None:
+            self.escalates_at = workflow.now() + parse_duration(windows.escalate_after)
+            self.expires_at = workflow.now() + parse_duration(windows.expire_after)
         await self._enter(Phase.awaiting_approval)
         decided = lambda: self._decided() or self._all_resolved()  # noqa: E731
-        try:
-            await workflow.wait_condition(decided, timeout=escalate_after, timeout_summary="escalate if not approved")
-        except asyncio.TimeoutError:
-            self.escalated = True
-            await self._notify("escalation", "no approval within the first window; approval needed")
-            self._set_details()
+        while True:
+            deadline = self.expires_at if self.escalated else self.escalates_at
             try:
                 await workflow.wait_condition(
-                    decided, timeout=expire_after - escalate_after, timeout_summary="expire if not approved"
+                    decided, timeout=max(deadline - workflow.now(), timedelta(0)),
+                    timeout_summary="expire if not approved" if self.escalated else "escalate if not approved",
                 )
             except asyncio.TimeoutError:
-                await self._notify("expired", "no approval in time; nothing was executed")
+                if not self.escalated:
+                    self.escalated = True
+                    await self._notify("escalation", "no approval within the first window; approval needed")
+                    self._set_details()
+                    continue
+                if not self.v2:
+                    await self._notify("expired", "no approval in time; nothing was executed")
                 return await self._close(Phase.expired, "no approval in time; nothing executed")
-        # Let an approval that is being verified finish before acting on the verdict.
-        async with self.approval_lock:
-            pass
-        if self.verdict and self.verdict.rejected:
-            return await self._close(Phase.rejected, f"rejected by {self.verdict.rejected_by}; nothing executed")
-        if not self._decided() and self._all_resolved():
-            return await self._close(Phase.auto_resolved, "the alert cleared before approval; nothing executed")
-        return None
+            # Let an approval that is being verified finish before acting on the verdict.
+            async with self.approval_lock:
+                pass
+            if self.verdict and self.verdict.rejected:
+                return await self._close(Phase.rejected, f"rejected by {self.verdict.rejected_by}; nothing executed")
+            if self._decided():
+                return None
+            if self._all_resolved():
+                return await self._close(Phase.auto_resolved, "the alert cleared before approval; nothing executed")
+            # The alert cleared and fired again while an approval was being checked: nothing is
+            # decided, so keep waiting. Acting here would "resolve" an incident with nothing executed.
 
     def _decided(self) -> bool:
         """Rejected, or every step either has its quorum or was left out by a partial approval."""
@@ -398,7 +466,7 @@ class IncidentWorkflow:
             waiting = [f"{n.step}: {n.approvers - len(n.approved_by)} more from {', '.join(n.groups)}"
                        for n in self.verdict.needs if not n.met and not self._left_out(n.step)]
             return ApprovalOutcome(counted=judgement.counted, reason=judgement.reason, phase=self.phase,
-                                   decided=self._decided(), waiting_for=waiting)
+                                   decided=self._decided(), waiting_for=waiting, held=check.held)
 
     def _record_refusal(self, payload: Any, via: str, reason: str) -> ApprovalOutcome:
         approver = payload.get("approver") if isinstance(payload, dict) else None
@@ -435,34 +503,59 @@ class IncidentWorkflow:
             result = await self._run_step(step, approvals)
             self.steps.append(result)
             if result.status != "succeeded":
-                await self._undo_all(done, approvals)
-                phase = Phase.rolled_back if done else Phase.failed
-                return await self._close(phase, f"step {step.id} ({step.action}) failed: {result.detail}")
+                return await self._roll_back(done, approvals, f"step {step.id} ({step.action}) failed: {result.detail}")
             done.append((step, result))
+        if not done:
+            # Never "resolved" with nothing executed.
+            return await self._close(Phase.failed, "no approved step ran; nothing executed")
 
         await self._enter(Phase.verifying)
         for index, (step, result) in enumerate(done):
             if step.verify is None:
                 result.verified, result.verification = None, "no verification declared"
                 continue
-            check = await workflow.execute_activity_method(
-                VerifyActivities.verify_step,
-                VerifyRequest(
-                    incident_id=self.incident.incident_id, runbook=self.incident.runbook.name,
-                    params=self.incident.params, step_id=step.id, check=step.verify,
-                ),
-                start_to_close_timeout=timedelta(seconds=step.verify.within_s + 60),
-                heartbeat_timeout=timedelta(seconds=max(30, step.verify.interval_s * 3)),
-                retry_policy=QUICK,
-                summary=f"verify {step.id}: {step.verify.test} {step.verify.threshold} within {step.verify.within_s:.0f}s",
-            )
+            try:
+                check = await self._verify(step)
+            except ActivityError as exc:
+                if not self.v2:
+                    raise
+                why = f"step {step.id} could not be verified: {_cause(exc)}"
+                result.verified, result.verification = None, why
+                if self.incident.runbook.remediate.on_unverified == "escalate":
+                    return await self._close(Phase.failed, f"{why}; left in place and escalated (runbook policy)")
+                return await self._roll_back(done[: index + 1], approvals, f"{why}; rolled back (runbook policy)")
             result.verified, result.verification = check.held, check.detail
             if not check.held:
-                await self._undo_all(done[: index + 1], approvals)
-                return await self._close(
-                    Phase.rolled_back, f"step {step.id} did not help ({check.detail}); rolled back"
-                )
+                return await self._roll_back(done[: index + 1], approvals, f"step {step.id} did not help ({check.detail})")
         return await self._close(Phase.resolved, "remediation applied and verified")
+
+    async def _verify(self, step: PlanStep) -> VerifyResult:
+        assert step.verify is not None
+        check = step.verify
+        return await self._holding(lambda: workflow.execute_activity_method(
+            VerifyActivities.verify_step,
+            VerifyRequest(
+                incident_id=self.incident.incident_id, runbook=self.incident.runbook.name,
+                params=self.incident.params, step_id=step.id, check=check,
+            ),
+            start_to_close_timeout=timedelta(seconds=check.within_s + 60),
+            # A broker or Prometheus outage delays verification; only a longer one makes it "could not verify".
+            schedule_to_close_timeout=timedelta(seconds=check.within_s + 180) if self.v2 else None,
+            heartbeat_timeout=timedelta(seconds=max(30, check.interval_s * 3)),
+            retry_policy=PATIENT if self.v2 else QUICK,
+            summary=f"verify {step.id}: {check.test} {check.threshold} within {check.within_s:.0f}s",
+        ))
+
+    async def _roll_back(self, done: list[tuple[PlanStep, StepResult]], approvals: list[Approval],
+                         why: str) -> IncidentReport:
+        """Undo what ran; the ending says truthfully whether every undo succeeded."""
+        if not done:
+            return await self._close(Phase.failed, f"{why}; nothing had run, nothing to roll back")
+        not_undone = await self._undo_all(done, approvals)
+        if not_undone and self.v2:
+            return await self._close(Phase.rollback_failed,
+                                     f"{why}; rollback failed for {', '.join(not_undone)}: a human must restore it")
+        return await self._close(Phase.rolled_back, f"{why}; rolled back")
 
     async def _run_step(self, step: PlanStep, approvals: list[Approval], *, undo: dict | None = None) -> StepResult:
         assert self.plan is not None
@@ -473,35 +566,99 @@ class IncidentWorkflow:
         )
         verb = step.undo.verb if undo is not None and step.undo else step.verb
         try:
-            return await workflow.execute_activity_method(
+            return await self._holding(lambda: workflow.execute_activity_method(
                 ExecuteActivities.execute_step,
                 request,
                 start_to_close_timeout=timedelta(seconds=step.timeout_s),
-                retry_policy=WRITE,
+                # The step's own timeout is its retry budget: a shorter outage delays it, never fails it.
+                schedule_to_close_timeout=timedelta(seconds=step.timeout_s) if self.v2 else None,
+                retry_policy=WRITE if self.v2 else _LEGACY_WRITE,
                 summary=f"{'undo' if undo is not None else 'execute'} {step.id}: {verb} on {step.resource}",
-            )
+            ))
         except ActivityError as exc:
-            cause = exc.cause
-            detail = cause.message if isinstance(cause, ApplicationError) else str(cause or exc)
-            return StepResult(step_id=step.id, action=step.action, status="failed", detail=detail)
+            return StepResult(step_id=step.id, action=step.action, status="failed", detail=_cause(exc))
 
-    async def _undo_all(self, done: list[tuple[PlanStep, StepResult]], approvals: list[Approval]) -> None:
-        """Saga compensation: undo what ran, newest first."""
+    async def _undo_all(self, done: list[tuple[PlanStep, StepResult]], approvals: list[Approval]) -> list[str]:
+        """Saga compensation: undo what ran, newest first. Returns the steps left not undone."""
+        not_undone: list[str] = []
         for step, result in reversed(done):
             if step.undo is None:
-                result.rollback = StepResult(step_id=step.id, action=step.action, status="skipped",
+                result.rollback = StepResult(step_id=step.id, action=step.action, status="rollback_failed",
                                              detail="the catalog declares no undo for this action")
+                not_undone.append(step.id)
                 continue
             try:
                 params = undo_params(step, result.response)
             except ValueError as exc:
                 result.rollback = StepResult(step_id=step.id, action=step.action, status="rollback_failed",
                                              detail=str(exc))
+                not_undone.append(step.id)
                 continue
             undone = await self._run_step(step, approvals, undo=params)
             result.rollback = undone
             if undone.status == "succeeded":
                 result.status = "rolled_back"
+            else:
+                not_undone.append(step.id)
+        return not_undone
+
+    # -- the world, re-checked -------------------------------------------------
+
+    async def _observe_all(self, plan: Plan) -> dict[str, dict[str, Any]] | str:
+        """Each step's target state that its precondition names, or why it could not be read."""
+        observed: dict[str, dict[str, Any]] = {}
+        for step in plan.steps:
+            action = self.incident.runbook.remediate.actions[step.action]
+            if action.precondition is None:
+                continue
+            try:
+                observed[step.id] = await self._holding(lambda s=step, f=action.precondition.fields: (
+                    workflow.execute_activity_method(
+                        ObserveActivities.observe_target,
+                        ObserveRequest(incident_id=self.incident.incident_id, runbook=self.incident.runbook.name,
+                                       params=self.incident.params, step=s, fields=f),
+                        start_to_close_timeout=timedelta(seconds=15),
+                        schedule_to_close_timeout=timedelta(minutes=2),
+                        retry_policy=PATIENT,
+                        summary=f"observe {s.id}: {', '.join(f)} of {s.resource}",
+                    )))
+            except ActivityError as exc:
+                return f"could not read {step.resource} for step {step.id}'s precondition: {_cause(exc)}"
+        return observed
+
+    async def _plan_no_longer_fits(self) -> IncidentReport | str | None:
+        """Right before the first write: an ending if the alert cleared, a reason if the plan is stale."""
+        assert self.plan is not None
+        if self._all_resolved():
+            return await self._close(Phase.auto_resolved, "the alert cleared before execution; nothing executed")
+        if not self.plan.observed:
+            return None
+        now = await self._observe_all(self.plan)
+        if isinstance(now, str):
+            return await self._close(Phase.failed, f"escalated to a human: {now}; nothing executed")
+        for step_id, before in self.plan.observed.items():
+            after = now.get(step_id, {})
+            changed = [f"{k} {before.get(k)!r} -> {after.get(k)!r}" for k in before if after.get(k) != before.get(k)]
+            if changed:
+                return f"step {step_id}'s precondition no longer holds ({', '.join(changed)}); proposed anew"
+        return None
+
+    async def _holding(self, call: Callable[[], Awaitable[T]]) -> T:
+        """Run an activity; while the broker's kill switch is on, hold (visibly) and ask again."""
+        while True:
+            try:
+                result = await call()
+            except ActivityError as exc:
+                if not (isinstance(exc.cause, ApplicationError) and exc.cause.type == FROZEN):
+                    raise
+                self.held = f"held: {exc.cause.message}"
+                self._set_details()
+                await workflow.sleep(HOLD_POLL, summary=self.held[:200])
+                continue
+            if self.held is not None:
+                self.held = None
+                self._set_details()
+            return result
 
     # -- bookkeeping ----------------------------------------------------------
 
@@ -525,6 +682,9 @@ class IncidentWorkflow:
         self.outcome = outcome
         self.closed_at = workflow.now()
         await self._enter(phase)
+        if self.v2 and phase in NEEDS_A_HUMAN:
+            await self._notify("expired" if phase == Phase.expired else "escalation", f"{phase.value}: {outcome}")
+        await asyncio.gather(*self.background)  # the proposal's ticket lands before the closing one
         await self._ticket("closed")
         await workflow.wait_condition(workflow.all_handlers_finished)
         return IncidentReport(
@@ -533,38 +693,62 @@ class IncidentWorkflow:
 
     async def _ticket(self, event: str) -> None:
         status = self.status()
-        ticket = await workflow.execute_activity_method(
-            TicketActivities.file_ticket,
-            TicketRequest(
-                incident_id=self.incident.incident_id,
-                event=event,  # type: ignore[arg-type]
-                summary=f"[{status.phase.value}] {self.incident.runbook.name} on {status.service or status.incident_id}",
-                body_markdown=plan_markdown(status),
-                payload={
-                    **status.model_dump(mode="json", exclude={"evidence"}),
-                    "evidence_links": [e.link for e in status.evidence if e.link],
-                    "approve_command": f"firebreak approve {self.incident.incident_id} --key PATH",
-                },
-            ),
-            start_to_close_timeout=timedelta(seconds=30),
-            retry_policy=PATIENT,
-            summary=f"ticket: {event}",
-        )
+        try:
+            ticket = await workflow.execute_activity_method(
+                TicketActivities.file_ticket,
+                TicketRequest(
+                    incident_id=self.incident.incident_id,
+                    event=event,  # type: ignore[arg-type]
+                    summary=f"[{status.phase.value}] {self.incident.runbook.name} on {status.service or status.incident_id}",
+                    body_markdown=plan_markdown(status),
+                    payload={
+                        **status.model_dump(mode="json", exclude={"evidence"}),
+                        "evidence_links": [e.link for e in status.evidence if e.link],
+                        "approve_command": f"firebreak approve {self.incident.incident_id} --key PATH",
+                    },
+                ),
+                start_to_close_timeout=timedelta(seconds=30),
+                schedule_to_close_timeout=SINK_BUDGET if self.v2 else None,
+                retry_policy=PATIENT if self.v2 else _LEGACY_PATIENT,
+                summary=f"ticket: {event}",
+            )
+        except ActivityError as exc:
+            if not self.v2:
+                raise
+            self._sink_gap(f"ticket '{event}' not filed: {_cause(exc)}")
+            return
         if not any(t.ref == ticket.ref for t in self.tickets):
             self.tickets.append(ticket)
 
     async def _notify(self, kind: str, summary: str) -> None:
         runbook = self.incident.runbook
-        await workflow.execute_activity_method(
-            NotifyActivities.notify,
-            Notification(
-                incident_id=self.incident.incident_id,
-                kind=kind,  # type: ignore[arg-type]
-                to=runbook.remediate.escalate_to or "on-call",
-                summary=f"{runbook.name} on {self.incident.params.get('service', '')}: {summary}",
-                approve_command=f"firebreak approve {self.incident.incident_id} --key PATH",
-            ),
-            start_to_close_timeout=timedelta(seconds=30),
-            retry_policy=PATIENT,
-            summary=f"notify {runbook.remediate.escalate_to or 'on-call'}: {kind}",
-        )
+        to = runbook.remediate.escalate_to or "on-call"
+        try:
+            await workflow.execute_activity_method(
+                NotifyActivities.notify,
+                Notification(
+                    incident_id=self.incident.incident_id,
+                    kind=kind,  # type: ignore[arg-type]
+                    to=to,
+                    summary=f"{runbook.name} on {self.incident.params.get('service', '')}: {summary}",
+                    approve_command=f"firebreak approve {self.incident.incident_id} --key PATH",
+                ),
+                start_to_close_timeout=timedelta(seconds=30),
+                schedule_to_close_timeout=SINK_BUDGET if self.v2 else None,
+                retry_policy=PATIENT if self.v2 else _LEGACY_PATIENT,
+                summary=f"notify {to}: {kind}",
+            )
+        except ActivityError as exc:
+            if not self.v2:
+                raise
+            self._sink_gap(f"{kind} notification to {to} not sent: {_cause(exc)}")
+
+    def _sink_gap(self, gap: str) -> None:
+        """A sink that failed is a gap on the record, never the incident's fate."""
+        self.sink_gaps.append(gap)
+        self._set_details()
+
+
+def _cause(exc: ActivityError) -> str:
+    cause = exc.cause
+    return cause.message if isinstance(cause, ApplicationError) else str(cause or exc)

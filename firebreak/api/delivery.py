@@ -128,6 +128,10 @@ class Intake:
 
         refused = [
             UnroutedRecord(at=received_at, kind="refused", source=parsed.source, delivery_id=delivery_id,
+                           reason=r.reason, field=r.field, alert=r.alert)
+            for r in parsed.refused
+        ] + [
+            UnroutedRecord(at=received_at, kind="refused", source=parsed.source, delivery_id=delivery_id,
                            reason=r.reason, field=by_alert[id(r.alert)].field_for(r.field), runbook=r.runbook,
                            alert=r.alert)
             for r in routing.refused
@@ -164,7 +168,7 @@ class Intake:
             incidents=incidents,
             unrouted=[_ref(r) for r in unrouted[:LISTED]],
             refused=[_ref(r) for r in refused[:LISTED]],
-            counts=Counts(alerts=len(parsed.alerts), routed=sum(len(g.alerts) for g in routing.routed),
+            counts=Counts(alerts=len(parsed.alerts) + len(parsed.refused), routed=sum(len(g.alerts) for g in routing.routed),
                           unrouted=len(unrouted), refused=len(refused)),
         ))
 

@@ -82,11 +82,21 @@ class SourceAlert:
 
 
 @dataclass
+class Refused:
+    """An alert of a delivery that cannot be accepted (a label over its limit): refused alone."""
+
+    alert: Alert  # what can be kept of it, for the record
+    field: str
+    reason: str
+
+
+@dataclass
 class Parsed:
     source: str
     alerts: list[SourceAlert]
     delivery_id: str | None = None
     ignored: str | None = None  # why a valid delivery carries nothing to route
+    refused: list[Refused] = field(default_factory=list)
 
 
 class PayloadError(Exception):
@@ -151,6 +161,31 @@ def _alert(values: dict[str, Any], path: str) -> Alert:
     except ValidationError as exc:
         _raise_invalid(_errors(exc, path, _ALERT_WIRE_NAMES), "invalid alert")
         raise  # unreachable: _raise_invalid always raises
+
+
+def _alerts(items: list[tuple[dict[str, Any], str]]) -> tuple[list[SourceAlert], list[Refused]]:
+    """Each alert on its own: one that fails (a label over its limit) is refused alone, the others go on.
+
+    A sender like Alertmanager does not retry a 4xx, so failing the whole delivery would lose
+    the real alerts grouped with a bad one.
+    """
+    accepted: list[SourceAlert] = []
+    refused: list[Refused] = []
+    for values, path in items:
+        try:
+            accepted.append(SourceAlert(_alert(values, path), path))
+        except PayloadError as exc:
+            refused.append(Refused(_kept(values), exc.field, exc.message))
+    return accepted, refused
+
+
+def _kept(values: dict[str, Any]) -> Alert:
+    """What can be recorded of a refused alert: label values cut to their limit, nothing else."""
+    labels = {str(k)[:128]: str(v)[:200] for k, v in (values.get("labels") or {}).items() if isinstance(k, str)}
+    labels = {k: v for k, v in labels.items() if k.replace("_", "a").isalnum() and not k[0].isdigit()}
+    labels.setdefault("alertname", "(unknown)")
+    return Alert(source=str(values.get("source", "generic"))[:64], fingerprint=str(values.get("fingerprint") or "?")[:128],
+                 labels=labels or {"alertname": "(unknown)"})
 
 
 # Alert's field names, as the webhook bodies spell them.
@@ -235,10 +270,8 @@ def _validate(model: type[BaseModel], data: Any, what: str) -> Any:
 
 def parse_alertmanager(body: bytes) -> Parsed:
     hook: AlertmanagerWebhook = _validate(AlertmanagerWebhook, load_json(body), "invalid Alertmanager webhook")
-    alerts = []
-    for i, wire in enumerate(hook.alerts):
-        path = f"alerts[{i}]"
-        alert = _alert(
+    alerts, refused = _alerts([
+        (
             {
                 "source": "alertmanager",
                 "fingerprint": wire.fingerprint,
@@ -249,15 +282,16 @@ def parse_alertmanager(body: bytes) -> Parsed:
                 "ends_at": _ends(wire.endsAt),
                 "generator_url": wire.generatorURL,
             },
-            path,
+            f"alerts[{i}]",
         )
-        alerts.append(SourceAlert(alert, path))
-    return Parsed("alertmanager", alerts)
+        for i, wire in enumerate(hook.alerts)
+    ])
+    return Parsed("alertmanager", alerts, refused=refused)
 
 
 def parse_grafana(body: bytes) -> Parsed:
     hook: GrafanaWebhook = _validate(GrafanaWebhook, load_json(body), "invalid Grafana webhook")
-    alerts = []
+    items: list[tuple[dict[str, Any], str]] = []
     for i, wire in enumerate(hook.alerts):
         path = f"alerts[{i}]"
         extras = {
@@ -269,7 +303,7 @@ def parse_grafana(body: bytes) -> Parsed:
             "grafana_values": json.dumps(wire.values, sort_keys=True) if wire.values is not None else None,
         }
         annotations = dict(wire.annotations) | {k: v for k, v in extras.items() if v}
-        alert = _alert(
+        items.append((
             {
                 "source": "grafana",
                 "fingerprint": wire.fingerprint,
@@ -281,9 +315,9 @@ def parse_grafana(body: bytes) -> Parsed:
                 "generator_url": wire.generatorURL,
             },
             path,
-        )
-        alerts.append(SourceAlert(alert, path))
-    return Parsed("grafana", alerts)
+        ))
+    alerts, refused = _alerts(items)
+    return Parsed("grafana", alerts, refused=refused)
 
 
 # -- PagerDuty V3 -----------------------------------------------------------------

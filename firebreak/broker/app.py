@@ -106,7 +106,9 @@ class Broker:
                     step_id=req.step_id,
                     approvers=exc.approvers,
                 )
-                raise BrokerHTTPError(403, "denied", exc.reason) from None
+                # 423 Locked: the kill switch holds this, it does not refuse it; the caller waits.
+                raise BrokerHTTPError(423 if exc.frozen else 403, "frozen" if exc.frozen else "denied",
+                                      exc.reason) from None
             token, claims = signing.mint_token(
                 self.key,
                 self.kid,
@@ -166,7 +168,7 @@ class Broker:
 
     def _decide(self, req: MintRequest) -> Decision:
         if self.state.frozen:
-            raise Denied("broker is frozen (kill switch): no credentials are issued")
+            raise Denied(f"broker is frozen (kill switch): {self.state.frozen_by()}", frozen=True)
         runbook = self.runbooks.get(req.runbook)
         if runbook is None:
             raise Denied(f"unknown runbook {req.runbook!r}")
@@ -191,6 +193,8 @@ class Broker:
             check = judge_approval(req.approval, roster, self.state, datetime.now(UTC).timestamp())
             if roster is None and not check.valid:
                 check = check.model_copy(update={"reason": f"{check.reason} ({self.roster.error})"})
+            if self.state.frozen:
+                check = check.model_copy(update={"held": self.state.frozen_by()})
             return check
 
     # -- revoke, freeze --
@@ -219,22 +223,23 @@ class Broker:
             approvers=grant.approvers,
         )
 
-    def freeze(self, reason: str) -> int:
+    def freeze(self, reason: str, by: str = "") -> int:
         with self.lock:
-            self.state.set_frozen(True, reason)
+            self.state.set_frozen(True, reason, by)
             live = self.state.live_grants()
             for grant in live:
                 self.state.revoke(grant.grant_id)
                 self._audit_revoke(grant, "kill switch")
             self.audit.append(
-                "freeze", decision="frozen", reason=f"{reason or 'no reason given'}; revoked {len(live)} live grant(s)"
+                "freeze", decision="frozen", subject=by or "(unnamed)",
+                reason=f"{reason or 'no reason given'}; revoked {len(live)} live grant(s)",
             )
             return len(live)
 
-    def thaw(self, reason: str) -> None:
+    def thaw(self, reason: str, by: str = "") -> None:
         with self.lock:
             self.state.set_frozen(False)
-            self.audit.append("thaw", decision="thawed", reason=reason or "no reason given")
+            self.audit.append("thaw", decision="thawed", subject=by or "(unnamed)", reason=reason or "no reason given")
 
     def revoked(self) -> list[str]:
         with self.lock:
@@ -336,12 +341,12 @@ def create_app(
 
     @app.post("/v1/freeze", dependencies=[admin])
     def freeze(req: FreezeRequest | None = None) -> dict[str, Any]:
-        count = broker.freeze(req.reason if req else "")
+        count = broker.freeze(req.reason if req else "", req.by if req else "")
         return {"frozen": True, "revoked": count}
 
     @app.post("/v1/thaw", dependencies=[admin])
     def thaw(req: FreezeRequest | None = None) -> dict[str, Any]:
-        broker.thaw(req.reason if req else "")
+        broker.thaw(req.reason if req else "", req.by if req else "")
         return {"frozen": False}
 
     return app

@@ -8,6 +8,7 @@ The main ``firebreak`` command calls :func:`register`; each subcommand sets
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import os
 import re
@@ -48,7 +49,9 @@ def register(subparsers: argparse._SubParsersAction, settings_loader: SettingsLo
     creds_sub = creds.add_subparsers(dest="creds_command", required=True)
     for name, helptext in (("freeze", "refuse every mint and revoke live grants"), ("thaw", "issue credentials again")):
         p = creds_sub.add_parser(name, help=helptext)
-        p.add_argument("--reason", default="", help="recorded in the audit log")
+        p.add_argument("--reason", required=name == "freeze", default="",
+                       help="why: recorded in the audit log and shown on every incident it holds")
+        p.add_argument("--as", dest="by", default=None, help="who does it (default: your login name)")
         p.add_argument("--broker-url", default=None)
         _state_dir_option(p)
         p.set_defaults(func=lambda args, _name=name: _creds(args, _name, settings(args)))
@@ -121,7 +124,8 @@ def _creds(args: argparse.Namespace, action: str, settings: Settings) -> int:
     url = (args.broker_url or settings.broker_url).rstrip("/")
     try:
         response = httpx.post(
-            f"{url}/v1/{action}", json={"reason": args.reason}, headers={"Authorization": f"Bearer {token}"}, timeout=10
+            f"{url}/v1/{action}", json={"reason": args.reason, "by": args.by or getpass.getuser()},
+            headers={"Authorization": f"Bearer {token}"}, timeout=10
         )
     except httpx.HTTPError as exc:
         print(f"broker at {url} unreachable: {type(exc).__name__}", file=sys.stderr)

@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 
 from firebreak.broker.models import IssuedCredential, MintRequest
+from firebreak.broker.revocations import RevocationRetries
 from firebreak.contracts import Approval, ApprovalCheck
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 # Strong references to revocations still in flight (asyncio keeps only weak ones).
 _PENDING_REVOKES: set[asyncio.Future[None]] = set()
 
-__all__ = ["BrokerClient", "BrokerError", "IssuedCredential", "MintRefused"]
+__all__ = ["BrokerClient", "BrokerError", "CredentialsFrozen", "IssuedCredential", "MintRefused"]
 
 
 class BrokerError(Exception):
@@ -55,6 +56,12 @@ class MintRefused(BrokerError):
         return (type(self), (self.reason, self.status))
 
 
+class CredentialsFrozen(MintRefused):
+    """The broker's kill switch is on: nothing is refused for good, the caller waits for a thaw.
+
+    ``reason`` says who froze it, when and why."""
+
+
 def _reason(response: httpx.Response) -> str:
     try:
         body = response.json()
@@ -69,6 +76,8 @@ class BrokerClient:
         self._agent_token = agent_token
         self._timeout = timeout_s
         self._http: httpx.AsyncClient | None = None
+        # Revocations the broker could not take when their activity ended, retried until they land.
+        self.retries = RevocationRetries(self.revoke)
 
     def __repr__(self) -> str:
         return f"BrokerClient({self.base_url!r})"
@@ -83,6 +92,7 @@ class BrokerClient:
         return self._http
 
     async def aclose(self) -> None:
+        await self.retries.aclose()
         if self._http is not None:
             await self._http.aclose()
             self._http = None
@@ -106,6 +116,8 @@ class BrokerClient:
         """Fields of :class:`~firebreak.broker.models.MintRequest` (plan/approvals as models or dicts)."""
         body = MintRequest.model_validate(fields).model_dump(mode="json")
         response = await self._post("/v1/mint", body)
+        if response.status_code == 423:
+            raise CredentialsFrozen(_reason(response), 423)
         if response.status_code in (400, 401, 403):
             raise MintRefused(_reason(response), response.status_code)
         if response.status_code != 200:
@@ -136,16 +148,18 @@ class BrokerClient:
         finally:
             # Its own task, shielded: a cancelled activity still gives its credential
             # back, even if the cancellation interrupts the wait for the answer.
-            task = asyncio.ensure_future(self._revoke_quietly(cred.grant_id))
+            task = asyncio.ensure_future(self._revoke_quietly(cred))
             _PENDING_REVOKES.add(task)
             task.add_done_callback(_PENDING_REVOKES.discard)
             await asyncio.shield(task)
 
-    async def _revoke_quietly(self, grant_id: str) -> None:
+    async def _revoke_quietly(self, cred: IssuedCredential) -> None:
         try:
-            await self.revoke(grant_id)
+            await self.revoke(cred.grant_id)
         except Exception as exc:  # any failure at all: see below
-            # The token still expires on its own within its ttl; never mask the caller's
-            # error. BrokerError texts are ours (no secrets); others: the type only.
+            # Never mask the caller's error, and never leave the token valid: the retry queue keeps
+            # asking until the broker takes it or the token expires. BrokerError texts are ours
+            # (no secrets); others: the type only.
             detail = str(exc) if isinstance(exc, BrokerError) else type(exc).__name__
-            log.warning("could not revoke grant %s: %s", grant_id, detail)
+            log.warning("could not revoke grant %s now (%s): retrying in the background", cred.grant_id, detail)
+            self.retries.submit(cred.grant_id, cred.expires_at.timestamp())

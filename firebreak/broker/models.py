@@ -2,17 +2,50 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from firebreak.contracts import Approval, Grant, Plan, Receipt
 
 Name = Annotated[str, Field(min_length=1, max_length=200)]
 
 
-class MintRequest(BaseModel):
+@functools.cache
+def _adapter(annotation: Any) -> TypeAdapter[Any]:
+    return TypeAdapter(annotation)
+
+
+class StrictRequest(BaseModel):
+    """A request that refuses unknown fields at every depth.
+
+    The contracts models it carries (plans, approvals, receipts) ignore unknown fields, because they
+    also travel in Temporal payloads that must decode across versions. A request to the broker is not
+    such a payload: a field the broker does not know is refused, not silently dropped.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_unknown_nested_fields(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        for name, field in cls.model_fields.items():
+            if name not in data or isinstance(data[name], BaseModel):
+                continue
+            try:
+                _adapter(field.annotation).validate_python(data[name], extra="forbid")
+            except ValidationError as exc:  # other errors are reported by the validation proper
+                unknown = [e["loc"] for e in exc.errors() if e["type"] == "extra_forbidden"]
+                if unknown:
+                    raise ValueError(f"{'.'.join(str(p) for p in (name, *unknown[0]))}: unknown field") from None
+        return data
+
+
+class MintRequest(StrictRequest):
     model_config = ConfigDict(extra="forbid")
 
     audience: Name
@@ -45,7 +78,7 @@ class MintResponse(BaseModel):
     audit_seq: int | None = None
 
 
-class ApprovalCheckRequest(BaseModel):
+class ApprovalCheckRequest(StrictRequest):
     model_config = ConfigDict(extra="forbid")
 
     approval: Approval
@@ -61,6 +94,7 @@ class FreezeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     reason: str = Field(default="", max_length=500)
+    by: str = Field(default="", max_length=64, description="who pulled (or released) the kill switch")
 
 
 class IssuedCredential(BaseModel):

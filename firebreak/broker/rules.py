@@ -40,10 +40,11 @@ from firebreak.signing import Ed25519PublicKey
 class Denied(Exception):
     """A refused mint; ``reason`` is safe to show and to log."""
 
-    def __init__(self, reason: str, *, approvers: list[str] | None = None) -> None:
+    def __init__(self, reason: str, *, approvers: list[str] | None = None, frozen: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.approvers = approvers or []
+        self.frozen = frozen
 
 
 # How long the broker keeps an approval's verdict: past this it could authorize nothing anyway.
@@ -78,13 +79,21 @@ def check_params(request: MintRequest, runbook: Runbook) -> dict[str, str]:
     return dict(request.params)
 
 
+def _declared_reads(runbook: Runbook) -> list[tuple[str, str, str]]:
+    """(target, verb, resource template) of every read the runbook declares: its investigations,
+    and the target-state read of each catalog action with a precondition."""
+    reads = [(spec.target, spec.scope, spec.resource) for spec in runbook.investigate]
+    reads += [(a.target, f"{a.target}.read", a.resource) for a in runbook.remediate.actions.values() if a.precondition]
+    return reads
+
+
 def authorize_read(request: MintRequest, runbook: Runbook) -> Decision:
     params = check_params(request, runbook)
-    for spec in runbook.investigate:
-        if spec.target != request.audience or spec.scope != request.verb:
+    for target, verb, template in _declared_reads(runbook):
+        if target != request.audience or verb != request.verb:
             continue
         try:
-            resource = render_plain(spec.resource, params)
+            resource = render_plain(template, params)
         except TemplateError:
             continue  # a param this entry needs was not sent: it cannot be the one asked for
         if resource == request.resource:

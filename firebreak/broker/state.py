@@ -165,11 +165,20 @@ class DurableState:
     def frozen(self) -> bool:
         return self._frozen_file.exists()
 
-    def set_frozen(self, frozen: bool, reason: str = "") -> None:
+    def set_frozen(self, frozen: bool, reason: str = "", by: str = "") -> None:
         if frozen:
-            self._frozen_file.write_text(json.dumps({"at": time.time(), "reason": reason}))
+            self._frozen_file.write_text(json.dumps({"at": time.time(), "reason": reason, "by": by}))
         elif self._frozen_file.exists():
             self._frozen_file.unlink()
+
+    def frozen_by(self) -> str:
+        """"credentials frozen by NAME at T: REASON", what a held incident shows."""
+        try:
+            data = json.loads(self._frozen_file.read_text())
+        except (OSError, ValueError):
+            return "credentials frozen (kill switch)"
+        at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(data.get("at", 0))))
+        return f"credentials frozen by {data.get('by') or 'someone'} at {at}: {data.get('reason') or 'no reason given'}"
 
     # -- grants --
 

@@ -1,0 +1,152 @@
+"""Every incident ends deliberately: sinks, checks and races never decide its fate.
+
+On the time-skipping server with the real worker, broker and demo fleet. Writes are counted by
+the fleet itself (its change log), never by asking Firebreak.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+
+from temporalio.testing import WorkflowEnvironment
+
+from conftest import CLOSED_PORT_URL
+from firebreak.broker.server import BrokerServer
+from firebreak.config import AGENT
+from firebreak.contracts import AlertSignal, ApprovalOutcome, Phase
+from incidents import inject, make_alert, open_incident, status, wait_for_phase
+from worker import build_worker
+
+
+def agent_writes(fleet, service: str = "checkout") -> list[str]:
+    return [c["kind"] for c in fleet.fleet.changes(service) if c["author"] == AGENT]
+
+
+def notifications(settings, incident_id: str) -> list[dict]:
+    path = settings.state_dir / "notifications.jsonl"
+    events = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return [e for e in events if e["incident_id"] == incident_id]
+
+
+async def approve(handle, approvers, who: str = "alice", **kw) -> ApprovalOutcome:
+    waiting = await wait_for_phase(handle, Phase.awaiting_approval)
+    return await handle.execute_update("submit_approval", approvers.approval(who, handle.id, waiting.plan_hash, **kw),
+                                       result_type=ApprovalOutcome)
+
+
+async def test_a_ticket_sink_down_for_the_whole_incident_is_a_gap_not_its_fate(
+    time_env: WorkflowEnvironment, settings, fleet, approvers
+):
+    settings = settings.model_copy(update={"ticket_webhook": f"{CLOSED_PORT_URL}/tickets"})
+    inject(fleet.url, "checkout", "bad_deploy")
+    async with build_worker(time_env.client, settings):
+        handle = await open_incident(time_env.client, settings, make_alert("DrillPair"))
+        assert (await approve(handle, approvers)).decided
+        report = await handle.result()
+    assert report.phase == Phase.resolved, report.outcome
+    gaps = report.status.sink_gaps
+    assert any(g.startswith("ticket 'proposed' not filed") for g in gaps), gaps
+    assert any(g.startswith("ticket 'closed' not filed") for g in gaps), gaps
+    assert report.status.tickets == []
+    assert agent_writes(fleet)[-2:] == ["restart", "scale"]
+
+
+async def test_a_verification_that_errors_after_a_write_rolls_the_write_back(
+    time_env: WorkflowEnvironment, settings, fleet, approvers
+):
+    # No Prometheus configured at all: verification cannot run (not "did not hold": could not check).
+    settings = settings.model_copy(update={"targets": {"fleet": fleet.url}})
+    bad = inject(fleet.url, "checkout", "bad_deploy")["version"]
+    async with build_worker(time_env.client, settings):
+        handle = await open_incident(time_env.client, settings, make_alert("DrillRollback"))
+        assert (await approve(handle, approvers)).decided
+        report = await handle.result()
+    assert report.phase == Phase.rolled_back, report.outcome
+    [step] = report.status.steps
+    assert step.verified is None and "could not be verified" in step.verification
+    assert "rolled back (runbook policy)" in report.outcome
+    assert step.rollback is not None and step.rollback.status == "succeeded"
+    assert agent_writes(fleet)[-2:] == ["rollback", "deploy"]
+    assert fleet.fleet.service_state("checkout")["version"] == bad  # the undo restored what it replaced
+
+
+async def test_an_undo_the_target_refuses_ends_rollback_failed_and_escalates(
+    time_env: WorkflowEnvironment, settings, fleet, approvers
+):
+    inject(fleet.url, "checkout", "bad_deploy")
+    async with build_worker(time_env.client, settings):
+        handle = await open_incident(time_env.client, settings, make_alert("DrillRollback"))
+        assert (await approve(handle, approvers)).decided
+        # The rollback runs; while it is being verified the target locks the service.
+        await wait_for_phase(handle, Phase.verifying)
+        fleet.fleet.locked.add("checkout")
+        try:
+            report = await handle.result()
+        finally:
+            fleet.fleet.locked.discard("checkout")
+    assert report.phase == Phase.rollback_failed, report.outcome
+    assert "rollback failed for s1: a human must restore it" in report.outcome
+    [step] = report.status.steps
+    assert step.status == "succeeded" and step.rollback is not None and step.rollback.status == "failed"
+    assert "locked" in step.rollback.detail
+    escalations = [n for n in notifications(settings, handle.id) if n["kind"] == "escalation"]
+    assert escalations and "rollback_failed" in escalations[-1]["summary"]
+
+
+async def test_a_broken_roster_while_an_approval_arrives_is_a_recorded_refusal(
+    time_env: WorkflowEnvironment, settings, fleet, approvers, state_dir: Path, tmp_path: Path
+):
+    inject(fleet.url, "checkout", "bad_deploy")
+    roster = state_dir / "roster.yaml"
+    async with build_worker(time_env.client, settings):
+        handle = await open_incident(time_env.client, settings, make_alert("DrillPair"))
+        await wait_for_phase(handle, Phase.awaiting_approval)
+        shutil.copy(roster, tmp_path / "roster.yaml")
+        try:
+            roster.write_text("people:\n  - name: [this is not\n")
+            refused = await approve(handle, approvers)
+        finally:
+            shutil.copy(tmp_path / "roster.yaml", roster)
+        assert not refused.counted and "roster" in refused.reason
+        waiting = await status(handle)
+        assert waiting.phase == Phase.awaiting_approval and not waiting.approvals[-1].counted
+        # A fixed roster and a new approval: it goes on.
+        assert (await approve(handle, approvers)).decided
+        report = await handle.result()
+    assert report.phase == Phase.resolved
+
+
+async def test_an_alert_that_clears_and_fires_again_during_an_approval_check_never_resolves_with_nothing_run(
+    time_env: WorkflowEnvironment, settings, fleet, approvers, broker: BrokerServer
+):
+    """The race: resolved while an approval is checked, fired again before the barrier."""
+    inject(fleet.url, "checkout", "bad_deploy")
+    alert = make_alert("DrillRollback")
+    before = agent_writes(fleet)
+    async with build_worker(time_env.client, settings):
+        handle = await open_incident(time_env.client, settings, alert)
+        waiting = await wait_for_phase(handle, Phase.awaiting_approval)
+        broker.stop()  # the approval check now takes its retries, then fails
+        try:
+            await handle.signal("approval", approvers.approval("alice", handle.id, waiting.plan_hash)
+                                .model_dump(mode="json"))
+            resolved = alert.model_copy(update={"status": "resolved"})
+            await handle.signal("alert", AlertSignal(alerts=[resolved], received_at=alert.starts_at))
+            await asyncio.sleep(0.3)
+            await handle.signal("alert", AlertSignal(alerts=[alert], received_at=alert.starts_at))
+            for _ in range(100):
+                now = await status(handle)
+                if now.approvals:
+                    break
+                await asyncio.sleep(0.2)
+        finally:
+            broker.start()
+        assert not now.approvals[-1].counted and "could not be checked" in now.approvals[-1].reason
+        await asyncio.sleep(1.0)
+        still = await status(handle)
+        assert still.phase == Phase.awaiting_approval, still.outcome
+        assert still.steps == [] and agent_writes(fleet) == before
+        await handle.terminate("test over")
