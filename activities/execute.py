@@ -40,8 +40,8 @@ class ExecuteActivities:
             raise ApplicationError(f"step {step.id} declares no undo", non_retryable=True)
         verb = step.undo.verb if request.undo and step.undo else step.verb
         body = request.undo_params if request.undo else step.params
-        info = activity.info()
-        key = f"{info.workflow_id}/{info.workflow_run_id}/{step.id}/{'undo' if request.undo else 'do'}"
+        # The plan's run, not this run: an incident that continued as new keeps its key (and its token's).
+        key = f"{request.plan.incident_id}/{request.plan.run_id}/{step.id}/{'undo' if request.undo else 'do'}"
         url = resource_url(self.deps.target_url(step.target), step.resource, verb.split(".", 1)[1])
         async with activity_credential(
             self.deps, audience=step.target, verb=verb, resource=step.resource, runbook=request.plan.runbook,

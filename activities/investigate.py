@@ -19,6 +19,7 @@ from activities.credentials import activity_credential
 from activities.deps import ActivityDeps
 from activities.targets import reason, resource_url
 from firebreak.broker.client import BrokerError
+from firebreak.evidence import within_budget
 from firebreak.contracts import ChangeRecord, Evidence, InvestigateRequest, Sample, Series
 from firebreak.escaping import TemplateError, render_plain, render_promql
 from firebreak.runbook import Investigation, parse_duration
@@ -95,7 +96,7 @@ class InvestigateActivities:
             evidence.gap = f"{spec.id}: {exc.message}"
         except (httpx.HTTPError, BrokerError, SourceError, TemplateError, LookupError, ValueError) as exc:
             evidence.gap = f"{spec.id}: {spec.target} could not be read: {type(exc).__name__}: {exc}"
-        return evidence
+        return within_budget(evidence, spec.max_bytes)
 
     async def _prometheus(
         self, evidence: Evidence, spec: Investigation, base: str, params: dict[str, str],

@@ -111,7 +111,9 @@ class Pipeline:
             try:
                 description = await self.client.get_workflow_handle(incident).describe()
                 if description.start_time >= since - timedelta(seconds=1):
-                    return self.client.get_workflow_handle(incident, run_id=description.run_id), description.start_time
+                    handle = self.client.get_workflow_handle(incident, run_id=description.run_id,
+                                                             result_type=IncidentReport)
+                    return handle, description.start_time
             except Exception:  # noqa: BLE001 - not found yet: Alertmanager has not sent the alert
                 pass
             await asyncio.sleep(0.25)

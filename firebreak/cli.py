@@ -286,16 +286,18 @@ async def _incident_status(settings: Settings, incident_id: str) -> tuple[Any, s
                 response = await http.get(f"{settings.api_url}/v1/incidents/{incident_id}",
                                           headers={"Authorization": f"Bearer {token}"})
             if response.status_code == 200:
-                return IncidentStatus.model_validate(response.json()), f"the API at {settings.api_url}"
+                via = response.headers.get("x-firebreak-source", "the workflow")
+                return IncidentStatus.model_validate(response.json()), f"{via}, through the API at {settings.api_url}"
             if response.status_code == 404:
                 raise Refused(f"no incident {incident_id!r}")
         except httpx.HTTPError:
             pass
+    from firebreak.incidents import read_status
     from firebreak.temporal import connect
 
     client = await connect(settings.temporal)
-    handle = client.get_workflow_handle(incident_id)
-    return await handle.query("status", result_type=IncidentStatus), f"Temporal at {settings.temporal.address}"
+    status, source = await read_status(client.get_workflow_handle(incident_id))
+    return status, f"{source}, Temporal at {settings.temporal.address}"
 
 
 def _stack_value(settings: Settings, key: str) -> str | None:
@@ -331,6 +333,8 @@ async def _submit(settings: Settings, incident_id: str, signed: Any) -> Any:
     if response is not None:
         if response.status_code in (200, 409) and "counted" in response.text:
             return ApprovalOutcome.model_validate(response.json())
+        if response.status_code == 202:
+            return None  # queued as a signal: no worker answered
         if response.status_code != 503:
             try:
                 why = response.json().get("error") or response.text[:200]
@@ -339,13 +343,13 @@ async def _submit(settings: Settings, incident_id: str, signed: Any) -> Any:
             raise Refused(f"the API refused it: HTTP {response.status_code}: {why}")
     from temporalio.client import WorkflowUpdateFailedError
 
+    from firebreak.incidents import submit_approval
     from firebreak.temporal import connect
 
     print(f"note: the API at {settings.api_url} is unreachable; sending to Temporal directly", file=sys.stderr)
     client = await connect(settings.temporal)
     try:
-        return await client.get_workflow_handle(incident_id).execute_update(
-            "submit_approval", signed, result_type=ApprovalOutcome)
+        return await submit_approval(client.get_workflow_handle(incident_id), signed)
     except WorkflowUpdateFailedError as exc:
         raise Refused(f"refused: {exc.cause.message if exc.cause else exc}") from None
 
@@ -389,6 +393,12 @@ async def _decide(args: argparse.Namespace, decision: str) -> int:
         approver=approver, comment=(args.comment if decision == "approve" else args.reason) or "",
     )
     outcome = await _submit(settings, args.id, signing.sign_approval(approval, key))
+    if outcome is None:
+        _print(f"{decision} by {approver} recorded: no worker is answering right now (is it down?); it will be "
+               "judged as soon as a worker picks the incident up. Follow it with `firebreak status`.")
+        return 0
+    if outcome.held:
+        _print(f"note: the incident is held: {outcome.held}")
     if not outcome.counted:
         raise Refused(f"{decision} by {approver} refused: {outcome.reason}")
     if outcome.decided:

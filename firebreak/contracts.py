@@ -152,6 +152,7 @@ class IncidentInput(Model):
     requested_by: str | None = Field(default=None, description="roster name of whoever raised it, if a person")
     previous_run_id: str | None = Field(default=None, description="the earlier, closed run of this incident")
     receipts: list[Receipt] = Field(default_factory=list, description="who opened it, signed")
+    carried: "CarriedState | None" = Field(default=None, description="an awaiting incident that continued as new")
 
 
 # -- evidence and diagnosis --------------------------------------------------
@@ -471,6 +472,7 @@ class Notification(Model):
     to: str
     summary: str
     approve_command: str
+    evidence: list[str] = Field(default_factory=list, description="what the human taking over should see first")
 
 
 # -- status and report --------------------------------------------------------
@@ -512,3 +514,40 @@ class IncidentReport(Model):
     phase: Phase
     outcome: str
     status: IncidentStatus
+
+
+class ReceivedApproval(Model):
+    approval: Approval
+    check: ApprovalCheck
+
+
+class CarriedState(Model):
+    """What an incident awaiting approval carries into its next run when its history grows long.
+
+    The plan keeps the run id it was proposed in (its hash, the approvals and the broker's slots
+    all bind to it), so approvals given before the hand-over still count after it.
+    """
+
+    opened_at: datetime
+    started_at: datetime | None = None
+    severity: str = ""
+    requested_by: str | None = None
+    alerts_received: int
+    firing: dict[str, Alert]
+    evidence: list[Evidence]
+    diagnosis: Diagnosis
+    plan: Plan
+    plan_receipts: list[Receipt]
+    received: list[ReceivedApproval]
+    records: list[ApprovalRecord]
+    escalates_at: datetime
+    expires_at: datetime
+    escalated: bool
+    tickets: list[Ticket]
+    refused_signals: list[str]
+    sink_gaps: list[str]
+    reproposals: list[str]
+    runs: int = Field(default=1, description="how many runs this incident has had")
+
+
+IncidentInput.model_rebuild()

@@ -83,6 +83,8 @@ class Investigation(_Strict):
     target: str = Field(description="the source's audience, e.g. 'prometheus' or 'fleet'")
     scope: str = Field(pattern=r"^[a-z]+\.read$", description="read verb the investigation needs, e.g. 'metrics.read'")
     resource: str = Field(description="template of what is read, e.g. 'service/{service}'")
+    max_bytes: int = Field(default=64 * 1024, ge=4 * 1024, le=256 * 1024, description=(
+        "the most this evidence may weigh as JSON: larger answers are downsampled, and say so"))
 
     @model_validator(mode="after")
     def _kind_fields(self) -> "Investigation":

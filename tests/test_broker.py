@@ -432,7 +432,8 @@ async def test_nonces_survive_a_broker_restart(env: Env) -> None:
 
 
 async def test_write_for_a_different_workflow_id_than_approvals_refused(env: Env) -> None:
-    await refused(env, write_fields(env, [env.approve("alice")], workflow_id="other.incident"), "not the requesting workflow's run")
+    await refused(env, write_fields(env, [env.approve("alice")], workflow_id="other.incident"),
+                  "not the requesting workflow's run")
 
 
 # -- bootstrap credential, freeze ---------------------------------------------------------

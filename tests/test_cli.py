@@ -59,7 +59,7 @@ async def test_approve_as_requester_is_refused_then_on_call_approval_resolves(
         out = capsys.readouterr()
         assert code == 1 and "bob requested this incident and cannot approve it" in out.err
         # Every field is shown, the plan's origin too, and the hash is recomputed from what was shown.
-        assert f"from the API at {api.url}" in out.out and f"(workflow {handle.id}, run " in out.out
+        assert f"from the workflow, through the API at {api.url}" in out.out and f"(workflow {handle.id}, run " in out.out
         for shown in ('verb: "fleet.restart"', 'resource: "service/checkout"', "blast_radius:", "timeout_s:",
                       'replicas: 5', "requesters:", '- "bob"', "evidence:"):
             assert shown in out.out, shown
@@ -125,3 +125,27 @@ async def _run(argv: list[str]) -> int:
     import asyncio
 
     return await asyncio.to_thread(main, argv)
+
+
+async def test_approve_right_after_the_worker_went_down_answers_at_once_and_counts_later(
+    dev_env: WorkflowEnvironment, settings, fleet, cli_state: Path, capsys: pytest.CaptureFixture[str]
+):
+    import time
+
+    inject(fleet.url, "checkout", "bad_deploy")
+    async with running_api(dev_env.client, settings, settings.state_dir, worker=False) as api:
+        point_at_api(cli_state, api)
+        async with build_worker(dev_env.client, settings):
+            handle = await open_incident(dev_env.client, settings, make_alert("DrillPair"))
+            await wait_for_phase(handle, Phase.awaiting_approval)
+        # The worker is gone (crashed, restarting): the plan comes from the memo, the approval is recorded.
+        started = time.monotonic()
+        code = await _run(["approve", handle.id, "--as", "alice", "--state-dir", str(cli_state)])
+        elapsed = time.monotonic() - started
+        out = capsys.readouterr().out
+        assert code == 0 and elapsed < 10, (code, elapsed)
+        assert "its memo (no worker answered" in out and "no worker is answering right now" in out
+        async with build_worker(dev_env.client, settings):
+            report = await handle.result()
+    assert report.phase == Phase.resolved, report.outcome
+    assert [(a.approver, a.counted, a.via) for a in report.status.approvals] == [("alice", True, "signal")]

@@ -71,6 +71,9 @@ async def test_a_verification_that_errors_after_a_write_rolls_the_write_back(
     assert step.rollback is not None and step.rollback.status == "succeeded"
     assert agent_writes(fleet)[-2:] == ["rollback", "deploy"]
     assert fleet.fleet.service_state("checkout")["version"] == bad  # the undo restored what it replaced
+    # A check that could not run reaches a human even though the policy rolled the step back.
+    [escalation] = [n for n in notifications(settings, handle.id) if n["kind"] == "escalation"]
+    assert "could not be verified" in escalation["summary"]
 
 
 async def test_an_undo_the_target_refuses_ends_rollback_failed_and_escalates(
@@ -150,3 +153,31 @@ async def test_an_alert_that_clears_and_fires_again_during_an_approval_check_nev
         assert still.phase == Phase.awaiting_approval, still.outcome
         assert still.steps == [] and agent_writes(fleet) == before
         await handle.terminate("test over")
+
+
+async def test_a_failed_step_escalates_with_the_evidence(time_env: WorkflowEnvironment, settings, fleet, approvers):
+    inject(fleet.url, "checkout", "bad_deploy")
+    fleet.fleet.locked.add("checkout")  # the target refuses the write itself
+    try:
+        async with build_worker(time_env.client, settings):
+            handle = await open_incident(time_env.client, settings, make_alert("DrillRollback"))
+            assert (await approve(handle, approvers)).decided
+            report = await handle.result()
+    finally:
+        fleet.fleet.locked.discard("checkout")
+    assert report.phase == Phase.failed and "step s1 (rollback) failed" in report.outcome
+    [escalation] = [n for n in notifications(settings, handle.id) if n["kind"] == "escalation"]
+    assert escalation["to"] == "sre-leads" and "locked" in escalation["summary"]
+    assert any(line.startswith("top hypothesis: A recent deploy") for line in escalation["evidence"])
+    assert any("step s1 failed" in line for line in escalation["evidence"])
+
+
+async def test_an_investigation_that_cannot_decide_escalates(time_env: WorkflowEnvironment, settings, fleet):
+    # No deploy before this alert: the drill's only hypothesis (a recent deploy) has no support.
+    fleet.fleet.inject("inventory", "clear")
+    async with build_worker(time_env.client, settings):
+        handle = await open_incident(time_env.client, settings, make_alert("DrillRollback", service="inventory"))
+        report = await handle.result()
+    assert report.phase == Phase.failed and "no hypothesis is supported well enough" in report.outcome
+    [escalation] = [n for n in notifications(settings, handle.id) if n["kind"] == "escalation"]
+    assert "failed: escalated to a human" in escalation["summary"] and escalation["evidence"]

@@ -36,10 +36,13 @@ with workflow.unsafe.imports_passed_through():
     from activities.verify import VerifyActivities
     from firebreak import policy
     from firebreak.codec import unauthenticated_reason
+    from firebreak.incidents import MEMO_KEY, memo_status
     from firebreak.contracts import (
         Alert,
         AlertSignal,
         Approval,
+        CarriedState,
+        ReceivedApproval,
         ApprovalCheck,
         ApprovalOutcome,
         ApprovalRecord,
@@ -138,6 +141,9 @@ class IncidentWorkflow:
         self.held: str | None = None
         self.reproposals: list[str] = []
         self.background: list[asyncio.Future[None]] = []
+        self.runs = 1
+        if self.incident is not None and self.incident.carried is not None:
+            self._restore(self.incident.carried)
         self.v2 = False  # set in run(): False only when replaying an incident started before lifecycle v2
         self.approval_lock = asyncio.Lock()
 
@@ -275,7 +281,8 @@ class IncidentWorkflow:
             SEVERITY.value_set(self.severity or "none"),
         ])
         while True:
-            outcome = await self._propose()
+            # An incident that continued as new arrives with its plan: straight back to waiting.
+            outcome = await self._propose() if self.plan is None else None
             if outcome is None:
                 outcome = await self._await_approval()
             if outcome is not None:
@@ -374,7 +381,10 @@ class IncidentWorkflow:
             self.escalates_at = workflow.now() + parse_duration(windows.escalate_after)
             self.expires_at = workflow.now() + parse_duration(windows.expire_after)
         await self._enter(Phase.awaiting_approval)
-        decided = lambda: self._decided() or self._all_resolved()  # noqa: E731
+        if self.v2:
+            # Readable without a worker: an approver can see the plan right after a worker crash.
+            workflow.upsert_memo({MEMO_KEY: memo_status(self.status())})
+        decided = lambda: self._decided() or self._all_resolved() or self._history_long()  # noqa: E731
         while True:
             deadline = self.expires_at if self.escalated else self.escalates_at
             try:
@@ -400,6 +410,8 @@ class IncidentWorkflow:
                 return None
             if self._all_resolved():
                 return await self._close(Phase.auto_resolved, "the alert cleared before approval; nothing executed")
+            if self._history_long():
+                await self._continue_as_new()
             # The alert cleared and fired again while an approval was being checked: nothing is
             # decided, so keep waiting. Acting here would "resolve" an incident with nothing executed.
 
@@ -523,6 +535,8 @@ class IncidentWorkflow:
                 result.verified, result.verification = None, why
                 if self.incident.runbook.remediate.on_unverified == "escalate":
                     return await self._close(Phase.failed, f"{why}; left in place and escalated (runbook policy)")
+                # Rolled back by policy, but a human should know a check could not run.
+                await self._notify("escalation", f"{why}; rolling it back (runbook policy)")
                 return await self._roll_back(done[: index + 1], approvals, f"{why}; rolled back (runbook policy)")
             result.verified, result.verification = check.held, check.detail
             if not check.held:
@@ -660,6 +674,45 @@ class IncidentWorkflow:
                 self._set_details()
             return result
 
+    # -- long waits: continue as new ---------------------------------------------
+
+    def _history_long(self) -> bool:
+        return self.v2 and workflow.info().is_continue_as_new_suggested()
+
+    async def _continue_as_new(self) -> None:
+        """Hand the waiting incident to a fresh run: plan, approvals, evidence and deadlines carried."""
+        assert self.plan is not None and self.diagnosis is not None
+        assert self.escalates_at is not None and self.expires_at is not None
+        await asyncio.gather(*self.background)
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        carried = CarriedState(
+            opened_at=self.opened_at, started_at=self.started_at, severity=self.severity,
+            requested_by=self.requested_by, alerts_received=self.alerts_received, firing=self.firing,
+            evidence=self.evidence, diagnosis=self.diagnosis, plan=self.plan, plan_receipts=self.plan_receipts,
+            received=[ReceivedApproval(approval=a, check=c) for a, c in self.received], records=self.records,
+            escalates_at=self.escalates_at, expires_at=self.expires_at, escalated=self.escalated,
+            tickets=self.tickets, refused_signals=self.refused_signals, sink_gaps=self.sink_gaps,
+            reproposals=self.reproposals, runs=self.runs + 1,
+        )
+        workflow.continue_as_new(self.incident.model_copy(update={"receipts": self.receipts, "carried": carried}))
+
+    def _restore(self, carried: CarriedState) -> None:
+        self.opened_at, self.started_at, self.severity = carried.opened_at, carried.started_at, carried.severity
+        self.requested_by = carried.requested_by
+        self.alerts_received, self.firing = carried.alerts_received, dict(carried.firing)
+        self.evidence, self.diagnosis, self.plan = list(carried.evidence), carried.diagnosis, carried.plan
+        self.plan_receipts = list(carried.plan_receipts)
+        self.received = [(r.approval, r.check) for r in carried.received]
+        self.records = list(carried.records)
+        self.escalates_at, self.expires_at, self.escalated = carried.escalates_at, carried.expires_at, carried.escalated
+        self.tickets, self.refused_signals = list(carried.tickets), list(carried.refused_signals)
+        self.sink_gaps, self.reproposals, self.runs = list(carried.sink_gaps), list(carried.reproposals), carried.runs
+        # The verdict is recomputed from the carried approvals, each judged at its recorded arrival.
+        self.verdict = policy.evaluate(
+            self.plan, self.incident.runbook, self.received, workflow_id=self.incident.incident_id,
+            requested_by=self._requesters(), now=workflow.now(),
+        )
+
     # -- bookkeeping ----------------------------------------------------------
 
     def _requesters(self) -> set[str]:
@@ -685,6 +738,8 @@ class IncidentWorkflow:
         if self.v2 and phase in NEEDS_A_HUMAN:
             await self._notify("expired" if phase == Phase.expired else "escalation", f"{phase.value}: {outcome}")
         await asyncio.gather(*self.background)  # the proposal's ticket lands before the closing one
+        if self.v2:
+            workflow.upsert_memo({MEMO_KEY: memo_status(self.status())})
         await self._ticket("closed")
         await workflow.wait_condition(workflow.all_handlers_finished)
         return IncidentReport(
@@ -732,6 +787,7 @@ class IncidentWorkflow:
                     to=to,
                     summary=f"{runbook.name} on {self.incident.params.get('service', '')}: {summary}",
                     approve_command=f"firebreak approve {self.incident.incident_id} --key PATH",
+                    evidence=self._evidence_lines() if self.v2 else [],
                 ),
                 start_to_close_timeout=timedelta(seconds=30),
                 schedule_to_close_timeout=SINK_BUDGET if self.v2 else None,
@@ -742,6 +798,18 @@ class IncidentWorkflow:
             if not self.v2:
                 raise
             self._sink_gap(f"{kind} notification to {to} not sent: {_cause(exc)}")
+
+    def _evidence_lines(self) -> list[str]:
+        """The top hypothesis's findings, the investigation's gaps and each step's result, briefly."""
+        lines: list[str] = []
+        if self.diagnosis and self.diagnosis.hypotheses:
+            top = self.diagnosis.hypotheses[0]
+            lines.append(f"top hypothesis: {top.title} ({top.score:.0%})")
+            lines += [f"{'held' if f.held else 'not held'}: {f.detail}" for f in top.findings]
+            lines += [f"gap: {g}" for g in self.diagnosis.gaps]
+        lines += [f"step {r.step_id} {r.status}: {r.detail}"
+                  + (f"; rollback {r.rollback.status}: {r.rollback.detail}" if r.rollback else "") for r in self.steps]
+        return [line[:500] for line in lines[:30]]
 
     def _sink_gap(self, gap: str) -> None:
         """A sink that failed is a gap on the record, never the incident's fate."""

@@ -61,6 +61,8 @@ from firebreak.api.sources import (
 from firebreak.api.unrouted import FILE_NAME as UNROUTED_FILE
 from firebreak.api.unrouted import UnroutedLog
 from firebreak.contracts import Alert, ApprovalOutcome, IncidentStatus, Phase
+from firebreak.incidents import WorkerDown, read_status
+from firebreak.incidents import submit_approval as deliver_approval
 from firebreak.intake import WORKFLOW
 from firebreak.receipts import ensure_intake_key, intake_signer
 from firebreak.runbook import Runbook, load_runbooks
@@ -330,20 +332,18 @@ def create_app(
         if run_id is not None and not _RUN_ID.fullmatch(run_id):
             raise ApiError(400, "run_id is not a run id", "query.run_id")
 
-        async def query(client: Client) -> IncidentStatus:
-            handle = client.get_workflow_handle(incident_id, run_id=run_id)
-            status: IncidentStatus = await handle.query("status", result_type=IncidentStatus)
-            return status
+        async def query(client: Client) -> tuple[IncidentStatus, str]:
+            return await read_status(client.get_workflow_handle(incident_id, run_id=run_id))
 
         try:
-            status = await gateway.call(query)
+            status, source = await gateway.call(query)
         except RPCError as exc:
             if exc.status == RPCStatusCode.NOT_FOUND:
                 raise ApiError(404, f"no incident {incident_id!r}", "path.incident_id") from None
             raise
-        except WorkflowQueryFailedError as exc:
+        except (WorkflowQueryFailedError, WorkerDown) as exc:
             raise ApiError(502, f"the incident's workflow could not answer its status query: {exc}") from None
-        return JSONResponse(status.model_dump(mode="json"))
+        return JSONResponse(status.model_dump(mode="json"), headers={"X-Firebreak-Source": source})
 
     @app.post("/v1/incidents/{incident_id}/approvals", response_model=ApprovalOutcome,
               responses={**{k: v for k, v in ERRORS.items() if k in (400, 401, 503)},
@@ -356,11 +356,8 @@ def create_app(
         approval = approvals.parse(await read_body(request, 64 * 1024), incident_id)
         _auth(lambda: approvals.authenticate(approval))
 
-        async def update(client: Client) -> ApprovalOutcome:
-            handle = client.get_workflow_handle(incident_id)
-            outcome: ApprovalOutcome = await handle.execute_update(
-                "submit_approval", approval, result_type=ApprovalOutcome)
-            return outcome
+        async def update(client: Client) -> ApprovalOutcome | None:
+            return await deliver_approval(client.get_workflow_handle(incident_id), approval)
 
         try:
             outcome = await gateway.call(update)
@@ -370,6 +367,12 @@ def create_app(
             raise
         except WorkflowUpdateFailedError as exc:
             raise ApiError(409, f"refused: {exc.cause.message if exc.cause else exc}") from None
+        if outcome is None:
+            # No worker answered: the approval is in the incident's history as a signal, judged by the
+            # same path as soon as a worker runs it again.
+            return JSONResponse({"queued": True, "detail": "no worker answered within 2s: the approval was "
+                                 "recorded as a signal and will be judged when a worker picks the incident up"},
+                                status_code=202)
         return JSONResponse(outcome.model_dump(mode="json"), status_code=200 if outcome.counted else 409)
 
     @app.get("/v1/unrouted", response_model=UnroutedList, dependencies=[Depends(require_reader)],

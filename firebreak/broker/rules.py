@@ -157,7 +157,8 @@ def _step_binding(request: MintRequest, step: PlanStep) -> dict[str, Any]:
     undo binds the write it undoes: the target fills ``undo_body`` from the result *it*
     recorded for ``undo_of`` and refuses any other body, so no undo param comes from the worker.
     """
-    base = f"{request.workflow_id}/{request.run_id}/{step.id}"
+    assert request.plan is not None
+    base = f"{request.plan.incident_id}/{request.plan.run_id}/{step.id}"
     if not request.undo:
         return {"idempotency_key": f"{base}/do", "body_sha256": hashlib.sha256(canonical_json(step.params)).hexdigest()}
     assert step.undo is not None
@@ -179,9 +180,10 @@ def authorize_write(
         raise Denied(f"write {request.verb!r} needs a plan and signed approvals; none was sent")
     if plan.runbook != request.runbook:
         raise Denied(f"plan is for runbook {plan.runbook!r}, the request names {request.runbook!r}")
-    # The plan binds to one run of one incident: a plan from another run cannot unlock this one.
-    if (plan.incident_id, plan.run_id) != (request.workflow_id, request.run_id):
-        raise Denied(f"plan is for {plan.incident_id} run {plan.run_id}, not the requesting workflow's run")
+    # The plan binds to one incident, and (through its hash) to the run that proposed it; an incident
+    # that continued as new keeps that plan, so the slots below are keyed by the plan's run, not the caller's.
+    if plan.incident_id != request.workflow_id:
+        raise Denied(f"plan is for {plan.incident_id}, not the requesting workflow's run of {request.workflow_id}")
     try:
         check_plan(plan, runbook)  # every step re-derived from the broker's own runbook copy
     except ValueError as exc:
@@ -195,7 +197,7 @@ def authorize_write(
         kind = "undo" if request.undo else "write"
         raise Denied(f"step {step.id} {kind} allows {verb!r} on {step.target}/{step.resource}, "
                      f"not {request.verb!r} on {request.audience}/{request.resource}")
-    key = plan_key(request.workflow_id, request.run_id, plan_hash)
+    key = plan_key(plan.incident_id, plan.run_id, plan_hash)
     authorization = state.plan(key)
     nonces: list[tuple[str, str, float]] = []
     if request.undo:
@@ -282,7 +284,7 @@ def _authorize(
     approved = {n.step: list(n.approved_by) for n in result.needs if n.met}
     if existing is None:
         authorization = PlanAuthorization(
-            workflow_id=request.workflow_id, run_id=request.run_id, plan_hash=plan_hash, created_at=stamp,
+            workflow_id=plan.incident_id, run_id=plan.run_id, plan_hash=plan_hash, created_at=stamp,
             expires_at=stamp + lifetime, keep_until=keep, approved_steps=sorted(approved), approvers=approved,
             digests=sorted({approval_digest(a) for a, _ in checked}), requesters=requesters, minted={},
         )
