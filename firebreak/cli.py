@@ -490,8 +490,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     from firebreak.api.cli import register as register_api
     from firebreak.broker.cli import register as register_broker
+    from firebreak.privileges_cli import register as register_privileges
 
     register_broker(sub, load_settings)
+    register_privileges(sub, load_settings)
     register_api(sub, load_settings)
     return parser
 

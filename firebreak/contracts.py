@@ -61,6 +61,11 @@ CLOSED_PHASES = frozenset(
 )
 # Endings a human must take over: they escalate with the evidence.
 NEEDS_A_HUMAN = frozenset({Phase.failed, Phase.rollback_failed, Phase.expired})
+# Temporal failure types, so that the UI and visibility tell these apart without a payload decoded:
+# a run that ended needing a human ends as Failed (its IncidentReport in the failure's details), and
+# a refused approval fails its ``submit_approval`` update (its ApprovalOutcome in the details).
+NEEDS_A_HUMAN_FAILURE = "IncidentNeedsAHuman"
+APPROVAL_REFUSED = "ApprovalRefused"
 
 
 # -- alerts -------------------------------------------------------------------
@@ -454,14 +459,17 @@ class VerifyResult(Model):
 
 class Ticket(Model):
     sink: str
-    ref: str
+    ref: str = Field(description="one per run of the incident: a later run never overwrites it")
     url: str | None = None
+    run_id: str | None = Field(default=None, description="the incident run it belongs to (its first run id)")
 
 
 class TicketRequest(Model):
     incident_id: IncidentId
     event: Literal["proposed", "updated", "closed"]
-    summary: str
+    summary: str = Field(description="the title: it starts with the phase it was filed in")
+    run_id: str | None = Field(default=None, pattern=r"^[0-9A-Za-z-]{1,64}$",
+                               description="the run's first run id: one ticket per run")
     body_markdown: str
     payload: dict[str, Any] = Field(default_factory=dict)
 

@@ -1,9 +1,14 @@
-"""An incident's history as a readable table: the story an operator would read in the UI."""
+"""An incident's history as a readable table: the story an operator would read in the UI.
+
+Each row is (event id, ISO time, event type, detail). Approvals read with who, what they said (a
+comment, or a rejection's reason) and whether they counted; a refused one reads REFUSED, whether it
+came as a signal (judged in the workflow: see its status) or as an update (failed with the reason).
+"""
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, NamedTuple
 
 from temporalio.api.common.v1 import Payload
 from temporalio.api.enums.v1 import EventType
@@ -53,8 +58,37 @@ def _grants(value: Any) -> list[str]:
     return found
 
 
-async def history_rows(history: WorkflowHistory, converter: DataConverter) -> list[tuple[int, str, str, str]]:
-    rows: list[tuple[int, str, str, str]] = []
+class HistoryRow(NamedTuple):
+    event_id: int
+    time: str  # ISO 8601, UTC
+    kind: str
+    detail: str
+
+
+def _approval_words(body: dict[str, Any]) -> str:
+    """What an approval or rejection said, e.g. ` from alice: approve s1; comment "scale only"`."""
+    words = f" from {body['approver']}" if body.get("approver") else ""
+    if body.get("decision"):
+        words += f": {body['decision']}" + (f" {', '.join(map(str, body['steps']))}" if body.get("steps") else "")
+    if body.get("comment"):
+        label = "reason" if body.get("decision") == "reject" else "comment"
+        words += f"; {label} \"{' '.join(str(body['comment']).split())[:300]}\""
+    return words
+
+
+async def _failure_message(failure: Any, converter: DataConverter) -> str:
+    """A failure's message, decoded when the codec encoded it (only with --encrypt)."""
+    if converter.payload_codec:
+        await converter.payload_codec.decode_failure(failure)
+    message = failure.message
+    if failure.HasField("encoded_attributes"):
+        decoded = await _json([failure.encoded_attributes], converter)
+        message = (decoded[0] or {}).get("message", message) if isinstance(decoded[0], dict) else message
+    return str(message)
+
+
+async def history_rows(history: WorkflowHistory, converter: DataConverter) -> list[HistoryRow]:
+    rows: list[HistoryRow] = []
     scheduled: dict[int, str] = {}
     for event in history.events:
         kind = EventType.Name(event.event_type).removeprefix("EVENT_TYPE_")
@@ -73,34 +107,30 @@ async def history_rows(history: WorkflowHistory, converter: DataConverter) -> li
             detail = "; ".join([scheduled.get(attrs.scheduled_event_id, "")] + _grants(result))
         elif kind == "ACTIVITY_TASK_FAILED":
             attrs = event.activity_task_failed_event_attributes
-            failure = attrs.failure
-            if converter.payload_codec:
-                await converter.payload_codec.decode_failure(failure)
-            message = failure.message
-            if failure.HasField("encoded_attributes"):
-                decoded = await _json([failure.encoded_attributes], converter)
-                message = (decoded[0] or {}).get("message", message) if isinstance(decoded[0], dict) else message
-            detail = f"{scheduled.get(attrs.scheduled_event_id, '')}: {message}"
+            detail = f"{scheduled.get(attrs.scheduled_event_id, '')}: {await _failure_message(attrs.failure, converter)}"
         elif kind == "WORKFLOW_EXECUTION_SIGNALED":
             attrs = event.workflow_execution_signaled_event_attributes
             args = await _json(list(attrs.input.payloads), converter)
             body = args[0] if args and isinstance(args[0], dict) else {}
-            detail = f"signal {attrs.signal_name}"
-            if body.get("approver"):
-                detail += f" from {body['approver']}"
+            detail = f"signal {attrs.signal_name}" + _approval_words(body)
             if isinstance(body.get("alerts"), list):
                 statuses = [a.get("status", "?") for a in body["alerts"] if isinstance(a, dict)]
                 detail += ": " + ", ".join(f"{statuses.count(s)} {s}" for s in sorted(set(statuses)))
         elif kind == "WORKFLOW_EXECUTION_UPDATE_ACCEPTED":
             attrs = event.workflow_execution_update_accepted_event_attributes
             args = await _json(list(attrs.accepted_request.input.args.payloads), converter)
-            who = args[0].get("approver") if args and isinstance(args[0], dict) else None
-            detail = f"update {attrs.accepted_request.input.name}" + (f" from {who}" if who else "")
+            body = args[0] if args and isinstance(args[0], dict) else {}
+            detail = f"update {attrs.accepted_request.input.name}" + _approval_words(body)
         elif kind == "WORKFLOW_EXECUTION_UPDATE_COMPLETED":
             attrs = event.workflow_execution_update_completed_event_attributes
-            out = await _json(list(attrs.outcome.success.payloads), converter)
-            if out and isinstance(out[0], dict):
-                detail = f"{'counted' if out[0].get('counted') else 'REFUSED'}: {out[0].get('reason', '')}"
+            if attrs.outcome.HasField("failure"):
+                # A refused approval fails its update ("refused: REASON").
+                message = await _failure_message(attrs.outcome.failure, converter)
+                detail = f"REFUSED: {message.removeprefix('refused: ')}"
+            else:
+                out = await _json(list(attrs.outcome.success.payloads), converter)
+                if out and isinstance(out[0], dict):
+                    detail = f"{'counted' if out[0].get('counted') else 'REFUSED'}: {out[0].get('reason', '')}"
         elif kind == "UPSERT_WORKFLOW_SEARCH_ATTRIBUTES":
             fields = event.upsert_workflow_search_attributes_event_attributes.search_attributes.indexed_fields
             detail = ", ".join(f"{k}={json.loads(v.data)}" for k, v in fields.items())
@@ -111,5 +141,9 @@ async def history_rows(history: WorkflowHistory, converter: DataConverter) -> li
             result = await _json(list(event.workflow_execution_completed_event_attributes.result.payloads), converter)
             if result and isinstance(result[0], dict):
                 detail = f"{result[0].get('phase')}: {result[0].get('outcome')}"
-        rows.append((event.event_id, event.event_time.ToDatetime().strftime("%H:%M:%S"), kind.lower(), detail))
+        elif kind == "WORKFLOW_EXECUTION_FAILED":
+            # An ending that needs a human: "failed: ...", "expired: ...", "rollback_failed: ...".
+            detail = await _failure_message(event.workflow_execution_failed_event_attributes.failure, converter)
+        at = event.event_time.ToDatetime().isoformat(timespec="milliseconds") + "Z"
+        rows.append(HistoryRow(event.event_id, at, kind.lower(), detail))
     return rows

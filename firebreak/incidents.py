@@ -7,7 +7,12 @@ crash an on-call engineer must still see the plan and leave an approval, so:
   from the memo the workflow writes when it proposes (plan, hash, requesters...);
 * an approval goes as the ``submit_approval`` update, or, when no worker answers
   in time, as the ``approval`` signal: recorded in history at once, and judged by
-  the same code path as soon as a worker runs the incident again.
+  the same code path as soon as a worker runs the incident again. A refused
+  approval fails its update (so the UI shows it refused); its outcome is read
+  back from the failure.
+
+An incident that ends needing a human (failed, expired, rollback_failed) ends as a
+Failed run; :func:`final_report` reads its report from the failure as from a result.
 """
 
 from __future__ import annotations
@@ -15,12 +20,27 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from temporalio.client import WorkflowHandle, WorkflowQueryFailedError, WorkflowUpdateRPCTimeoutOrCancelledError
+from temporalio.client import (
+    WorkflowFailureError,
+    WorkflowHandle,
+    WorkflowQueryFailedError,
+    WorkflowUpdateFailedError,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
+)
+from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
-from firebreak.contracts import Approval, ApprovalOutcome, IncidentStatus
+from firebreak.contracts import (
+    APPROVAL_REFUSED,
+    NEEDS_A_HUMAN_FAILURE,
+    Approval,
+    ApprovalOutcome,
+    IncidentReport,
+    IncidentStatus,
+)
 
 MEMO_KEY = "firebreak"  # what an approver needs, readable from visibility without a worker
+WAITING_KEY = "firebreak_waiting"  # what the incident waits for, in a few words (`firebreak list`)
 WORKER_WAIT = timedelta(seconds=2)
 _NO_ANSWER = (RPCStatusCode.DEADLINE_EXCEEDED, RPCStatusCode.CANCELLED, RPCStatusCode.UNAVAILABLE)
 
@@ -60,15 +80,46 @@ async def submit_approval(handle: WorkflowHandle[Any, Any], approval: Approval,
         await handle.signal("approval", approval.model_dump(mode="json"))
         return None
     try:
-        outcome: ApprovalOutcome = await handle.execute_update(
-            "submit_approval", approval, result_type=ApprovalOutcome, rpc_timeout=wait)
-        return outcome
+        return await approval_outcome(handle, approval, wait)
     except WorkflowUpdateRPCTimeoutOrCancelledError:
         pass
     except RPCError as exc:
         if exc.status not in _NO_ANSWER and "Timeout" not in exc.message:
             raise
     await handle.signal("approval", approval.model_dump(mode="json"))
+    return None
+
+
+async def approval_outcome(handle: WorkflowHandle[Any, Any], approval: Approval,
+                           wait: timedelta | None = None) -> ApprovalOutcome:
+    """The ``submit_approval`` update's answer, counted or refused (a refusal fails the update)."""
+    try:
+        outcome: ApprovalOutcome = await handle.execute_update(
+            "submit_approval", approval, result_type=ApprovalOutcome, rpc_timeout=wait)
+        return outcome
+    except WorkflowUpdateFailedError as exc:
+        refused = _details(exc.cause, APPROVAL_REFUSED)
+        if refused is None:
+            raise
+        return ApprovalOutcome.model_validate(refused)
+
+
+async def final_report(handle: WorkflowHandle[Any, Any]) -> IncidentReport:
+    """The incident's report, whether the run completed or failed because it needs a human."""
+    try:
+        result = await handle.result()
+    except WorkflowFailureError as exc:
+        report = _details(exc.cause, NEEDS_A_HUMAN_FAILURE)
+        if report is None:
+            raise
+        return IncidentReport.model_validate(report)
+    return result if isinstance(result, IncidentReport) else IncidentReport.model_validate(result)
+
+
+def _details(cause: BaseException | None, failure_type: str) -> Any | None:
+    """The first detail of an ApplicationError of this type (decoded as plain JSON), else None."""
+    if isinstance(cause, ApplicationError) and cause.type == failure_type and cause.details:
+        return cause.details[0]
     return None
 
 

@@ -161,7 +161,6 @@ async def _signal_with_start(
     task_queue: str,
     reuse: WorkflowIDReusePolicy,
 ) -> WorkflowHandle[Any, IncidentReport]:
-    first = routed.alerts[0]
     handle = await client.start_workflow(
         WORKFLOW,
         incident,
@@ -170,9 +169,38 @@ async def _signal_with_start(
         start_signal=ALERT_SIGNAL,
         start_signal_args=[signal],
         id_reuse_policy=reuse,
-        static_summary=f"{routed.runbook.name}: {first.name} on {routed.params.get('service', routed.incident_id)}",
-        static_details=first.annotations.get("description", ""),
+        static_summary=run_summary(routed, signal.received_at),
+        static_details=run_details(routed, incident),
         result_type=IncidentReport,
     )
     return handle
+
+
+def run_summary(routed: Routed, received_at: datetime) -> str:
+    """One line for the UI: what fired, on which service, since when, and the runbook.
+
+    The time the alert started (else when it arrived) is what tells two runs of one incident apart.
+    """
+    first = routed.alerts[0]
+    since = first.starts_at or received_at
+    severity = first.labels.get("severity")
+    return (f"{first.name} on {routed.params.get('service', routed.incident_id)}"
+            + (f" ({severity})" if severity else "")
+            + f" since {since.astimezone(timezone.utc):%Y-%m-%d %H:%M:%S} UTC · runbook {routed.runbook.name}"
+            + f" v{routed.runbook.version}")
+
+
+def run_details(routed: Routed, incident: IncidentInput) -> str:
+    """The alert as the UI's static details (markdown): its summary, description, labels, earlier run."""
+    first = routed.alerts[0]
+    lines = [f"**{first.annotations.get('summary') or first.name}**"]
+    if first.annotations.get("description"):
+        lines.append(first.annotations["description"])
+    lines.append("Labels: " + ", ".join(f"`{k}={v}`" for k, v in sorted(first.labels.items())))
+    if len(routed.alerts) > 1:
+        lines.append(f"{len(routed.alerts)} alerts in the first delivery")
+    if incident.previous_run_id:
+        lines.append(f"Fired again after run `{incident.previous_run_id}` closed")
+    lines.append(f"Follow it: `firebreak status {routed.incident_id} --watch`")
+    return "\n\n".join(line[:1000] for line in lines)
 

@@ -91,6 +91,16 @@ def _metrics_read(runbook: Runbook) -> Investigation:
     raise ValueError(f"runbook {runbook.name} verifies with a query but declares no prometheus read")
 
 
+def param_problem(runbook: Runbook, name: str, value: str) -> str | None:
+    """Why a param value may not be used with this runbook (undeclared, or off its pattern), or None."""
+    spec = runbook.params.get(name)
+    if spec is None:
+        return f"not declared by runbook {runbook.name!r}"
+    if not re.fullmatch(spec.pattern.removeprefix("^").removesuffix("$"), value):
+        return f"does not match {spec.pattern}"
+    return None
+
+
 def check_plan(plan: Plan, runbook: Runbook) -> None:
     """Deny by default: re-derive every step from this runbook and the plan's params.
 
@@ -102,11 +112,9 @@ def check_plan(plan: Plan, runbook: Runbook) -> None:
     if plan.params is None:
         raise ValueError("params: the plan does not bind the params its steps are derived from")
     for name, value in plan.params.items():
-        spec = runbook.params.get(name)
-        if spec is None:
-            raise ValueError(f"params.{name}: not declared by runbook {runbook.name!r}")
-        if not re.fullmatch(spec.pattern.removeprefix("^").removesuffix("$"), value):
-            raise ValueError(f"params.{name}: does not match {spec.pattern}")
+        problem = param_problem(runbook, name, value)
+        if problem is not None:
+            raise ValueError(f"params.{name}: {problem}")
     hypothesis = next((h for h in runbook.diagnose if h.id == plan.hypothesis), None)
     if hypothesis is None:
         raise ValueError(f"hypothesis: {plan.hypothesis!r} is not in runbook {runbook.name!r}")

@@ -13,7 +13,8 @@ from temporalio.client import Client, WorkflowHandle
 
 from firebreak import signing
 from firebreak.config import Settings
-from firebreak.contracts import Alert, IncidentStatus, Phase
+from firebreak.contracts import Alert, Approval, ApprovalOutcome, IncidentReport, IncidentStatus, Phase
+from firebreak.incidents import approval_outcome, final_report
 from firebreak.intake import deliver_routed, route_alerts
 from firebreak.receipts import ReceiptSigner, ensure_intake_key, intake_signer, person_signer
 from firebreak.runbook import load_runbooks
@@ -74,3 +75,28 @@ async def wait_for_phase(handle: WorkflowHandle, phase: Phase, timeout: float = 
         await asyncio.sleep(0.2)
     raise AssertionError(f"{handle.id} did not reach {phase.value}; last phase {last.phase.value if last else None}: "
                          f"{last.outcome if last else ''}")
+
+
+async def report_of(handle: WorkflowHandle) -> IncidentReport:
+    """The incident's report: its result, or, for an ending that needs a human, its Failed run's details.
+
+    Through ``handle.result()``, so that on the time-skipping server time still skips while waiting.
+    """
+    return await final_report(handle)
+
+
+async def submit(handle: WorkflowHandle, approval: Approval) -> ApprovalOutcome:
+    """The ``submit_approval`` update's outcome, also when refused (a refusal fails the update)."""
+    return await approval_outcome(handle, approval)
+
+
+async def wait_until(handle: WorkflowHandle, predicate, timeout: float = 30.0) -> IncidentStatus:  # noqa: ANN001
+    """Poll the status query until ``predicate(status)``: for what lands off the critical path (tickets)."""
+    deadline = time.monotonic() + timeout
+    last: IncidentStatus | None = None
+    while time.monotonic() < deadline:
+        last = await status(handle)
+        if predicate(last):
+            return last
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{handle.id}: condition not met in {timeout}s; last phase {last.phase if last else None}")

@@ -20,7 +20,7 @@ from conftest import CONVERTER, temporal_bin
 from firebreak.config import AGENT
 from firebreak.contracts import AlertSignal, ApprovalOutcome, IncidentReport, Phase
 from firebreak.temporal import SEARCH_ATTRIBUTES
-from incidents import inject, make_alert, open_incident, wait_for_phase
+from incidents import inject, make_alert, open_incident, report_of, submit, wait_for_phase
 from worker import build_worker
 
 HISTORY_BOUND = 2 * 1024 * 1024
@@ -45,8 +45,7 @@ async def test_a_hundred_1mb_deliveries_leave_the_incident_open_with_its_approva
         assert first.status_code == 202, first.text
         waiting = await wait_status(http, api, incident, lambda s: s["phase"] == "awaiting_approval")
         handle = dev_env.client.get_workflow_handle(incident, result_type=IncidentReport)
-        alice = await handle.execute_update("submit_approval", approvers.approval("alice", incident, waiting["plan_hash"]),
-                                            result_type=ApprovalOutcome)
+        alice = await submit(handle, approvers.approval("alice", incident, waiting["plan_hash"]))
         assert alice.counted and not alice.decided
         for _ in range(99):
             response = await http.post(url, content=big_delivery(fingerprint, service), headers=bearer())
@@ -57,25 +56,33 @@ async def test_a_hundred_1mb_deliveries_leave_the_incident_open_with_its_approva
         history = await handle.fetch_history()
         size = sum(event.ByteSize() for event in history.events)
         assert size < HISTORY_BOUND, size
-        bob = await handle.execute_update("submit_approval", approvers.approval("bob", incident, waiting["plan_hash"]),
-                                          result_type=ApprovalOutcome)
+        bob = await submit(handle, approvers.approval("bob", incident, waiting["plan_hash"]))
         assert bob.counted and bob.decided
-        report = await handle.result()
+        report = await report_of(handle)
     assert report.phase == Phase.resolved, report.outcome
 
 
-async def test_one_over_long_label_refuses_that_alert_only(dev_env: WorkflowEnvironment, settings, state_dir: Path):
-    good = {"labels": labels("NobodyHandlesThis", "payments"), "fingerprint": uuid.uuid4().hex[:16]}
-    bad = {"labels": labels("NobodyHandlesThis", "payments", note="y" * 5000), "fingerprint": uuid.uuid4().hex[:16]}
+async def test_one_over_long_label_refuses_that_alert_only(
+    dev_env: WorkflowEnvironment, settings, fleet, state_dir: Path
+):
+    inject(fleet.url, "payments", "bad_deploy")
+    good = {"labels": labels("DrillPair", "payments"), "fingerprint": uuid.uuid4().hex[:16]}
+    bad = {"labels": labels("DrillPair", "payments", note="y" * 5000), "fingerprint": uuid.uuid4().hex[:16]}
     async with running_api(dev_env.client, settings, state_dir) as api, httpx.AsyncClient(timeout=30) as http:
         response = await http.post(f"{api.url}/v1/alerts/alertmanager", content=alertmanager_body([bad, good]),
                                    headers=bearer())
-    assert response.status_code == 202, response.text
-    body = response.json()
-    assert body["counts"] == {"alerts": 2, "routed": 0, "unrouted": 1, "refused": 1}
-    [refused] = body["refused"]
-    assert refused["field"] == "alerts[0].labels.note" and "1024" in refused["reason"]
-    assert [u["fingerprint"] for u in body["unrouted"]] == [good["fingerprint"]]
+        assert response.status_code == 202, response.text
+        body = response.json()
+        assert body["counts"] == {"alerts": 2, "routed": 1, "unrouted": 0, "refused": 1}
+        [refused] = body["refused"]
+        assert refused["field"] == "alerts[0].labels.note" and "1024" in refused["reason"]
+        # The good alert of the same delivery opened its incident.
+        assert body["incident_ids"] == ["payments.drill-pair"]
+        opened = await wait_status(http, api, "payments.drill-pair", lambda s: s["phase"] == "awaiting_approval")
+        assert opened["alerts_received"] == 1
+        recorded = (await http.get(f"{api.url}/v1/unrouted", params={"kind": "refused"}, headers=bearer())).json()
+        assert any(i["alert"]["fingerprint"] == bad["fingerprint"] for i in recorded["items"])
+        await dev_env.client.get_workflow_handle("payments.drill-pair").terminate("test over")
 
 
 async def test_a_long_wait_continues_as_new_carrying_the_plan_and_its_approvals(
@@ -94,9 +101,7 @@ async def test_a_long_wait_continues_as_new_carrying_the_plan_and_its_approvals(
             handle = await open_incident(env.client, settings, alert)
             waiting = await wait_for_phase(handle, Phase.awaiting_approval)
             first_run = (await handle.describe()).run_id
-            alice = await handle.execute_update(
-                "submit_approval", approvers.approval("alice", handle.id, waiting.plan_hash),
-                result_type=ApprovalOutcome)
+            alice = await submit(handle, approvers.approval("alice", handle.id, waiting.plan_hash))
             assert alice.counted and not alice.decided
             for _ in range(40):  # the same alert, again and again: the history grows, the state does not
                 await handle.signal("alert", AlertSignal(alerts=[alert], received_at=alert.starts_at))
@@ -113,7 +118,7 @@ async def test_a_long_wait_continues_as_new_carrying_the_plan_and_its_approvals(
                 "submit_approval", approvers.approval("bob", handle.id, waiting.plan_hash),
                 result_type=ApprovalOutcome)
             assert bob.counted and bob.decided
-            report = await latest.result()
+            report = await report_of(latest)
         assert report.phase == Phase.resolved, report.outcome
         rollbacks = [c for c in fleet.fleet.changes("checkout") if c["author"] == AGENT and c["kind"] == "rollback"]
         assert len(rollbacks) == 1

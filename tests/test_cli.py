@@ -13,7 +13,7 @@ from firebreak.contracts import Phase
 from api_harness import TOKEN, running_api
 from conftest import CLOSED_PORT_URL
 from firebreak.receipts import ensure_intake_key
-from incidents import inject, make_alert, open_incident, wait_for_phase
+from incidents import inject, make_alert, open_incident, report_of, wait_for_phase
 from worker import build_worker
 
 
@@ -74,7 +74,7 @@ async def test_approve_as_requester_is_refused_then_on_call_approval_resolves(
 
         assert await _run(["approve", handle.id, "--as", "alice", "--steps", "s2", "--comment", "scale only", *sd]) == 0
         assert "approve by alice counted; approved: executing now" in capsys.readouterr().out
-        report = await handle.result()
+        report = await report_of(handle)
         assert report.phase == Phase.resolved
 
         assert await _run(["history", handle.id, *sd]) == 0
@@ -95,7 +95,7 @@ async def test_reject_needs_a_reason_and_closes_the_incident(
         assert usage.value.code == 2
         assert await _run(["reject", handle.id, "--as", "alice", "--reason", "deploy freeze",
                            "--state-dir", str(cli_state)]) == 0
-        report = await handle.result()
+        report = await report_of(handle)
     assert report.phase == Phase.rejected and report.status.approvals[0].reason == "rejection recorded"
     assert report.status.approvals[0].comment == "deploy freeze"
 
@@ -146,6 +146,6 @@ async def test_approve_right_after_the_worker_went_down_answers_at_once_and_coun
         assert code == 0 and elapsed < 10, (code, elapsed)
         assert "its memo (no worker answered" in out and "no worker is answering right now" in out
         async with build_worker(dev_env.client, settings):
-            report = await handle.result()
+            report = await report_of(handle)
     assert report.phase == Phase.resolved, report.outcome
     assert [(a.approver, a.counted, a.via) for a in report.status.approvals] == [("alice", True, "signal")]

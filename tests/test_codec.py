@@ -54,7 +54,7 @@ from firebreak.contracts import ApprovalOutcome, Phase
 from firebreak.history import history_rows
 from firebreak.config import TemporalSettings
 from firebreak.temporal import DATA_CONVERTER, connect, data_converter
-from incidents import inject, make_alert, open_incident, status, wait_for_phase
+from incidents import inject, make_alert, open_incident, report_of, status, submit, wait_for_phase
 from worker import build_worker
 from workflows.incident import IncidentWorkflow
 
@@ -542,10 +542,9 @@ async def test_incident_runs_encrypted_end_to_end(
         # clients decode query answers in a workflow's serialization context too.
         marked = await dev_env.client.get_workflow_handle(handle.id).query("status")
         assert unauthenticated_reason(marked) == "unauthenticated payload: no MAC", marked
-        outcome = await handle.execute_update(
-            "submit_approval", approvers.approval("alice", handle.id, waiting.plan_hash), result_type=ApprovalOutcome)
+        outcome = await submit(handle, approvers.approval("alice", handle.id, waiting.plan_hash))
         assert outcome.counted
-        report = await handle.result()
+        report = await report_of(handle)
     assert report.phase == Phase.rolled_back
 
     # The history as the server holds it, read by a client without the codec.

@@ -20,7 +20,7 @@ from conftest import needs
 from demo.prom import PrometheusProcess, free_port
 from firebreak.contracts import ApprovalOutcome, Phase
 from firebreak.history import history_rows
-from incidents import inject, make_alert, open_incident, wait_for_phase
+from incidents import inject, make_alert, open_incident, report_of, submit, wait_for_phase
 from worker import build_worker
 from workflows.incident import IncidentWorkflow
 
@@ -72,13 +72,11 @@ async def test_bad_deploy_is_diagnosed_rolled_back_verified_and_replays(
         assert not waiting.gaps
         assert all(e.grant is not None for e in waiting.evidence)
 
-        refused = await handle.execute_update(
-            "submit_approval", approvers.approval("bob", handle.id, waiting.plan_hash), result_type=ApprovalOutcome)
+        refused = await submit(handle, approvers.approval("bob", handle.id, waiting.plan_hash))
         assert not refused.counted and "requested this incident" in refused.reason
-        outcome = await handle.execute_update(
-            "submit_approval", approvers.approval("alice", handle.id, waiting.plan_hash), result_type=ApprovalOutcome)
+        outcome = await submit(handle, approvers.approval("alice", handle.id, waiting.plan_hash))
         assert outcome.counted, outcome.reason
-        report = await asyncio.wait_for(handle.result(), timeout=240)
+        report = await asyncio.wait_for(report_of(handle), timeout=240)
 
         assert report.phase == Phase.resolved, report.outcome
         [step] = report.status.steps

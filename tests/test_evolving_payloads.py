@@ -27,7 +27,7 @@ from firebreak.intake import ALERT_SIGNAL, WORKFLOW, route_alerts
 from firebreak.roster import Roster
 from firebreak.runbook import RunbookError, load_runbooks, parse_runbook
 from firebreak.temporal import DATA_CONVERTER
-from incidents import inject, make_alert, receipt_signer, wait_for_phase
+from incidents import inject, make_alert, receipt_signer, report_of, submit, wait_for_phase
 from worker import build_worker
 from workflows.incident import IncidentWorkflow
 
@@ -168,10 +168,9 @@ async def test_incident_started_before_a_field_was_added_finishes_after_the_upgr
     # so it replays the history version 1 wrote, then carries the incident to its end.
     _evolve(monkeypatch)
     async with build_worker(time_env.client, settings):
-        outcome = await handle.execute_update(
-            "submit_approval", approvers.approval("alice", handle.id, waiting.plan_hash), result_type=ApprovalOutcome)
+        outcome = await submit(handle, approvers.approval("alice", handle.id, waiting.plan_hash))
         assert outcome.counted, outcome.reason
-        report = await handle.result()
+        report = await report_of(handle)
 
     assert _Counting.validations > 0, "the upgraded worker did not use the evolved model"
     assert report.phase == Phase.resolved, report.outcome
@@ -198,7 +197,7 @@ async def test_an_input_written_by_a_newer_version_runs(
         assert waiting.alerts_received == 1 and not waiting.refused_signals
         approval = approvers.approval("alice", handle.id, waiting.plan_hash).model_dump(mode="json")
         await handle.signal("approval", {**approval, **UNKNOWN})
-        report = await handle.result()
+        report = await report_of(handle)
 
     assert report.phase == Phase.resolved, report.outcome
     assert [r.counted for r in report.status.approvals] == [True]

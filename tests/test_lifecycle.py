@@ -17,7 +17,7 @@ from conftest import CLOSED_PORT_URL
 from firebreak.broker.server import BrokerServer
 from firebreak.config import AGENT
 from firebreak.contracts import AlertSignal, ApprovalOutcome, Phase
-from incidents import inject, make_alert, open_incident, status, wait_for_phase
+from incidents import inject, make_alert, open_incident, report_of, status, submit, wait_for_phase
 from worker import build_worker
 
 
@@ -33,8 +33,7 @@ def notifications(settings, incident_id: str) -> list[dict]:
 
 async def approve(handle, approvers, who: str = "alice", **kw) -> ApprovalOutcome:
     waiting = await wait_for_phase(handle, Phase.awaiting_approval)
-    return await handle.execute_update("submit_approval", approvers.approval(who, handle.id, waiting.plan_hash, **kw),
-                                       result_type=ApprovalOutcome)
+    return await submit(handle, approvers.approval(who, handle.id, waiting.plan_hash, **kw))
 
 
 async def test_a_ticket_sink_down_for_the_whole_incident_is_a_gap_not_its_fate(
@@ -45,7 +44,7 @@ async def test_a_ticket_sink_down_for_the_whole_incident_is_a_gap_not_its_fate(
     async with build_worker(time_env.client, settings):
         handle = await open_incident(time_env.client, settings, make_alert("DrillPair"))
         assert (await approve(handle, approvers)).decided
-        report = await handle.result()
+        report = await report_of(handle)
     assert report.phase == Phase.resolved, report.outcome
     gaps = report.status.sink_gaps
     assert any(g.startswith("ticket 'proposed' not filed") for g in gaps), gaps
@@ -63,7 +62,7 @@ async def test_a_verification_that_errors_after_a_write_rolls_the_write_back(
     async with build_worker(time_env.client, settings):
         handle = await open_incident(time_env.client, settings, make_alert("DrillRollback"))
         assert (await approve(handle, approvers)).decided
-        report = await handle.result()
+        report = await report_of(handle)
     assert report.phase == Phase.rolled_back, report.outcome
     [step] = report.status.steps
     assert step.verified is None and "could not be verified" in step.verification
@@ -87,7 +86,7 @@ async def test_an_undo_the_target_refuses_ends_rollback_failed_and_escalates(
         await wait_for_phase(handle, Phase.verifying)
         fleet.fleet.locked.add("checkout")
         try:
-            report = await handle.result()
+            report = await report_of(handle)
         finally:
             fleet.fleet.locked.discard("checkout")
     assert report.phase == Phase.rollback_failed, report.outcome
@@ -118,7 +117,7 @@ async def test_a_broken_roster_while_an_approval_arrives_is_a_recorded_refusal(
         assert waiting.phase == Phase.awaiting_approval and not waiting.approvals[-1].counted
         # A fixed roster and a new approval: it goes on.
         assert (await approve(handle, approvers)).decided
-        report = await handle.result()
+        report = await report_of(handle)
     assert report.phase == Phase.resolved
 
 
@@ -162,7 +161,7 @@ async def test_a_failed_step_escalates_with_the_evidence(time_env: WorkflowEnvir
         async with build_worker(time_env.client, settings):
             handle = await open_incident(time_env.client, settings, make_alert("DrillRollback"))
             assert (await approve(handle, approvers)).decided
-            report = await handle.result()
+            report = await report_of(handle)
     finally:
         fleet.fleet.locked.discard("checkout")
     assert report.phase == Phase.failed and "step s1 (rollback) failed" in report.outcome
@@ -177,7 +176,7 @@ async def test_an_investigation_that_cannot_decide_escalates(time_env: WorkflowE
     fleet.fleet.inject("inventory", "clear")
     async with build_worker(time_env.client, settings):
         handle = await open_incident(time_env.client, settings, make_alert("DrillRollback", service="inventory"))
-        report = await handle.result()
+        report = await report_of(handle)
     assert report.phase == Phase.failed and "no hypothesis is supported well enough" in report.outcome
     [escalation] = [n for n in notifications(settings, handle.id) if n["kind"] == "escalation"]
     assert "failed: escalated to a human" in escalation["summary"] and escalation["evidence"]

@@ -12,7 +12,7 @@ from temporalio.testing import WorkflowEnvironment
 from firebreak.broker.server import BrokerServer
 from firebreak.config import AGENT
 from firebreak.contracts import AlertSignal, ApprovalOutcome, IncidentStatus, Phase
-from incidents import inject, make_alert, open_incident, status, wait_for_phase
+from incidents import inject, make_alert, open_incident, report_of, status, submit, wait_for_phase
 from worker import build_worker
 
 
@@ -44,9 +44,7 @@ async def test_freeze_holds_an_approved_incident_and_thaw_resumes_it(
                             headers=admin, timeout=10)
         assert frozen.status_code == 200
         try:
-            outcome = await handle.execute_update(
-                "submit_approval", approvers.approval("alice", handle.id, waiting.plan_hash),
-                result_type=ApprovalOutcome)
+            outcome = await submit(handle, approvers.approval("alice", handle.id, waiting.plan_hash))
             # Approving a held incident says so.
             assert outcome.counted and outcome.decided
             assert outcome.held is not None and "credentials frozen by carol" in outcome.held
@@ -55,7 +53,7 @@ async def test_freeze_holds_an_approved_incident_and_thaw_resumes_it(
             assert held.held.endswith(": suspicious mints") and agent_writes(fleet) == before
         finally:
             httpx.post(f"{broker.url}/v1/thaw", json={"reason": "all clear", "by": "carol"}, headers=admin, timeout=10)
-        report = await handle.result()
+        report = await report_of(handle)
     assert report.phase == Phase.resolved, report.outcome
     assert report.status.held is None
     assert agent_writes(fleet)[len(before):] == ["restart", "scale"]
@@ -74,8 +72,7 @@ async def test_a_plan_whose_precondition_no_longer_holds_is_proposed_anew_with_n
         # Someone deploys by hand after the proposal: the plan no longer rolls back what it said it would.
         fleet.fleet.deploy("checkout", "v77", author="dana")
         before = agent_writes(fleet)
-        outcome = await handle.execute_update(
-            "submit_approval", approvers.approval("alice", handle.id, first.plan_hash), result_type=ApprovalOutcome)
+        outcome = await submit(handle, approvers.approval("alice", handle.id, first.plan_hash))
         assert outcome.counted and outcome.decided
         second = await wait_until(handle, lambda s: s.reproposals and s.phase == Phase.awaiting_approval)
         assert "s1's precondition no longer holds" in second.reproposals[0] and "'v77'" in second.reproposals[0]
@@ -83,8 +80,7 @@ async def test_a_plan_whose_precondition_no_longer_holds_is_proposed_anew_with_n
         assert second.plan.observed["s1"]["version"] == "v77"
         assert agent_writes(fleet) == before  # nothing executed
         # The old approval does not carry over: it was for the withdrawn plan.
-        stale = await handle.execute_update(
-            "submit_approval", approvers.approval("alice", handle.id, first.plan_hash), result_type=ApprovalOutcome)
+        stale = await submit(handle, approvers.approval("alice", handle.id, first.plan_hash))
         assert not stale.counted and "signed for plan" in stale.reason
         await handle.terminate("test over")
 
@@ -104,7 +100,7 @@ async def test_an_alert_cleared_before_execution_ends_auto_resolved(
     resolved = alert.model_copy(update={"status": "resolved"})
     await handle.signal("alert", AlertSignal(alerts=[resolved], received_at=alert.starts_at))
     async with build_worker(dev_env.client, settings):
-        report = await handle.result()
+        report = await report_of(handle)
     assert report.phase == Phase.auto_resolved, report.outcome
     assert "cleared before execution" in report.outcome
     assert report.status.steps == [] and agent_writes(fleet) == before

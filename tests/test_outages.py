@@ -15,7 +15,7 @@ from firebreak import signing
 from firebreak.broker.server import BrokerServer
 from firebreak.config import AGENT
 from firebreak.contracts import ApprovalOutcome, Phase
-from incidents import inject, make_alert, open_incident, wait_for_phase
+from incidents import inject, make_alert, open_incident, report_of, submit, wait_for_phase
 from worker import build_worker
 
 
@@ -33,15 +33,13 @@ async def test_the_target_down_for_30s_during_a_write_delays_it_and_it_lands_onc
         waiting = await wait_for_phase(handle, Phase.awaiting_approval)
         before = agent_writes(sim)
         fleet.stop()  # the target goes down just as the approval lands
-        outcome = await handle.execute_update("submit_approval",
-                                              approvers.approval("alice", handle.id, waiting.plan_hash),
-                                              result_type=ApprovalOutcome)
+        outcome = await submit(handle, approvers.approval("alice", handle.id, waiting.plan_hash))
         assert outcome.decided
         await asyncio.sleep(30)
         assert agent_writes(sim) == before
         verifier = signing.TargetVerifier.from_broker(broker.url, "fleet")
         with FleetServer(verifier=verifier, fleet=sim, port=port, chaos_token="test-chaos", close_verifier=True):
-            report = await asyncio.wait_for(handle.result(), timeout=90)
+            report = await asyncio.wait_for(report_of(handle), timeout=90)
     assert report.phase == Phase.resolved, report.outcome
     assert agent_writes(sim)[len(before):] == ["restart"]  # exactly one write
 
@@ -53,9 +51,7 @@ async def test_the_broker_down_for_20s_after_a_write_never_fails_the_incident(
     async with build_worker(dev_env.client, settings):
         handle = await open_incident(dev_env.client, settings, make_alert("DrillRollback"))
         waiting = await wait_for_phase(handle, Phase.awaiting_approval)
-        outcome = await handle.execute_update("submit_approval",
-                                              approvers.approval("alice", handle.id, waiting.plan_hash),
-                                              result_type=ApprovalOutcome)
+        outcome = await submit(handle, approvers.approval("alice", handle.id, waiting.plan_hash))
         assert outcome.decided
         await wait_for_phase(handle, Phase.verifying, timeout=60)
         broker.stop()
@@ -63,7 +59,7 @@ async def test_the_broker_down_for_20s_after_a_write_never_fails_the_incident(
             await asyncio.sleep(20)
         finally:
             broker.start()
-        report = await asyncio.wait_for(handle.result(), timeout=120)
+        report = await asyncio.wait_for(report_of(handle), timeout=120)
     # The drill's check cannot hold here (no Prometheus): verified as failing, then undone.
     assert report.phase == Phase.rolled_back, report.outcome
     [step] = report.status.steps

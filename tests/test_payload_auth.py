@@ -45,7 +45,7 @@ from firebreak.contracts import (
     Phase,
 )
 from firebreak.temporal import data_converter
-from incidents import inject, make_alert, open_incident, status, wait_for_phase
+from incidents import inject, make_alert, open_incident, report_of, status, submit, wait_for_phase
 from worker import build_worker
 
 REFUSED = "unauthenticated payload: no MAC; refusing to run the activity"
@@ -231,10 +231,9 @@ async def test_messages_without_the_key_neither_count_nor_wedge_the_incident(
         assert after.alerts_received == waiting.alerts_received and after.firing == waiting.firing
         assert [r.counted for r in after.approvals] == [False]
         # Not wedged: the same approval sent by Firebreak counts, and the incident goes on to execute.
-        outcome = await handle.execute_update(
-            "submit_approval", approvers.approval("alice", handle.id, waiting.plan_hash), result_type=ApprovalOutcome)
+        outcome = await submit(handle, approvers.approval("alice", handle.id, waiting.plan_hash))
         assert outcome.counted, outcome.reason
-        report = await handle.result()
+        report = await report_of(handle)
 
     assert report.status.steps, report.outcome
     history = await handle.fetch_history()

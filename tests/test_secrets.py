@@ -16,7 +16,7 @@ from conftest import temporal_bin
 from demo.fleet import FleetServer
 from firebreak import signing
 from firebreak.contracts import ApprovalOutcome, Phase
-from incidents import inject, make_alert, open_incident, wait_for_phase
+from incidents import inject, make_alert, open_incident, report_of, submit, wait_for_phase
 from worker import build_worker
 
 CANARY = f"CANARY-{uuid.uuid4().hex}"
@@ -79,11 +79,9 @@ async def test_no_token_or_canary_in_history_logs_or_search_attributes(
         async with build_worker(dev_env.client, settings):
             handle = await open_incident(dev_env.client, settings, make_alert("DrillRollback"))
             waiting = await wait_for_phase(handle, Phase.awaiting_approval)
-            outcome = await handle.execute_update(
-                "submit_approval", approvers.approval("alice", handle.id, waiting.plan_hash),
-                result_type=ApprovalOutcome)
+            outcome = await submit(handle, approvers.approval("alice", handle.id, waiting.plan_hash))
             assert outcome.counted
-            report = await handle.result()
+            report = await report_of(handle)
             description = await handle.describe()
     finally:
         broker.broker.config.issuer = issuer

@@ -9,7 +9,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from temporalio.testing import WorkflowEnvironment
 
 from firebreak.contracts import ApprovalOutcome, Phase
-from incidents import inject, make_alert, open_incident, wait_for_phase
+from incidents import inject, make_alert, open_incident, report_of, submit, wait_for_phase
 from worker import build_worker
 
 EXPORTER = InMemorySpanExporter()
@@ -24,8 +24,8 @@ async def test_credentials_are_spans_with_grant_ids(time_env: WorkflowEnvironmen
         handle = await open_incident(time_env.client, settings, make_alert("DrillRollback"))
         waiting = await wait_for_phase(handle, Phase.awaiting_approval)
         approval = approvers.approval("alice", handle.id, waiting.plan_hash)
-        assert (await handle.execute_update("submit_approval", approval, result_type=ApprovalOutcome)).counted
-        report = await handle.result()
+        assert (await submit(handle, approval)).counted
+        report = await report_of(handle)
 
     spans = [s for s in EXPORTER.get_finished_spans() if s.attributes.get("temporal.workflow_id") == handle.id]
     by_grant = {s.attributes.get("firebreak.grant_id"): s for s in spans}

@@ -12,7 +12,7 @@ from temporalio.client import WorkflowUpdateFailedError
 from temporalio.testing import WorkflowEnvironment
 
 from firebreak.contracts import AlertSignal, ApprovalOutcome, IncidentReport, Phase
-from incidents import inject, make_alert, open_incident, status, wait_for_phase
+from incidents import inject, make_alert, open_incident, report_of, status, submit, wait_for_phase
 from worker import build_worker
 
 
@@ -33,7 +33,7 @@ async def test_no_approval_escalates_then_expires_with_nothing_executed(time_env
         assert waiting.escalates_at and waiting.expires_at
         assert waiting.expires_at - waiting.escalates_at == timedelta(hours=1, minutes=30)
         started = await time_env.get_current_time()
-        report = await handle.result()
+        report = await report_of(handle)
         elapsed = await time_env.get_current_time() - started
 
     assert report.phase == Phase.expired
@@ -52,7 +52,7 @@ async def test_alert_resolved_before_approval_closes_auto_resolved(time_env: Wor
         await wait_for_phase(handle, Phase.awaiting_approval)
         resolved = alert.model_copy(update={"status": "resolved"})
         await handle.signal("alert", AlertSignal(alerts=[resolved], received_at=alert.starts_at))
-        report = await handle.result()
+        report = await report_of(handle)
 
     assert report.phase == Phase.auto_resolved
     assert report.status.steps == []
@@ -66,9 +66,9 @@ async def test_failed_verification_rolls_the_step_back(time_env: WorkflowEnviron
         handle = await open_incident(time_env.client, settings, make_alert("DrillRollback"))
         waiting = await wait_for_phase(handle, Phase.awaiting_approval)
         approval = approvers.approval("alice", handle.id, waiting.plan_hash)
-        outcome = await handle.execute_update("submit_approval", approval, result_type=ApprovalOutcome)
+        outcome = await submit(handle, approval)
         assert outcome.counted, outcome.reason
-        report = await handle.result()
+        report = await report_of(handle)
 
     assert report.phase == Phase.rolled_back, report.outcome
     [step] = report.status.steps
@@ -86,20 +86,18 @@ async def test_quorum_of_two_needs_two_people(time_env: WorkflowEnvironment, set
     async with build_worker(time_env.client, settings):
         handle = await open_incident(time_env.client, settings, make_alert("DrillHigh"))
         waiting = await wait_for_phase(handle, Phase.awaiting_approval)
-        async def submit(name: str) -> ApprovalOutcome:
-            return await handle.execute_update(
-                "submit_approval", approvers.approval(name, handle.id, waiting.plan_hash),
-                result_type=ApprovalOutcome)
+        async def approve_as(name: str) -> ApprovalOutcome:
+            return await submit(handle, approvers.approval(name, handle.id, waiting.plan_hash))
 
-        first = await submit("alice")
+        first = await approve_as("alice")
         assert first.counted and first.phase == Phase.awaiting_approval
         assert not first.decided and first.waiting_for == ["s1: 1 more from oncall"]
-        again = await submit("alice")
+        again = await approve_as("alice")
         assert not again.counted and "one person counts once" in again.reason
         assert (await status(handle)).phase == Phase.awaiting_approval
-        second = await submit("bob")
+        second = await approve_as("bob")
         assert second.counted and second.decided
-        report = await handle.result()
+        report = await report_of(handle)
 
     assert report.phase == Phase.resolved, report.outcome
     assert [n.approved_by for n in report.status.needed] == [["alice", "bob"]]
@@ -114,9 +112,9 @@ async def test_partial_approval_executes_only_the_approved_steps(time_env: Workf
         waiting = await wait_for_phase(handle, Phase.awaiting_approval)
         assert [s.id for s in waiting.plan.steps] == ["s1", "s2"]
         approval = approvers.approval("alice", handle.id, waiting.plan_hash, steps=["s1"])
-        outcome = await handle.execute_update("submit_approval", approval, result_type=ApprovalOutcome)
+        outcome = await submit(handle, approval)
         assert outcome.counted
-        report = await handle.result()
+        report = await report_of(handle)
 
     assert report.phase == Phase.resolved
     by_id = {s.step_id: s for s in report.status.steps}
@@ -161,15 +159,15 @@ async def test_bad_approvals_are_refused_recorded_and_nothing_executes(
             await handle.signal("approval", approval.model_dump(mode="json"))
         await handle.signal("approval", "not an approval at all")
         # The update path gives the same verdicts at once.
-        refused = await handle.execute_update("submit_approval", requester, result_type=ApprovalOutcome)
+        refused = await submit(handle, requester)
         assert not refused.counted
         try:
-            await handle.execute_update("submit_approval", unsigned, result_type=ApprovalOutcome)
+            await submit(handle, unsigned)
             raise AssertionError("an unsigned update must be refused by its validator")
         except WorkflowUpdateFailedError as exc:
             assert "not signed" in str(exc.cause)
 
-        report = await handle.result()
+        report = await report_of(handle)
 
     records = report.status.approvals
     assert len(records) == len(attempts) + 2
@@ -188,8 +186,8 @@ async def test_rejection_closes_the_incident(time_env: WorkflowEnvironment, sett
         handle = await open_incident(time_env.client, settings, make_alert("DrillRollback"))
         waiting = await wait_for_phase(handle, Phase.awaiting_approval)
         rejection = approvers.approval("alice", handle.id, waiting.plan_hash, decision="reject")
-        outcome = await handle.execute_update("submit_approval", rejection, result_type=ApprovalOutcome)
+        outcome = await submit(handle, rejection)
         assert outcome.counted
-        report = await handle.result()
+        report = await report_of(handle)
     assert report.phase == Phase.rejected and "alice" in report.outcome
     assert fleet.fleet.service_state("checkout")["version"] == before["version"]

@@ -40,7 +40,7 @@ from firebreak.contracts import (
 )
 from firebreak.plan import build_plan
 from firebreak.runbook import load_runbooks
-from incidents import inject, make_alert, open_incident, receipt_signer, wait_for_phase
+from incidents import inject, make_alert, open_incident, receipt_signer, report_of, submit, wait_for_phase
 from worker import build_worker
 
 
@@ -175,9 +175,9 @@ async def test_crafted_undo_params_and_verification_are_refused_naming_the_field
         # What alice is shown now includes the undo params: she would see `pwned` before signing.
         assert waiting.plan is not None and waiting.plan.steps[0].undo.params == {"version": "pwned"}
         approval = approvers.approval("alice", wid, waiting.plan_hash)
-        outcome = await handle.execute_update("submit_approval", approval, result_type=ApprovalOutcome)
+        outcome = await submit(handle, approval)
         assert outcome.counted  # the workflow is the attacker's; the broker is not
-        report = await handle.result()
+        report = await report_of(handle)
     assert report.phase == Phase.failed
     [step] = report.status.steps
     assert step.status == "failed" and "step s1: undo.params.version differs" in step.detail
@@ -205,9 +205,9 @@ async def test_early_undo_and_reused_approvals_are_refused_and_the_real_flow_sti
                      **mint_fields(plan, "s1", [approval], receipts, undo=True))
         assert agent_writes(fleet) == before
         # The real flow: the step runs, verification fails here (no Prometheus), the undo restores.
-        outcome = await handle.execute_update("submit_approval", approval, result_type=ApprovalOutcome)
+        outcome = await submit(handle, approval)
         assert outcome.counted and outcome.decided
-        report = await handle.result()
+        report = await report_of(handle)
     assert report.phase == Phase.rolled_back, report.outcome
     assert report.status.steps[0].rollback is not None and report.status.steps[0].rollback.status == "succeeded"
     assert fleet.fleet.service_state("checkout")["version"] == bad  # the undo re-deployed what it replaced
@@ -292,16 +292,12 @@ async def test_a_quorum_whose_approvals_arrive_three_hours_apart_completes(
     async with build_worker(time_env.client, settings):
         handle = await open_incident(time_env.client, settings, make_alert("DrillSlow"))
         waiting = await wait_for_phase(handle, Phase.awaiting_approval)
-        first = await handle.execute_update("submit_approval", approvers.approval("alice", handle.id,
-                                                                                   waiting.plan_hash),
-                                            result_type=ApprovalOutcome)
+        first = await submit(handle, approvers.approval("alice", handle.id, waiting.plan_hash))
         assert first.counted and not first.decided
         await time_env.sleep(3 * 3600)  # alice's 15-minute signature has long expired by workflow time
-        second = await handle.execute_update("submit_approval", approvers.approval("bob", handle.id,
-                                                                                    waiting.plan_hash),
-                                             result_type=ApprovalOutcome)
+        second = await submit(handle, approvers.approval("bob", handle.id, waiting.plan_hash))
         assert second.counted and second.decided, second.reason
-        report = await handle.result()
+        report = await report_of(handle)
     assert report.phase == Phase.resolved, report.outcome
     assert [n.approved_by for n in report.status.needed] == [["alice", "bob"]]
     assert fleet.fleet.service_state("checkout")["version"] != bad

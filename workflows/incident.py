@@ -36,7 +36,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.verify import VerifyActivities
     from firebreak import policy
     from firebreak.codec import unauthenticated_reason
-    from firebreak.incidents import MEMO_KEY, memo_status
+    from firebreak.incidents import MEMO_KEY, WAITING_KEY, memo_status
     from firebreak.contracts import (
         Alert,
         AlertSignal,
@@ -50,7 +50,9 @@ with workflow.unsafe.imports_passed_through():
         Diagnosis,
         Evidence,
         ExecuteRequest,
+        APPROVAL_REFUSED,
         NEEDS_A_HUMAN,
+        NEEDS_A_HUMAN_FAILURE,
         IncidentInput,
         IncidentReport,
         IncidentStatus,
@@ -70,7 +72,7 @@ with workflow.unsafe.imports_passed_through():
     from firebreak.plan import build_plan, undo_params
     from firebreak.runbook import Investigation, parse_duration
     from firebreak.temporal import PHASE, RUNBOOK, SERVICE, SEVERITY
-    from workflows.summary import plan_markdown, status_markdown
+    from workflows.summary import plan_markdown, status_markdown, waiting_for
 
 QUICK = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=10), maximum_attempts=3)
 # Budgets, not attempt counts: an outage shorter than the budget delays the work, it does not fail it.
@@ -145,6 +147,8 @@ class IncidentWorkflow:
         if self.incident is not None and self.incident.carried is not None:
             self._restore(self.incident.carried)
         self.v2 = False  # set in run(): False only when replaying an incident started before lifecycle v2
+        self.console = False  # set in run(): the operator's console (endings as Failed, refusals as failed updates)
+        self.waiting_shown = ""
         self.approval_lock = asyncio.Lock()
 
     # -- messages -------------------------------------------------------------
@@ -209,8 +213,15 @@ class IncidentWorkflow:
 
     @workflow.update
     async def submit_approval(self, approval: Approval) -> ApprovalOutcome:
-        """Answers at once whether the approval counted, and why not."""
-        return await self._receive_approval(approval.model_dump(mode="json"), via="update")
+        """Answers at once whether the approval counted, and why not.
+
+        A refused approval fails the update (its outcome in the failure's details), so that the UI shows
+        it as failed with the reason, not as "Outcome Success". It is recorded all the same.
+        """
+        outcome = await self._receive_approval(approval.model_dump(mode="json"), via="update")
+        if self.console and not outcome.counted:
+            raise ApplicationError(f"refused: {outcome.reason}", outcome, type=APPROVAL_REFUSED, non_retryable=True)
+        return outcome
 
     @submit_approval.validator
     def _validate_submit(self, approval: Approval) -> None:
@@ -267,6 +278,9 @@ class IncidentWorkflow:
         # One marker for everything lifecycle v2 adds to the commands (observations, escalations on
         # failure): incidents started before it replay exactly as they ran.
         self.v2 = workflow.patched("lifecycle-v2")
+        # Endings that need a human fail the run, refusals fail their update, the memo says what the
+        # incident waits for: incidents started before the console replay as they ran.
+        self.console = self.v2 and workflow.patched("operator-console")
         incident = self.incident
         runbook = incident.runbook
         # Signal-with-start delivers the alert with the first task; wait in case it came apart.
@@ -475,6 +489,9 @@ class IncidentWorkflow:
                 comment=approval.comment, received_at=now, via=via,  # type: ignore[arg-type]
             ))
             self._set_details()
+            if self.console:
+                # Who approved, and what each step still needs, readable without a worker (list, inbox).
+                workflow.upsert_memo({MEMO_KEY: memo_status(self.status())})
             waiting = [f"{n.step}: {n.approvers - len(n.approved_by)} more from {', '.join(n.groups)}"
                        for n in self.verdict.needs if not n.met and not self._left_out(n.step)]
             return ApprovalOutcome(counted=judgement.counted, reason=judgement.reason, phase=self.phase,
@@ -729,7 +746,14 @@ class IncidentWorkflow:
         self._set_details()
 
     def _set_details(self) -> None:
-        workflow.set_current_details(status_markdown(self.status()))
+        status = self.status()
+        workflow.set_current_details(status_markdown(status))
+        if self.console:
+            # A few words in the memo, so that `firebreak list` says what each incident waits for.
+            waiting = waiting_for(status)
+            if waiting != self.waiting_shown:
+                self.waiting_shown = waiting
+                workflow.upsert_memo({WAITING_KEY: waiting})
 
     async def _close(self, phase: Phase, outcome: str) -> IncidentReport:
         self.outcome = outcome
@@ -742,62 +766,66 @@ class IncidentWorkflow:
             workflow.upsert_memo({MEMO_KEY: memo_status(self.status())})
         await self._ticket("closed")
         await workflow.wait_condition(workflow.all_handlers_finished)
-        return IncidentReport(
+        report = IncidentReport(
             incident_id=self.incident.incident_id, phase=phase, outcome=outcome, status=self.status()
         )
+        if self.console and phase in NEEDS_A_HUMAN:
+            # Failed in Temporal: red in the UI's list, found by ExecutionStatus="Failed"; the report rides along.
+            raise ApplicationError(f"{phase.value}: {outcome}", report, type=NEEDS_A_HUMAN_FAILURE, non_retryable=True)
+        return report
 
     async def _ticket(self, event: str) -> None:
         status = self.status()
-        try:
-            ticket = await workflow.execute_activity_method(
-                TicketActivities.file_ticket,
-                TicketRequest(
-                    incident_id=self.incident.incident_id,
-                    event=event,  # type: ignore[arg-type]
-                    summary=f"[{status.phase.value}] {self.incident.runbook.name} on {status.service or status.incident_id}",
-                    body_markdown=plan_markdown(status),
-                    payload={
-                        **status.model_dump(mode="json", exclude={"evidence"}),
-                        "evidence_links": [e.link for e in status.evidence if e.link],
-                        "approve_command": f"firebreak approve {self.incident.incident_id} --key PATH",
-                    },
-                ),
-                start_to_close_timeout=timedelta(seconds=30),
-                schedule_to_close_timeout=SINK_BUDGET if self.v2 else None,
-                retry_policy=PATIENT if self.v2 else _LEGACY_PATIENT,
-                summary=f"ticket: {event}",
-            )
-        except ActivityError as exc:
-            if not self.v2:
-                raise
-            self._sink_gap(f"ticket '{event}' not filed: {_cause(exc)}")
-            return
-        if not any(t.ref == ticket.ref for t in self.tickets):
+        ticket = await self._to_sink(
+            TicketActivities.file_ticket,
+            TicketRequest(
+                incident_id=self.incident.incident_id,
+                event=event,  # type: ignore[arg-type]
+                summary=f"[{status.phase.value}] {self.incident.runbook.name} on {status.service or status.incident_id}",
+                run_id=workflow.info().first_execution_run_id if self.console else None,
+                body_markdown=plan_markdown(status),
+                payload={
+                    **status.model_dump(mode="json", exclude={"evidence"}),
+                    "evidence_links": [e.link for e in status.evidence if e.link],
+                    "approve_command": f"firebreak approve {self.incident.incident_id} --key PATH",
+                },
+            ),
+            summary=f"ticket: {event}", gap=f"ticket '{event}' not filed",
+        )
+        if ticket is not None and not any(t.ref == ticket.ref for t in self.tickets):
             self.tickets.append(ticket)
 
     async def _notify(self, kind: str, summary: str) -> None:
         runbook = self.incident.runbook
         to = runbook.remediate.escalate_to or "on-call"
+        await self._to_sink(
+            NotifyActivities.notify,
+            Notification(
+                incident_id=self.incident.incident_id,
+                kind=kind,  # type: ignore[arg-type]
+                to=to,
+                summary=f"{runbook.name} on {self.incident.params.get('service', '')}: {summary}",
+                approve_command=f"firebreak approve {self.incident.incident_id} --key PATH",
+                evidence=self._evidence_lines() if self.v2 else [],
+            ),
+            summary=f"notify {to}: {kind}", gap=f"{kind} notification to {to} not sent",
+        )
+
+    async def _to_sink(self, method: Callable[..., Awaitable[T]], arg: Any, *, summary: str, gap: str) -> T | None:
+        """A ticket or a notification: within its budget, or a recorded gap, never the incident's fate."""
         try:
-            await workflow.execute_activity_method(
-                NotifyActivities.notify,
-                Notification(
-                    incident_id=self.incident.incident_id,
-                    kind=kind,  # type: ignore[arg-type]
-                    to=to,
-                    summary=f"{runbook.name} on {self.incident.params.get('service', '')}: {summary}",
-                    approve_command=f"firebreak approve {self.incident.incident_id} --key PATH",
-                    evidence=self._evidence_lines() if self.v2 else [],
-                ),
+            return await workflow.execute_activity_method(
+                method, arg,
                 start_to_close_timeout=timedelta(seconds=30),
                 schedule_to_close_timeout=SINK_BUDGET if self.v2 else None,
                 retry_policy=PATIENT if self.v2 else _LEGACY_PATIENT,
-                summary=f"notify {to}: {kind}",
+                summary=summary,
             )
         except ActivityError as exc:
             if not self.v2:
                 raise
-            self._sink_gap(f"{kind} notification to {to} not sent: {_cause(exc)}")
+            self._sink_gap(f"{gap}: {_cause(exc)}")
+            return None
 
     def _evidence_lines(self) -> list[str]:
         """The top hypothesis's findings, the investigation's gaps and each step's result, briefly."""

@@ -1,61 +1,168 @@
-"""Short markdown views of an incident, for the Temporal UI and for tickets. Pure."""
+"""Markdown views of an incident: the incident card (the UI's current details) and the ticket body. Pure.
+
+The card is what an on-call engineer reads first, in the Temporal UI and in `firebreak status`: the phase,
+the top hypotheses with their evidence, the plan with each step's blast radius and undo, every approval
+and refusal (who, when, comment or reason, counted or not), each step's result and verification, the
+tickets and the outcome. It is bounded, because it is rebuilt on every change and an incident can
+collect many refused approvals.
+"""
 
 from __future__ import annotations
 
-from firebreak.contracts import IncidentStatus
+from firebreak.contracts import NEEDS_A_HUMAN, ApprovalRecord, IncidentStatus, Phase, PlanStep, StepResult
+
+MAX_HYPOTHESES = 3
+MAX_FINDINGS = 5
+MAX_APPROVALS = 20
+MAX_CARD_CHARS = 16_000
+_TIME = "%H:%M:%S UTC"
+
+
+def phase_label(phase: Phase) -> str:
+    """The phase as the first words an operator reads: the endings that need a human say so."""
+    if phase in NEEDS_A_HUMAN:
+        return f"{phase.value.upper()}: needs a human"
+    if phase == Phase.rejected:
+        return "REJECTED: nothing executed"
+    if phase in (Phase.resolved, Phase.auto_resolved):
+        return phase.value.upper()
+    return phase.value
+
+
+def approval_line(record: ApprovalRecord) -> str:
+    """One approval or rejection, with who, when, how it came, what they said and whether it counted."""
+    verb = "rejected" if record.decision == "reject" else "approved" if record.decision == "approve" else record.decision
+    steps = f" steps {', '.join(record.steps)}" if record.steps else ""
+    when = f"at {record.received_at:{_TIME}} via {record.via}"
+    said = ""
+    if record.comment:
+        said = f'; {"reason" if record.decision == "reject" else "comment"}: "{_one_line(record.comment, 300)}"'
+    if record.counted:
+        return f"✔ **{record.approver}** {verb}{steps} {when}, counted ({record.reason}){said}"
+    return f"✘ **{record.approver}** {verb}{steps} {when}: **REFUSED**: {record.reason}{said}"
 
 
 def status_markdown(status: IncidentStatus) -> str:
-    lines = [f"**{status.phase.value}** · {status.runbook} v{status.runbook_version} · {status.service or status.incident_id}"]
-    if status.hypotheses:
-        top = status.hypotheses[0]
-        lines.append(f"Top hypothesis: {top.title} ({top.score:.0%})")
-    if status.plan:
-        steps = ", ".join(f"{s.id} {s.verb} {s.resource}" for s in status.plan.steps)
-        lines.append(f"Plan `{status.plan_hash[:12] if status.plan_hash else ''}`: {steps}")
-    for need in status.needed:
-        if not need.met:
-            lines.append(f"Needs {need.approvers - len(need.approved_by)} more approver(s) for {need.step} from {', '.join(need.groups)}")
-    refused = [a for a in status.approvals if not a.counted]
-    if refused:
-        last = refused[-1]
-        lines.append(f"Refused approval from {last.approver}: {last.reason}")
-    if status.escalates_at and status.phase.value == "awaiting_approval":
-        lines.append(f"{'Escalated' if status.escalated else 'Escalates'} at {status.escalates_at:%H:%M:%S} UTC; expires at {status.expires_at:%H:%M:%S} UTC" if status.expires_at else "")
+    """The incident card."""
+    out = [f"### {phase_label(status.phase)}",
+           f"{status.runbook} v{status.runbook_version} on **{status.service or status.incident_id}**"
+           + (f" · severity {status.severity}" if status.severity else "")
+           + (f" · raised by {status.requested_by}" if status.requested_by else "")]
     if status.outcome:
-        lines.append(f"Outcome: {status.outcome}")
-    return "\n\n".join(line for line in lines if line)
+        out.append(f"**Outcome:** {status.outcome}")
+    if status.held:
+        out.append(f"**Held:** {status.held}")
+    if status.phase == Phase.awaiting_approval and status.escalates_at and status.expires_at:
+        out.append(f"{'Escalated' if status.escalated else 'Escalates'} at {status.escalates_at:{_TIME}}; "
+                   f"expires at {status.expires_at:{_TIME}}")
+    out += _hypotheses(status)
+    out += _plan(status)
+    out += _approvals(status)
+    out += _results(status.steps)
+    if status.tickets:
+        out += ["#### Tickets"] + [f"- {t.sink}: {t.ref}" + (f" ({t.url})" if t.url else "") for t in status.tickets]
+    notes = ([f"- gap: {g}" for g in status.gaps[:5]] + [f"- not sent: {g}" for g in status.sink_gaps[:5]]
+             + [f"- re-proposed: {r}" for r in status.reproposals] + [f"- {r}" for r in status.refused_signals[-5:]])
+    if notes:
+        out += ["#### Notes"] + notes
+    card = "\n\n".join(line for line in out if line)
+    return card if len(card) <= MAX_CARD_CHARS else card[: MAX_CARD_CHARS - 40] + "\n\n… (cut; see `firebreak status`)"
+
+
+def _hypotheses(status: IncidentStatus) -> list[str]:
+    if not status.hypotheses:
+        return []
+    out = ["#### Hypotheses"]
+    for rank, hyp in enumerate(status.hypotheses[:MAX_HYPOTHESES], start=1):
+        findings = "".join(f"\n   - {'✔' if f.held else '✘'} {_one_line(f.detail, 240)}"
+                           for f in hyp.findings[:MAX_FINDINGS])
+        out.append(f"{rank}. **{hyp.title}** {hyp.score:.0%}{findings}")
+    return out
+
+
+def _step_line(step: PlanStep) -> str:
+    params = ", ".join(f"{k}={v}" for k, v in step.params.items())
+    if step.undo is None:
+        undo = "no undo declared"
+    else:
+        undo_params = ", ".join(f"{k}={v}" for k, v in step.undo.params.items())
+        undo = f"undo `{step.undo.verb}`" + (f" ({undo_params})" if undo_params else "")
+    return (f"- **{step.id}** `{step.verb}` on `{step.resource}`" + (f" ({params})" if params else "")
+            + f" · risk {step.risk} · blast radius: {step.blast_radius} · {undo}")
+
+
+def _plan(status: IncidentStatus) -> list[str]:
+    if status.plan is None:
+        return []
+    out = [f"#### Plan `{(status.plan_hash or '')[:12]}`"] + [_step_line(s) for s in status.plan.steps]
+    waiting = [f"{n.step}: {n.approvers - len(n.approved_by)} more approver(s) from {', '.join(n.groups)}"
+               for n in status.needed if not n.met]
+    if waiting and not status.phase.closed:
+        out.append("Needs " + "; ".join(waiting))
+    return out
+
+
+def _approvals(status: IncidentStatus) -> list[str]:
+    if not status.approvals:
+        return []
+    shown = status.approvals[-MAX_APPROVALS:]
+    earlier = len(status.approvals) - len(shown)
+    return (["#### Approvals"] + ([f"- ({earlier} earlier not shown)"] if earlier else [])
+            + [f"- {approval_line(a)}" for a in shown])
+
+
+def step_result_line(step: StepResult) -> str:
+    line = f"- **{step.step_id}** {step.status}: {_one_line(step.detail, 300)}"
+    if step.verification:
+        verdict = {True: "verified", False: "did not hold", None: "not verified"}[step.verified]
+        line += f"; {verdict}: {_one_line(step.verification, 300)}"
+    if step.rollback:
+        line += f"; rollback {step.rollback.status}: {_one_line(step.rollback.detail, 300)}"
+    return line
+
+
+def _results(steps: list[StepResult]) -> list[str]:
+    return ["#### Results"] + [step_result_line(s) for s in steps] if steps else []
+
+
+def _one_line(text: str, limit: int) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
 def plan_markdown(status: IncidentStatus) -> str:
-    """The ticket body: evidence, hypotheses, plan with blast radius and rollback, how to approve."""
-    out = [f"# {status.incident_id}: {status.phase.value}", "", status_markdown(status), "", "## Hypotheses"]
-    for hyp in status.hypotheses:
-        out.append(f"- **{hyp.title}** ({hyp.score:.0%})")
-        out.extend(f"  - {'✔' if f.held else '✘'} {f.detail}" for f in hyp.findings)
-    if status.gaps:
-        out += ["", "## Investigation gaps"] + [f"- {gap}" for gap in status.gaps]
+    """The ticket body and `firebreak status`: the card, the evidence links and how to approve."""
+    title = f"# [{status.phase.value}] {status.incident_id}"
+    out = [title, "", status_markdown(status)]
+    if status.plan_hash:
+        out += ["", f"Plan hash: `{status.plan_hash}`"]
     links = [e.link for e in status.evidence if e.link]
     if links:
-        out += ["", "## Evidence"] + [f"- {link}" for link in links]
-    if status.plan:
-        out += ["", f"## Plan `{status.plan_hash}`"]
-        for step in status.plan.steps:
-            undo = f"undo: {step.undo.verb}" if step.undo else "no undo declared"
-            out.append(f"- {step.id} `{step.verb}` on `{step.resource}` (risk {step.risk}): {step.description}")
-            out.append(f"  - blast radius: {step.blast_radius}; {undo}")
-        if not status.phase.closed:
-            out += ["", "## Approve", f"`firebreak approve {status.incident_id} --key PATH`"]
-    if status.approvals:
-        out += ["", "## Approvals"]
-        out += [f"- {a.approver} {a.decision}: {'counted' if a.counted else 'refused'} ({a.reason})" for a in status.approvals]
-    if status.steps:
-        out += ["", "## Results"]
-        for step in status.steps:
-            line = f"- {step.step_id} {step.status}: {step.detail}"
-            if step.verification:
-                line += f"; verification: {step.verification}"
-            if step.rollback:
-                line += f"; rollback {step.rollback.status}: {step.rollback.detail}"
-            out.append(line)
+        out += ["", "#### Evidence"] + [f"- {link}" for link in links]
+    if status.plan and not status.phase.closed:
+        out += ["", "#### Approve", f"`firebreak approve {status.incident_id} --key PATH`"]
     return "\n".join(out)
+
+
+_WORKING = {
+    Phase.investigating: "evidence (investigating)",
+    Phase.diagnosing: "the diagnosis",
+    Phase.proposing: "a plan",
+    Phase.executing: "the steps to run",
+    Phase.verifying: "verification",
+}
+
+
+def waiting_for(status: IncidentStatus) -> str:
+    """What the incident waits for, in a few words: the last column of `firebreak list`."""
+    if status.phase in NEEDS_A_HUMAN:
+        return "a human (escalated)"
+    if status.phase.closed:
+        return "-"
+    if status.held:
+        return f"the broker's kill switch to thaw ({_one_line(status.held, 80)})"
+    if status.phase == Phase.awaiting_approval:
+        needs = [f"{n.step} {n.approvers - len(n.approved_by)} more from {'/'.join(n.groups)}"
+                 for n in status.needed if not n.met]
+        return "approval: " + "; ".join(needs) if needs else "approval"
+    return _WORKING.get(status.phase, status.phase.value)

@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -30,7 +29,7 @@ from firebreak.broker.models import MintRequest
 from firebreak.broker.state import ApprovalSeen, DurableState, PlanAuthorization, plan_key
 from firebreak.contracts import Approval, ApprovalCheck, Plan, PlanStep, canonical_json
 from firebreak.escaping import TemplateError, render_plain
-from firebreak.plan import check_plan
+from firebreak.plan import check_plan, param_problem
 from firebreak.policy import evaluate
 from firebreak.roster import Roster
 from firebreak.runbook import Runbook, parse_duration
@@ -71,11 +70,9 @@ def approval_digest(approval: Approval) -> str:
 def check_params(request: MintRequest, runbook: Runbook) -> dict[str, str]:
     """Params are alert label values: re-validate every one against the runbook."""
     for name, value in request.params.items():
-        spec = runbook.params.get(name)
-        if spec is None:
-            raise Denied(f"param {name!r} is not declared by runbook {runbook.name!r}")
-        if not re.fullmatch(spec.pattern.removeprefix("^").removesuffix("$"), value):
-            raise Denied(f"param {name!r} does not match {spec.pattern}")
+        problem = param_problem(runbook, name, value)
+        if problem is not None:
+            raise Denied(f"param {name!r} {problem.replace('not declared', 'is not declared')}")
     return dict(request.params)
 
 

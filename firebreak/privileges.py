@@ -1,0 +1,227 @@
+"""What the agent can do: every privilege it can hold, derived from the runbooks and the broker's rules.
+
+The broker issues nothing a runbook does not declare (``firebreak.broker.rules``), so the runbooks
+are the agent's whole permission set:
+
+* a **read** for each ``investigate`` entry and each catalog action's ``precondition`` read, issued on
+  the declaration alone, for at most the broker's ``MAX_TTL_S``;
+* a **write** for each catalog action (its verb), issued only with signed approvals that meet the
+  action's policy, once per step and run, for at most the step's timeout; and its **undo** verb,
+  issued only after that step's write, for the same time.
+
+Nothing is granted without a declaration, and no write without approvals: the agent's standing
+write access is none, by construction. ``privileges.lock.json`` is the reviewed baseline; ``diff``
+names every widening so that a runbook change that widens privilege fails CI until the lock moves
+in the same commit.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from firebreak.escaping import placeholders
+from firebreak.runbook import Runbook, parse_duration
+from firebreak.signing import MAX_TTL_S
+
+Kind = Literal["read", "write", "undo"]
+Class = Literal["observability read", "change-record read", "catalog read", "low-risk write", "high-risk write"]
+LOCK_FILE = "privileges.lock.json"
+
+
+@dataclass
+class Privilege:
+    target: str
+    verb: str
+    resource: str  # the template, e.g. service/{service}
+    params: dict[str, str]  # each param the template uses, with its pattern
+    kind: Kind
+    classification: Class
+    risk: str = ""
+    approvers: int = 0  # distinct people needed; 0 for reads
+    groups: list[str] = field(default_factory=list)
+    separation_of_duties: bool = False  # the requester and the agent never count
+    max_ttl_s: float = MAX_TTL_S
+    runbooks: list[str] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind} {self.target} {self.verb} {self.resource}"
+
+
+def _classify(target: str, verb: str, kind: Kind, risk: str) -> Class:
+    if kind == "read":
+        if verb.startswith("catalog."):
+            return "catalog read"
+        if target == "prometheus" or verb.startswith("metrics."):
+            return "observability read"
+        return "change-record read"
+    return "low-risk write" if risk == "low" else "high-risk write"
+
+
+def _params(runbook: Runbook, template: str) -> dict[str, str]:
+    return {name: runbook.params[name].pattern for name in sorted(placeholders(template)) if name in runbook.params}
+
+
+def privileges(runbooks: Iterable[Runbook]) -> list[Privilege]:
+    """Every privilege the agent can hold, merged across runbooks (the strictest policy wins nothing:
+    where runbooks differ, the widest one is what the agent can get, so that is what is reported)."""
+    merged: dict[str, Privilege] = {}
+
+    def add(p: Privilege) -> None:
+        seen = merged.get(p.key)
+        if seen is None:
+            merged[p.key] = p
+            return
+        seen.runbooks = sorted(set(seen.runbooks) | set(p.runbooks))
+        seen.params = {**p.params, **seen.params}
+        seen.max_ttl_s = max(seen.max_ttl_s, p.max_ttl_s)
+        if p.kind != "read" and (p.approvers, len(p.groups)) != (seen.approvers, len(seen.groups)):
+            seen.approvers = min(seen.approvers, p.approvers)
+            seen.groups = sorted(set(seen.groups) | set(p.groups))
+
+    for book in runbooks:
+        for spec in book.investigate:
+            add(Privilege(target=spec.target, verb=spec.scope, resource=spec.resource,
+                          params=_params(book, spec.resource), kind="read",
+                          classification=_classify(spec.target, spec.scope, "read", ""), runbooks=[book.name]))
+        for name, action in book.remediate.actions.items():
+            policy = book.remediate.policy_for(action)
+            timeout = parse_duration(action.timeout).total_seconds()
+            common = dict(target=action.target, resource=action.resource, params=_params(book, action.resource),
+                          risk=action.risk, approvers=policy.approvers, groups=sorted(policy.groups),
+                          separation_of_duties=True, max_ttl_s=min(timeout, MAX_TTL_S), runbooks=[book.name])
+            add(Privilege(verb=action.verb, kind="write",
+                          classification=_classify(action.target, action.verb, "write", action.risk), **common))
+            if action.undo is not None:
+                add(Privilege(verb=action.undo.verb, kind="undo",
+                              classification=_classify(action.target, action.undo.verb, "undo", action.risk),
+                              **common))
+            if action.precondition is not None:
+                verb = f"{action.target}.read"
+                add(Privilege(target=action.target, verb=verb, resource=action.resource,
+                              params=_params(book, action.resource), kind="read",
+                              classification=_classify(action.target, verb, "read", ""), runbooks=[book.name]))
+    return sorted(merged.values(), key=lambda p: (p.kind != "read", p.target, p.verb, p.resource, p.kind))
+
+
+def report(runbooks: Iterable[Runbook]) -> dict[str, Any]:
+    found = privileges(runbooks)
+    return {
+        "agent": "firebreak-agent",
+        # Every write needs approvals the broker verifies itself; no verb is issued without a declaration.
+        "standing_write_access": "none",
+        "privileges": [asdict(p) for p in found],
+    }
+
+
+def markdown(data: dict[str, Any]) -> str:
+    lines = [f"# Privileges of {data['agent']}", "", f"Standing write access: **{data['standing_write_access']}**.",
+             "", "| class | kind | target | verb | resource | params | approval | max TTL | runbooks |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for p in data["privileges"]:
+        params = ", ".join(f"`{k}` ~ `{v}`" for k, v in p["params"].items()) or "-"
+        if p["kind"] == "read":
+            approval = "declared read: no approval"
+        elif p["kind"] == "undo":
+            approval = f"only after its step's write ({p['approvers']} of {', '.join(p['groups'])} approved it)"
+        else:
+            approval = (f"{p['approvers']} of {', '.join(p['groups'])}"
+                        + ("; never the requester or the agent" if p["separation_of_duties"] else ""))
+        lines.append(f"| {p['classification']} | {p['kind']} | {p['target']} | `{p['verb']}` | `{p['resource']}` | "
+                     f"{params} | {approval} | {p['max_ttl_s']:.0f}s | {', '.join(p['runbooks'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def diff(baseline: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(widenings, narrowings), each a sentence naming the privilege and what changed."""
+    before = {_key(p): p for p in baseline.get("privileges", [])}
+    now = {_key(p): p for p in current.get("privileges", [])}
+    widen: list[str] = []
+    narrow: list[str] = []
+    targets_before = {p["target"] for p in before.values()}
+    for key, p in now.items():
+        old = before.get(key)
+        if old is None:
+            new_target = "" if p["target"] in targets_before else f" (a new target, {p['target']!r})"
+            widen.append(f"new {p['kind']} privilege: {p['verb']} on {p['target']} {p['resource']}{new_target}")
+            continue
+        for wider, change in _changes(old, p):
+            (widen if wider else narrow).append(f"{key}: {change}")
+    for key, p in before.items():
+        if key not in now:
+            narrow.append(f"removed {p['kind']} privilege: {p['verb']} on {p['target']} {p['resource']}")
+    if current.get("standing_write_access") != "none":
+        widen.append(f"standing write access is {current.get('standing_write_access')!r}, not 'none'")
+    return widen, narrow
+
+
+def _key(p: dict[str, Any]) -> str:
+    return f"{p['kind']} {p['target']} {p['verb']} {p['resource']}"
+
+
+def _changes(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[bool, str]]:
+    """(widens?, what) for each difference between the baseline's privilege and the current one."""
+    out: list[tuple[bool, str]] = []
+    for name in sorted(set(old["params"]) | set(new["params"])):
+        if old["params"].get(name) != new["params"].get(name):
+            # Whether one regex matches more than another is not decidable in general: review any change.
+            out.append((True, f"param {name!r} pattern {old['params'].get(name)!r} -> {new['params'].get(name)!r}"))
+    if new["kind"] != "read":
+        if new["approvers"] != old["approvers"]:
+            out.append((new["approvers"] < old["approvers"], f"approvers {old['approvers']} -> {new['approvers']}"))
+        added, removed = set(new["groups"]) - set(old["groups"]), set(old["groups"]) - set(new["groups"])
+        if added:
+            out.append((True, f"approver groups added {sorted(added)}"))
+        if removed:
+            out.append((False, f"approver groups removed {sorted(removed)}"))
+        if old["separation_of_duties"] != new["separation_of_duties"]:
+            out.append((old["separation_of_duties"],
+                        "separation of duties " + ("removed" if old["separation_of_duties"] else "added")))
+    if new["max_ttl_s"] != old["max_ttl_s"]:
+        out.append((new["max_ttl_s"] > old["max_ttl_s"], f"max TTL {old['max_ttl_s']:.0f}s -> {new['max_ttl_s']:.0f}s"))
+    return out
+
+
+def load_lock(path: str | Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())
+
+
+def dump(data: dict[str, Any]) -> str:
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
+def usage(data: dict[str, Any], audit_records: Iterable[dict[str, Any]], *, since: float) -> dict[str, Any]:
+    """Each privilege with its mints since ``since`` (count, last use) from the broker's audit log,
+    and the never-used ones flagged, like a cloud IAM "last accessed" report."""
+    import re
+    from datetime import datetime
+
+    def matcher(p: dict[str, Any]) -> re.Pattern[str]:
+        parts, pos = [], 0
+        for m in re.finditer(r"\{([a-z][a-z0-9_]*)\}", p["resource"]):
+            parts.append(re.escape(p["resource"][pos:m.start()]))
+            parts.append(f"(?:{p['params'].get(m.group(1), '.+').removeprefix('^').removesuffix('$')})")
+            pos = m.end()
+        parts.append(re.escape(p["resource"][pos:]))
+        return re.compile("".join(parts))
+
+    rows = [{**p, "uses": 0, "last_used": None} for p in data["privileges"]]
+    patterns = [matcher(p) for p in rows]
+    for record in audit_records:
+        if record.get("event") != "mint" or not isinstance(record.get("scope"), dict):
+            continue
+        at = datetime.fromisoformat(str(record["at"]).replace("Z", "+00:00")).timestamp()
+        if at < since:
+            continue
+        for row, pattern in zip(rows, patterns):
+            if (row["target"], row["verb"]) == (record.get("audience"), record["scope"].get("verb")) and \
+                    pattern.fullmatch(str(record["scope"].get("resource", ""))):
+                row["uses"] += 1
+                row["last_used"] = max(row["last_used"] or "", str(record["at"]))
+                break
+    return {**data, "usage_since": since, "privileges": rows,
+            "never_used": [_key(r) for r in rows if r["uses"] == 0]}

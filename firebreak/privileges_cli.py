@@ -1,0 +1,72 @@
+"""`firebreak privileges`: the report, its drift against the committed lock, and its usage."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from firebreak import privileges
+from firebreak.config import Settings
+from firebreak.runbook import load_runbooks, parse_duration
+
+REPO_LOCK = Path(__file__).resolve().parent.parent / privileges.LOCK_FILE
+
+
+def register(subparsers: Any, settings_loader: Callable[[str | None], Settings]) -> None:
+    p = subparsers.add_parser("privileges", help="every privilege the agent can hold, classified")
+    p.add_argument("--state-dir", default=None)
+    p.add_argument("--runbooks-dir", default=None, help="default: the configured runbooks")
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument("--json", action="store_true")
+    shape.add_argument("--markdown", action="store_true")
+    p.add_argument("--usage", action="store_true", help="join with the broker's audit log: uses and last use")
+    p.add_argument("--window", default="30d", help="with --usage: how far back (default 30d)")
+    p.add_argument("action", nargs="?", choices=["diff", "lock"],
+                   help="diff: name every widening against the lock (exit 1); lock: write the lock")
+    p.add_argument("--lock", default=str(REPO_LOCK), help=f"default: {privileges.LOCK_FILE} in the repo")
+    p.set_defaults(func=lambda args: _run(args, settings_loader(args.state_dir)))
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
+    directory = Path(args.runbooks_dir) if args.runbooks_dir else settings.resolved_runbooks_dir()
+    current = privileges.report(load_runbooks(directory))
+    lock = Path(args.lock)
+    if args.action == "lock":
+        lock.write_text(privileges.dump(current))
+        print(f"wrote {lock}: {len(current['privileges'])} privileges")
+        return 0
+    if args.action == "diff":
+        if not lock.exists():
+            print(f"no baseline at {lock}: run `firebreak privileges lock` and commit it", file=sys.stderr)
+            return 1
+        widen, narrow = privileges.diff(privileges.load_lock(lock), current)
+        for line in narrow:
+            print(f"narrowed: {line}")
+        for line in widen:
+            print(f"WIDENED: {line}")
+        if widen:
+            print(f"{len(widen)} widening(s) against {lock}: review them, then `firebreak privileges lock` "
+                  "in the same commit", file=sys.stderr)
+            return 1
+        print(f"no widening against {lock} ({len(narrow)} narrowing(s))")
+        return 0
+    if args.usage:
+        audit = settings.state_dir / "broker" / "audit.jsonl"
+        records = [json.loads(line) for line in audit.read_text().splitlines() if line.strip()] if audit.exists() else []
+        current = privileges.usage(current, records, since=time.time() - parse_duration(args.window).total_seconds())
+    if args.json:
+        print(json.dumps(current, indent=2, sort_keys=True))
+    elif args.markdown or not args.usage:
+        print(privileges.markdown(current), end="")
+    if args.usage and not args.json:
+        for row in current["privileges"]:
+            print(f"{row['uses']:>6}  {row['last_used'] or 'never':<32}  {row['kind']:<5} {row['target']} "
+                  f"{row['verb']} {row['resource']}")
+        for key in current["never_used"]:
+            print(f"unused: {key} (a candidate for removal)")
+    return 0
