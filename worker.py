@@ -26,6 +26,7 @@ from activities.observe import ObserveActivities
 from activities.tickets import TicketActivities
 from activities.verify import VerifyActivities
 from firebreak.config import Settings, load_settings
+from firebreak.telemetry import export_from_env, temporal_interceptors
 from firebreak.temporal import connect
 from workflows.incident import IncidentWorkflow
 
@@ -59,7 +60,9 @@ async def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = load_settings(args.state_dir)
-    client = await connect(settings.temporal)
+    export_from_env("firebreak-worker")  # only with OTEL_EXPORTER_OTLP_ENDPOINT set
+    # Traced: the workflow and its activities join the trace of the request that started them.
+    client = await connect(settings.temporal, temporal_interceptors())
     worker = build_worker(client, settings)
     logging.getLogger("firebreak.worker").info(
         "worker on %s namespace %s task queue %s", settings.temporal.address, settings.temporal.namespace,

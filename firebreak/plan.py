@@ -91,6 +91,22 @@ def _metrics_read(runbook: Runbook) -> Investigation:
     raise ValueError(f"runbook {runbook.name} verifies with a query but declares no prometheus read")
 
 
+def over_caps(plan: Plan, runbook: Runbook) -> str | None:
+    """The runbook cap this plan breaks, named, or None: such a plan is never proposed nor minted."""
+    caps = runbook.remediate.caps
+    if caps.max_steps is not None and len(plan.steps) > caps.max_steps:
+        return f"caps.max_steps: {len(plan.steps)} steps, at most {caps.max_steps}"
+    service = (plan.params or {}).get("service")
+    if caps.services is not None and service is not None and service not in caps.services:
+        return f"caps.services: {service!r} is not among {caps.services}"
+    for step in plan.steps:
+        for name, ceiling in caps.max_params.items():
+            value = step.params.get(name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value > ceiling:
+                return f"caps.max_params.{name}: step {step.id} asks {value}, at most {ceiling:g}"
+    return None
+
+
 def param_problem(runbook: Runbook, name: str, value: str) -> str | None:
     """Why a param value may not be used with this runbook (undeclared, or off its pattern), or None."""
     spec = runbook.params.get(name)
@@ -115,6 +131,9 @@ def check_plan(plan: Plan, runbook: Runbook) -> None:
         problem = param_problem(runbook, name, value)
         if problem is not None:
             raise ValueError(f"params.{name}: {problem}")
+    cap = over_caps(plan, runbook)
+    if cap is not None:
+        raise ValueError(cap)
     hypothesis = next((h for h in runbook.diagnose if h.id == plan.hypothesis), None)
     if hypothesis is None:
         raise ValueError(f"hypothesis: {plan.hypothesis!r} is not in runbook {runbook.name!r}")

@@ -18,7 +18,9 @@ in the same commit.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
+from datetime import datetime
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -194,32 +196,33 @@ def dump(data: dict[str, Any]) -> str:
     return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 
+def covers(privilege: dict[str, Any], kind: str, target: str, verb: str, resource: str) -> bool:
+    """Whether a privilege of the report grants this (kind, target, verb) on this concrete resource."""
+    if (privilege["kind"], privilege["target"], privilege["verb"]) != (kind, target, verb):
+        return False
+    parts, pos = [], 0
+    for m in re.finditer(r"\{([a-z][a-z0-9_]*)\}", privilege["resource"]):
+        parts.append(re.escape(privilege["resource"][pos:m.start()]))
+        parts.append(f"(?:{privilege['params'].get(m.group(1), '.+').removeprefix('^').removesuffix('$')})")
+        pos = m.end()
+    parts.append(re.escape(privilege["resource"][pos:]))
+    return re.fullmatch("".join(parts), resource) is not None
+
+
 def usage(data: dict[str, Any], audit_records: Iterable[dict[str, Any]], *, since: float) -> dict[str, Any]:
     """Each privilege with its mints since ``since`` (count, last use) from the broker's audit log,
     and the never-used ones flagged, like a cloud IAM "last accessed" report."""
-    import re
-    from datetime import datetime
-
-    def matcher(p: dict[str, Any]) -> re.Pattern[str]:
-        parts, pos = [], 0
-        for m in re.finditer(r"\{([a-z][a-z0-9_]*)\}", p["resource"]):
-            parts.append(re.escape(p["resource"][pos:m.start()]))
-            parts.append(f"(?:{p['params'].get(m.group(1), '.+').removeprefix('^').removesuffix('$')})")
-            pos = m.end()
-        parts.append(re.escape(p["resource"][pos:]))
-        return re.compile("".join(parts))
-
     rows = [{**p, "uses": 0, "last_used": None} for p in data["privileges"]]
-    patterns = [matcher(p) for p in rows]
     for record in audit_records:
         if record.get("event") != "mint" or not isinstance(record.get("scope"), dict):
             continue
-        at = datetime.fromisoformat(str(record["at"]).replace("Z", "+00:00")).timestamp()
-        if at < since:
+        if datetime.fromisoformat(str(record["at"]).replace("Z", "+00:00")).timestamp() < since:
             continue
-        for row, pattern in zip(rows, patterns):
-            if (row["target"], row["verb"]) == (record.get("audience"), record["scope"].get("verb")) and \
-                    pattern.fullmatch(str(record["scope"].get("resource", ""))):
+        verb, resource = record["scope"].get("verb", ""), str(record["scope"].get("resource", ""))
+        for row in rows:
+            if row["kind"] != "read" and verb.endswith(".read"):
+                continue
+            if covers({**row, "kind": "x"}, "x", str(record.get("audience")), verb, resource):
                 row["uses"] += 1
                 row["last_used"] = max(row["last_used"] or "", str(record["at"]))
                 break

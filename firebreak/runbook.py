@@ -186,8 +186,17 @@ DEFAULT_POLICY: dict[str, ApprovalPolicy] = {
 }
 
 
+class Caps(_Strict):
+    """What a plan may never do, whatever the diagnosis says: an unsafe output is not proposed, it escalates."""
+
+    max_steps: int | None = Field(default=None, ge=1, description="the most steps one plan may hold")
+    services: list[str] | None = Field(default=None, description="the only services a plan may touch (param 'service')")
+    max_params: dict[str, float] = Field(default_factory=dict, description="numeric step params' ceilings, e.g. replicas: 10")
+
+
 class Remediate(_Strict):
     actions: dict[Identifier, Action] = Field(min_length=1)
+    caps: Caps = Caps()
     approval: dict[Risk, ApprovalPolicy] = Field(default_factory=dict)
     windows: Windows = Windows()
     escalate_to: str = Field(default="", description="who is notified at escalation, e.g. 'sre-leads'")

@@ -8,9 +8,10 @@ authentication codec (``payload_key_file``, the default stack) or the encryption
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 
-from temporalio.client import Client
+from temporalio.client import Client, Interceptor
 from temporalio.common import SearchAttributeKey
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.converter import DataConverter, DefaultFailureConverterWithEncodedAttributes
@@ -56,8 +57,12 @@ def authenticated_converter(payload_key_file: str | Path) -> DataConverter:
     return dataclasses.replace(DATA_CONVERTER, payload_codec=PayloadAuthCodec.from_key_file(Path(payload_key_file)))
 
 
-async def connect(settings: TemporalSettings) -> Client:
-    """A client for the embedded dev server, a self-hosted cluster or Temporal Cloud."""
+async def connect(settings: TemporalSettings, interceptors: Sequence[Interceptor] = ()) -> Client:
+    """A client for the embedded dev server, a self-hosted cluster or Temporal Cloud.
+
+    ``interceptors``: e.g. :func:`firebreak.telemetry.temporal_interceptors` for the services (a
+    worker built from the client inherits them).
+    """
     tls: bool | TLSConfig = False
     if settings.tls_cert or settings.tls_ca:
         tls = TLSConfig(
@@ -73,4 +78,5 @@ async def connect(settings: TemporalSettings) -> Client:
         tls=tls,
         api_key=settings.api_key,
         data_converter=data_converter(settings),
+        interceptors=interceptors,
     )

@@ -645,3 +645,26 @@ def test_python_m_firebreak_broker_serves(tmp_path: Path) -> None:
         proc.terminate()
         output = proc.communicate(timeout=10)[0].decode()
     assert token not in output and response.json()["token"] not in output
+
+
+async def test_metrics_count_mints_and_denials_by_class_for_misuse_alerts(env: Env) -> None:
+    def scrape() -> dict[str, float]:
+        text = httpx.get(f"{env.server.url}/metrics", timeout=5).text
+        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                if line and not line.startswith("#")}
+
+    async with env.client as client:
+        await client.mint(**read_fields())
+        await client.mint(**write_fields(env, [env.approve("alice")]))
+    await refused(env, write_fields(env, [], plan=env.plan_for("run-2"), run_id="run-2"), "carries no approvals")
+    await refused(env, read_fields(resource="namespace/other"), "declares no read")
+    httpx.post(f"{env.server.url}/v1/mint", json=read_fields(), headers={"Authorization": "Bearer forged"})
+    metrics = scrape()
+    assert metrics['firebreak_broker_mints_total{audience="prometheus",verb="metrics.read",kind="read",runbook="bad-deploy"}'] == 1
+    assert metrics['firebreak_broker_mints_total{audience="fleet",verb="fleet.rollback",kind="write",runbook="bad-deploy"}'] == 1
+    assert metrics['firebreak_broker_denials_total{reason="no_approval"}'] == 1
+    assert metrics['firebreak_broker_denials_total{reason="scope"}'] == 1
+    assert metrics['firebreak_broker_denials_total{reason="unauthenticated"}'] == 1
+    assert metrics["firebreak_broker_mints_outside_baseline_total"] == 0  # the shipped runbook is the baseline
+    assert metrics["firebreak_broker_frozen"] == 0 and metrics["firebreak_broker_live_grants"] >= 1
+    assert 0 <= metrics["firebreak_agent_credential_age_seconds"] < 600

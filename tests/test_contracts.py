@@ -157,3 +157,14 @@ def test_approval_signing_payload_excludes_signature_and_keeps_expiry_bytes():
     with pytest.raises(ValidationError):
         Approval(workflow_id="w", plan_hash="a" * 64, decision="approve", nonce="n" * 16,
                  expires_at="2030-01-01T00:00:00", approver="alice")
+
+
+def test_the_broker_refuses_a_plan_over_the_runbooks_caps():
+    from firebreak.runbook import Caps
+
+    def with_caps(caps: Caps):
+        return BOOK.model_copy(update={"remediate": BOOK.remediate.model_copy(update={"caps": caps})})
+
+    with pytest.raises(ValueError, match=r"caps.services: 'checkout' is not among \['payments'\]"):
+        check_plan(plan(), with_caps(Caps(services=["payments"])))
+    check_plan(plan(), with_caps(Caps(max_steps=1)))  # one step: within

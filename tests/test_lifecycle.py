@@ -180,3 +180,17 @@ async def test_an_investigation_that_cannot_decide_escalates(time_env: WorkflowE
     assert report.phase == Phase.failed and "no hypothesis is supported well enough" in report.outcome
     [escalation] = [n for n in notifications(settings, handle.id) if n["kind"] == "escalation"]
     assert "failed: escalated to a human" in escalation["summary"] and escalation["evidence"]
+
+
+async def test_a_plan_over_the_runbooks_caps_is_never_proposed_and_escalates(
+    time_env: WorkflowEnvironment, settings, fleet
+):
+    inject(fleet.url, "checkout", "bad_deploy")
+    async with build_worker(time_env.client, settings):
+        handle = await open_incident(time_env.client, settings, make_alert("DrillCapped"))
+        report = await report_of(handle)
+    assert report.phase == Phase.failed
+    assert "caps.max_params.replicas: step s1 asks 25, at most 10" in report.outcome
+    assert report.status.plan is None and report.status.steps == []
+    [escalation] = [n for n in notifications(settings, handle.id) if n["kind"] == "escalation"]
+    assert "caps.max_params.replicas" in escalation["summary"]

@@ -69,7 +69,7 @@ with workflow.unsafe.imports_passed_through():
         VerifyRequest,
         VerifyResult,
     )
-    from firebreak.plan import build_plan, undo_params
+    from firebreak.plan import build_plan, over_caps, undo_params
     from firebreak.runbook import Investigation, parse_duration
     from firebreak.temporal import PHASE, RUNBOOK, SERVICE, SEVERITY
     from workflows.summary import plan_markdown, status_markdown, waiting_for
@@ -350,6 +350,11 @@ class IncidentWorkflow:
             bind_all=bind_all,
         )
         assert self.plan is not None  # top.actions is not empty
+        cap = over_caps(self.plan, runbook) if self.v2 else None
+        if cap is not None:
+            # An unsafe output is never proposed: a human gets the incident, and the cap it broke.
+            self.plan = None
+            return await self._close(Phase.failed, f"escalated to a human: the plan would break the runbook's {cap}")
         if self.v2:
             observed = await self._observe_all(self.plan)
             if isinstance(observed, str):

@@ -48,6 +48,7 @@ from firebreak.api.gateway import ClientFactory, TemporalGateway, TemporalUnavai
 from firebreak.api.retries import FILE_NAME as RETRIES_FILE
 from firebreak.api.retries import DeliveryLog
 from firebreak.api.settings import ApiSettings
+from firebreak.api.tracing import RequestSpans
 from firebreak.api.sources import (
     AlertmanagerWebhook,
     GrafanaWebhook,
@@ -63,9 +64,10 @@ from firebreak.api.unrouted import UnroutedLog
 from firebreak.contracts import Alert, ApprovalOutcome, IncidentStatus, Phase
 from firebreak.incidents import WorkerDown, read_status
 from firebreak.incidents import submit_approval as deliver_approval
-from firebreak.intake import WORKFLOW
+from firebreak.listing import Filters
 from firebreak.receipts import ensure_intake_key, intake_signer
 from firebreak.runbook import Runbook, load_runbooks
+from firebreak.telemetry import temporal_interceptors
 from firebreak.temporal import PHASE, RUNBOOK, SERVICE, SEVERITY
 
 log = logging.getLogger("firebreak.api")
@@ -164,7 +166,8 @@ def create_app(
         temporal_settings = settings.temporal
 
         async def default_factory() -> Client:
-            return await connect(temporal_settings)
+            # Traced: an alert's trace goes on from this request into the workflow and its activities.
+            return await connect(temporal_settings, temporal_interceptors())
 
         client_factory = default_factory
     if runbooks is None:
@@ -187,6 +190,7 @@ def create_app(
         version="1",
         description="Alert intake (Alertmanager, PagerDuty, Grafana, Firebreak's own format) and incident read API.",
     )
+    app.add_middleware(RequestSpans)
     app.state.settings = settings
     app.state.gateway = gateway
     app.state.runbooks = runbooks
@@ -293,17 +297,8 @@ def create_app(
         open: bool | None = Query(default=None, description="true: running only; false: closed only"),  # noqa: A002
         limit: int = Query(default=100, ge=1, le=1000),
     ) -> IncidentList:
-        # Values are pattern-checked above, so quoting them cannot change the query.
-        clauses = [f"WorkflowType = '{WORKFLOW}'"]
-        if phase is not None:
-            clauses.append(f"{PHASE.name} = '{phase.value}'")
-        if service is not None:
-            clauses.append(f"{SERVICE.name} = '{service}'")
-        if runbook is not None:
-            clauses.append(f"{RUNBOOK.name} = '{runbook}'")
-        if open is not None:
-            clauses.append("ExecutionStatus = 'Running'" if open else "ExecutionStatus != 'Running'")
-        query = " AND ".join(clauses)
+        # Values are pattern-checked above (and again by Filters), so quoting them cannot change the query.
+        query = Filters(phase=phase, service=service, runbook=runbook, open=open).query()
 
         async def fetch(client: Client) -> list[IncidentSummary]:
             out = []

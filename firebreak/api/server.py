@@ -74,7 +74,10 @@ class ApiServer:
 
 def serve(settings: ApiSettings, *, log_level: str = "info") -> None:
     """Run the API until interrupted (``python -m firebreak.api``, ``firebreak api``)."""
+    from firebreak.telemetry import export_from_env
+
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    export_from_env("firebreak-api")
     app = create_app(settings)
     logging.getLogger("firebreak.api").info(
         "Firebreak API on %s (Temporal %s, namespace %s, task queue %s)", settings.url, settings.temporal.address,

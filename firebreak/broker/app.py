@@ -21,9 +21,11 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from firebreak import signing
+from firebreak.broker.metrics import BrokerMetrics
+from firebreak.privileges_cli import REPO_LOCK
 from firebreak.broker.audit import AuditLog, checkpoint_at_shutdown
 from firebreak.broker.models import ApprovalCheckRequest, FreezeRequest, MintRequest, MintResponse, RevokeRequest
 from firebreak.broker.rules import Decision, Denied, authorize_read, authorize_write, judge_approval
@@ -62,6 +64,8 @@ class BrokerConfig:
     admin_token: str | None = None
     issuer: str = ISSUER
     intake_state_dir: Path | None = None  # where the intake's receipt key lives (default: state_dir)
+    privileges_lock: Path | None = REPO_LOCK  # the reviewed baseline; mints outside it are counted
+    credential_max_age_s: float = 90 * 86400  # the agent's bootstrap credential must be rotated by then
 
 
 class Broker:
@@ -76,6 +80,7 @@ class Broker:
         self.audit = AuditLog(self.dir / "audit.jsonl", signing_key=self.key, kid=self.kid)
         self.runbooks: dict[str, Runbook] = {b.name: b for b in load_runbooks(config.runbooks_dir)}
         self.roster = RosterSource(config.roster_path)
+        self.metrics = BrokerMetrics(config.privileges_lock)
         # One lock around every decision that reads or changes grants, nonces or
         # the freeze flag: a mint can never slip in between "frozen?" and "issue".
         self.lock = threading.Lock()
@@ -107,6 +112,7 @@ class Broker:
                     approvers=exc.approvers,
                 )
                 # 423 Locked: the kill switch holds this, it does not refuse it; the caller waits.
+                self.metrics.denied(exc.reason)
                 raise BrokerHTTPError(423 if exc.frozen else 403, "frozen" if exc.frozen else "denied",
                                       exc.reason) from None
             token, claims = signing.mint_token(
@@ -144,6 +150,8 @@ class Broker:
             if decision.authorization is not None:
                 decision.authorization.minted[decision.slot] = req.activity_id
                 self.state.save_plan(decision.authorization)
+            self.metrics.minted(audience=req.audience, verb=req.verb, resource=req.resource, runbook=req.runbook,
+                                kind="read" if req.is_read else "undo" if req.undo else "write")
             record = self.audit.append(
                 "mint",
                 decision="issued",
@@ -247,6 +255,7 @@ class Broker:
 
     def deny_unauthenticated(self, path: str, reason: str) -> None:
         self.audit.append("deny", decision="unauthenticated", reason=f"{path}: {reason}")
+        self.metrics.denied(f"unauthenticated: {reason}")
 
 
 def _bearer_check(broker: Broker, which: str) -> Callable[[Request], None]:
@@ -315,6 +324,16 @@ def create_app(
             "roster": len(roster.people) if roster else 0,
             "roster_error": broker.roster.error,
         }
+
+    @app.get("/metrics")
+    def metrics() -> PlainTextResponse:
+        # Open like /healthz: counts and ages, nothing secret; Prometheus scrapes it for misuse alerts.
+        with broker.lock:
+            live = len(broker.state.live_grants())
+        text = broker.metrics.render(live_grants=live, frozen=broker.state.frozen,
+                                     credential_path=broker.dir / "agent-token",
+                                     max_age_s=broker.config.credential_max_age_s)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/.well-known/jwks.json")
     def jwks() -> dict[str, Any]:
