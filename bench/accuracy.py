@@ -57,6 +57,7 @@ from demo.prom import free_port  # noqa: E402
 from firebreak import signing, stack  # noqa: E402
 from firebreak.config import load_settings  # noqa: E402
 from firebreak.contracts import Approval, ApprovalOutcome, IncidentReport, IncidentStatus, Phase  # noqa: E402
+from firebreak.incidents import approval_outcome, final_report  # noqa: E402
 from firebreak.temporal import connect  # noqa: E402
 
 SERVICES = ("checkout", "payments", "inventory")  # the demo fleet's services
@@ -131,11 +132,11 @@ class Pipeline:
             expires_at=(datetime.now(UTC) + timedelta(minutes=15)).isoformat(timespec="seconds"),
             approver=APPROVER, comment="bench/accuracy.py",
         ), self.approver_key)
-        return await handle.execute_update("submit_approval", approval, result_type=ApprovalOutcome)
+        return await approval_outcome(handle, approval)  # a refused approval fails its update
 
     async def report(self, handle: WorkflowHandle, timeout: float) -> IncidentReport | None:
         try:
-            return await asyncio.wait_for(handle.result(), timeout=timeout)
+            return await asyncio.wait_for(final_report(handle), timeout=timeout)  # endings needing a human fail the run
         except TimeoutError:
             return None
 

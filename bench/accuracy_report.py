@@ -108,15 +108,19 @@ def render(trials: list[Trial]) -> str:
     columns = [*hypotheses, "no incident"]
     width = max(12, *(len(c) for c in columns))
     lines = ["Top hypothesis by fault injected (rows: fault, columns: top hypothesis of the incident)", ""]
-    lines.append(f"{'fault':<12}" + "".join(f"{c:>{width + 2}}" for c in columns) + f"{'trials':>8}{'right':>7}")
+    # The lowest top score shows how far from the threshold the right answers were: 0.5 is a coin toss.
+    lines.append(f"{'fault':<12}" + "".join(f"{c:>{width + 2}}" for c in columns)
+                 + f"{'trials':>8}{'right':>7}{'min score':>11}")
     for fault in FAULTS:
         rows = [t for t in trials if t.fault == fault]
         if not rows:
             continue
         counts = [sum(1 for t in rows if t.opened and t.top == h) for h in hypotheses]
         counts.append(sum(1 for t in rows if not t.opened))
+        scores = [t.top_score for t in rows if t.top_score is not None]
+        lowest = f"{min(scores):.2f}" if scores else "-"
         lines.append(f"{fault:<12}" + "".join(f"{n:>{width + 2}}" for n in counts)
-                     + f"{len(rows):>8}{sum(t.right for t in rows):>7}")
+                     + f"{len(rows):>8}{sum(t.right for t in rows):>7}{lowest:>11}")
 
     phases = sorted({t.phase or "none" for t in trials})
     lines += ["", "Outcome of the incident by fault injected", ""]

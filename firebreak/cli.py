@@ -1,10 +1,16 @@
-"""The `firebreak` command. Exit codes: 0 success, 1 refused or failed, 2 bad usage."""
+"""The `firebreak` command. Exit codes: 0 success, 1 refused or failed, 2 bad usage.
+
+The console script is :func:`entry`: it runs :func:`main`, flushes, and leaves with ``os._exit`` so
+that the Temporal client's runtime is never finalized by the interpreter. Without that, about one
+run in eight aborted at exit with code 134 (``PyGILState_Release ... finalizing``, sdk-python#300).
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import os
 import secrets
 import sys
 import time
@@ -13,8 +19,10 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+from firebreak import cli_incidents
+from firebreak.cli_common import Refused, Usage, client, out, settings_of, stack_value, temporal_down
 from firebreak.config import Settings, load_settings
-from firebreak.runbook import RunbookError, json_schema, load_runbook
+from firebreak.runbook import RunbookError
 
 SAMPLES: dict[str, dict[str, Any]] = {
     "bad-deploy": {
@@ -36,16 +44,9 @@ SAMPLES: dict[str, dict[str, Any]] = {
 }
 
 
-class Refused(Exception):
-    """An operation that was refused or failed: exit code 1."""
-
-
-def _settings(args: argparse.Namespace) -> Settings:
-    return load_settings(getattr(args, "state_dir", None))
-
-
-def _print(*lines: str) -> None:
-    print("\n".join(lines), flush=True)
+__all__ = ["Refused", "Usage", "build_parser", "entry", "main"]
+_settings = settings_of
+_print = out
 
 
 # -- up / down -----------------------------------------------------------------
@@ -155,18 +156,16 @@ def _poll_prometheus(prometheus: str, query: str, timeout: float) -> bool:
 
 
 async def _alert(args: argparse.Namespace) -> int:
-    from firebreak.contracts import Alert
     from firebreak.intake import deliver_routed, route_alerts
     from firebreak.runbook import load_runbooks
-    from firebreak.temporal import connect
 
     settings = _settings(args)
     if args.sample:
         raw: Any = [_sample_alert(args.sample, settings)]
     else:
-        raw = json.loads(Path(args.file).read_text())
+        raw = _read_alert_file(Path(args.file))
     raw = raw if isinstance(raw, list) else [raw]
-    alerts = [Alert.model_validate(item) for item in raw]
+    alerts = _parse_alerts(args.file or "sample", raw)
     routing = route_alerts(load_runbooks(settings.resolved_runbooks_dir()), alerts)
     for item in routing.unrouted:
         print(f"unrouted: {item.alert.name}: {item.reason}", file=sys.stderr)
@@ -174,16 +173,47 @@ async def _alert(args: argparse.Namespace) -> int:
         print(f"refused: {item.alert.name}: {item.field}: {item.reason}", file=sys.stderr)
     if not routing.routed:
         raise Refused("no alert was routed to a runbook")
-    client = await connect(settings.temporal)
+    temporal = await client(settings)
     requested_by = args.as_ or (_demo_requester(settings) if args.sample else None)
     receipt = _receipt_signer(settings, requested_by)
     for group in routing.routed:
-        await deliver_routed(client, group, task_queue=settings.temporal.task_queue, requested_by=requested_by,
+        await deliver_routed(temporal, group, task_queue=settings.temporal.task_queue, requested_by=requested_by,
                              receipt=receipt)
         print(f"{group.runbook.name}: {len(group.alerts)} alert(s) -> incident", file=sys.stderr)
     for group in routing.routed:
         print(group.incident_id)
     return 0 if not routing.refused else 1
+
+
+def _read_alert_file(path: Path) -> Any:
+    """The file's JSON, or a short usage error (exit 2) naming what is wrong with it."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise Usage(f"{path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise Usage(f"{path}: not UTF-8 text") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise Usage(f"{path}: not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+
+
+def _parse_alerts(source: str, raw: list[Any]) -> list[Any]:
+    """Alerts in Firebreak's format; the first bad field is named, e.g. `[0].labels.alertname`."""
+    from pydantic import ValidationError
+
+    from firebreak.contracts import Alert
+
+    alerts = []
+    for index, item in enumerate(raw):
+        try:
+            alerts.append(Alert.model_validate(item))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = "".join(f".{p}" if isinstance(p, str) else f"[{p}]" for p in first["loc"])
+            raise Usage(f"{source}: alert [{index}]{where}: {first['msg']}") from None
+    return alerts
 
 
 def _receipt_signer(settings: Settings, requested_by: str | None) -> Any:
@@ -209,54 +239,6 @@ def _demo_requester(settings: Settings) -> str | None:
     if settings.stack_file.exists():
         return json.loads(settings.stack_file.read_text()).get("demo", {}).get("requested_by")
     return None
-
-
-# -- status / history ----------------------------------------------------------
-
-
-async def _status(args: argparse.Namespace) -> int:
-    from firebreak.contracts import IncidentStatus
-    from firebreak.temporal import connect
-
-    client = await connect(_settings(args).temporal)
-    status = await client.get_workflow_handle(args.id).query("status", result_type=IncidentStatus)
-    if args.json:
-        print(json.dumps({
-            "incident_id": status.incident_id,
-            "phase": status.phase.value,
-            "runbook": status.runbook,
-            "service": status.service,
-            "hypotheses": [h.model_dump(mode="json") for h in status.hypotheses],
-            "gaps": status.gaps,
-            "plan": {"hash": status.plan_hash, "steps": [s.model_dump(mode="json") for s in status.plan.steps]}
-            if status.plan else None,
-            "approvals": [{"approver": a.approver, "decision": a.decision, "counted": a.counted, "reason": a.reason}
-                          for a in status.approvals],
-            "needed": [n.model_dump(mode="json") | {"met": n.met} for n in status.needed],
-            "escalates_at": status.escalates_at.isoformat() if status.escalates_at else None,
-            "expires_at": status.expires_at.isoformat() if status.expires_at else None,
-            "steps": [s.model_dump(mode="json") for s in status.steps],
-            "outcome": status.outcome,
-        }, indent=2))
-        return 0
-    from workflows.summary import plan_markdown
-
-    print(plan_markdown(status))
-    return 0
-
-
-async def _history(args: argparse.Namespace) -> int:
-    from firebreak.history import history_rows
-    from firebreak.temporal import connect
-
-    settings = _settings(args)
-    client = await connect(settings.temporal)
-    history = await client.get_workflow_handle(args.id).fetch_history()
-    rows = await history_rows(history, client.data_converter)
-    width = max((len(r[2]) for r in rows), default=10)
-    for event_id, at, kind, detail in rows:
-        print(f"{event_id:>4}  {at}  {kind:<{width}}  {detail}")
-    return 0
 
 
 # -- approvals -----------------------------------------------------------------
@@ -292,18 +274,22 @@ async def _incident_status(settings: Settings, incident_id: str) -> tuple[Any, s
                 raise Refused(f"no incident {incident_id!r}")
         except httpx.HTTPError:
             pass
-    from firebreak.incidents import read_status
-    from firebreak.temporal import connect
+    from firebreak.cli_common import not_found
+    from firebreak.incidents import WorkerDown, read_status
 
-    client = await connect(settings.temporal)
-    status, source = await read_status(client.get_workflow_handle(incident_id))
+    temporal = await client(settings)
+    try:
+        status, source = await read_status(temporal.get_workflow_handle(incident_id))
+    except WorkerDown as exc:
+        raise Refused(str(exc)) from None
+    except Exception as exc:
+        if not_found(exc):
+            raise Refused(f"no incident {incident_id!r}") from None
+        raise
     return status, f"{source}, Temporal at {settings.temporal.address}"
 
 
-def _stack_value(settings: Settings, key: str) -> str | None:
-    if settings.stack_file.exists():
-        return json.loads(settings.stack_file.read_text()).get("demo", {}).get(key)
-    return None
+_stack_value = stack_value
 
 
 def _approval_window(settings: Settings, runbook: str) -> timedelta:
@@ -344,12 +330,11 @@ async def _submit(settings: Settings, incident_id: str, signed: Any) -> Any:
     from temporalio.client import WorkflowUpdateFailedError
 
     from firebreak.incidents import submit_approval
-    from firebreak.temporal import connect
 
     print(f"note: the API at {settings.api_url} is unreachable; sending to Temporal directly", file=sys.stderr)
-    client = await connect(settings.temporal)
+    temporal = await client(settings)
     try:
-        return await submit_approval(client.get_workflow_handle(incident_id), signed)
+        return await submit_approval(temporal.get_workflow_handle(incident_id), signed)
     except WorkflowUpdateFailedError as exc:
         raise Refused(f"refused: {exc.cause.message if exc.cause else exc}") from None
 
@@ -396,23 +381,34 @@ async def _decide(args: argparse.Namespace, decision: str) -> int:
     if outcome is None:
         _print(f"{decision} by {approver} recorded: no worker is answering right now (is it down?); it will be "
                "judged as soon as a worker picks the incident up. Follow it with `firebreak status`.")
-        return 0
-    if outcome.held:
-        _print(f"note: the incident is held: {outcome.held}")
-    if not outcome.counted:
-        raise Refused(f"{decision} by {approver} refused: {outcome.reason}")
-    if outcome.decided:
-        nxt = "rejected: nothing will execute" if decision == "reject" else "approved: executing now"
     else:
-        nxt = "still waiting for " + "; ".join(outcome.waiting_for)
-    _print(f"{decision} by {approver} counted; {nxt}")
-    return 0
+        if outcome.held:
+            _print(f"note: the incident is held: {outcome.held}")
+        if not outcome.counted:
+            raise Refused(f"{decision} by {approver} refused: {outcome.reason}")
+        if outcome.decided:
+            nxt = "rejected: nothing will execute" if decision == "reject" else "approved: executing now"
+        else:
+            nxt = "still waiting for " + "; ".join(outcome.waiting_for)
+        _print(f"{decision} by {approver} counted; {nxt}")
+    if not getattr(args, "wait", False):
+        return 0
+    # --wait: follow the incident to its end, through the API like the approval (Temporal if it is down).
+    final = await cli_incidents.follow_to_end(lambda: _read_status_only(settings, args.id), args.interval)
+    return cli_incidents.exit_code(final)
+
+
+async def _read_status_only(settings: Settings, incident_id: str) -> Any:
+    status, _ = await _incident_status(settings, incident_id)
+    return status
 
 
 # -- runbooks ------------------------------------------------------------------
 
 
 def cmd_runbook(args: argparse.Namespace) -> int:
+    from firebreak.runbook import json_schema, load_runbook
+
     if args.runbook_command == "schema":
         print(json_schema())
         return 0
@@ -437,8 +433,29 @@ def _async(fn: Callable[[argparse.Namespace], Any]) -> Callable[[argparse.Namesp
     return lambda args: asyncio.run(fn(args))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        mine = version("firebreak")
+    except PackageNotFoundError:
+        mine = "unknown (not installed)"
+    try:
+        sdk = version("temporalio")
+    except PackageNotFoundError:
+        sdk = "?"
+    return f"firebreak {mine} (temporalio {sdk})"
+
+
+# The commands defined here; any other word loads the broker's, the API's and the other extensions'
+# commands. Each of those imports a lot (cryptography, FastAPI), and `status` or `list` must start fast.
+_CORE = frozenset({"up", "down", "alert", "status", "list", "inbox", "history", "approve", "reject", "runbook"})
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; ``command`` (the first word given) lets a core command skip loading the extensions."""
     parser = argparse.ArgumentParser(prog="firebreak", description="Remediation runbooks as durable Temporal workflows.")
+    parser.add_argument("--version", action="version", version=_version())
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--state-dir", default=None, help="default: $FIREBREAK_STATE_DIR or ~/.firebreak")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -458,14 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--as", dest="as_", default=None, help="who raises it (the requester)")
     p.set_defaults(func=_async(_alert))
 
-    p = sub.add_parser("status", parents=[common], help="an incident's status")
-    p.add_argument("id")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_async(_status))
-
-    p = sub.add_parser("history", parents=[common], help="an incident's events as a table")
-    p.add_argument("id")
-    p.set_defaults(func=_async(_history))
+    cli_incidents.register(sub, common, _async)
 
     for name, decision in (("approve", "approve"), ("reject", "reject")):
         p = sub.add_parser(name, parents=[common], help=f"{name} an incident's plan, signed with your key")
@@ -479,6 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--comment", default="")
         else:
             p.add_argument("--reason", required=True)
+        p.add_argument("--wait", action="store_true",
+                       help="then follow the incident to its end; exit 0 only if it resolved")
+        p.add_argument("--interval", type=float, default=1.0, help="seconds between polls with --wait")
         p.set_defaults(func=_async(lambda args, d=decision: _decide(args, d)))
 
     p = sub.add_parser("runbook", help="check runbooks or print their JSON Schema")
@@ -488,6 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
     rsub.add_parser("schema")
     p.set_defaults(func=cmd_runbook)
 
+    if command in _CORE:
+        return parser
     from firebreak.api.cli import register as register_api
     from firebreak.broker.cli import register as register_broker
     from firebreak.privileges_cli import register as register_privileges
@@ -499,24 +514,60 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Run one command; its exit code. (argparse's own errors raise SystemExit(2), --version SystemExit(0).)"""
+    words = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(words[0] if words else None)
+    args = parser.parse_args(words)
     try:
         return int(args.func(args) or 0)
     except Refused as exc:
         print(f"firebreak: {exc}", file=sys.stderr)
         return 1
+    except Usage as exc:
+        print(f"firebreak: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        return 0  # `firebreak list | head`: the reader had enough, which is not an error
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # the CLI says what failed, without a traceback
-        from temporalio.service import RPCError
+        from temporalio.service import RPCError, RPCStatusCode
 
         if isinstance(exc, RPCError):
-            print(f"firebreak: Temporal: {exc.message}", file=sys.stderr)
+            if exc.status == RPCStatusCode.UNAVAILABLE:
+                print(f"firebreak: {temporal_down(load_settings(getattr(args, 'state_dir', None)))}", file=sys.stderr)
+            else:
+                print(f"firebreak: Temporal: {exc.message}", file=sys.stderr)
             return 1
         print(f"firebreak: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
 
 
+def entry() -> None:
+    """The console script: the command's exit code, and never an abort at exit (sdk-python#300)."""
+    try:
+        code = main()
+    except SystemExit as exc:  # argparse: usage errors (2), --help and --version (0)
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+    _leave(code)
+
+
+def _leave(code: int) -> None:
+    """Flush what was printed, then exit without finalizing the interpreter.
+
+    The Temporal client's Rust runtime can abort the process while Python finalizes (exit 134);
+    ``os._exit`` skips finalization. Nothing is lost: output is flushed here, and no command leaves
+    work in the background. A reader that closed the pipe early is not an error.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (BrokenPipeError, ValueError, OSError):
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -13,7 +13,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 TASK_QUEUE = "firebreak"
@@ -119,6 +118,8 @@ def load_settings(state_dir: str | Path | None = None) -> Settings:
         data = _merge(data, json.loads(stack_file.read_text()).get("settings", {}))
     config_file = os.environ.get("FIREBREAK_CONFIG")
     if config_file:
+        import yaml  # only here: every `firebreak` command loads settings, few have a config file
+
         data = _merge(data, yaml.safe_load(Path(config_file).read_text()) or {})
     for var, path in _ENV.items():
         if var in os.environ:

@@ -87,6 +87,21 @@ async def _failure_message(failure: Any, converter: DataConverter) -> str:
     return str(message)
 
 
+async def _memo_words(fields: Any, converter: DataConverter) -> str:
+    """What the workflow wrote to its memo: what it waits for, or the status approvers read without a worker."""
+    from firebreak.incidents import MEMO_KEY, WAITING_KEY
+
+    words: list[str] = []
+    if WAITING_KEY in fields:
+        [waiting] = await _json([fields[WAITING_KEY]], converter)
+        words.append(f"memo: waiting for {waiting}")
+    if MEMO_KEY in fields:
+        [memo] = await _json([fields[MEMO_KEY]], converter)
+        phase = memo.get("phase") if isinstance(memo, dict) else None
+        words.append(f"memo: status ({phase}), readable without a worker")
+    return "; ".join(words)
+
+
 async def history_rows(history: WorkflowHistory, converter: DataConverter) -> list[HistoryRow]:
     rows: list[HistoryRow] = []
     scheduled: dict[int, str] = {}
@@ -130,7 +145,11 @@ async def history_rows(history: WorkflowHistory, converter: DataConverter) -> li
             else:
                 out = await _json(list(attrs.outcome.success.payloads), converter)
                 if out and isinstance(out[0], dict):
-                    detail = f"{'counted' if out[0].get('counted') else 'REFUSED'}: {out[0].get('reason', '')}"
+                    reason = out[0].get("reason", "")
+                    if out[0].get("counted"):
+                        detail = "counted" + (f": {reason}" if reason and reason != "counted" else "")
+                    else:
+                        detail = f"REFUSED: {reason}"
         elif kind == "UPSERT_WORKFLOW_SEARCH_ATTRIBUTES":
             fields = event.upsert_workflow_search_attributes_event_attributes.search_attributes.indexed_fields
             detail = ", ".join(f"{k}={json.loads(v.data)}" for k, v in fields.items())
@@ -141,6 +160,9 @@ async def history_rows(history: WorkflowHistory, converter: DataConverter) -> li
             result = await _json(list(event.workflow_execution_completed_event_attributes.result.payloads), converter)
             if result and isinstance(result[0], dict):
                 detail = f"{result[0].get('phase')}: {result[0].get('outcome')}"
+        elif kind == "WORKFLOW_PROPERTIES_MODIFIED":
+            detail = await _memo_words(event.workflow_properties_modified_event_attributes.upserted_memo.fields,
+                                       converter)
         elif kind == "WORKFLOW_EXECUTION_FAILED":
             # An ending that needs a human: "failed: ...", "expired: ...", "rollback_failed: ...".
             detail = await _failure_message(event.workflow_execution_failed_event_attributes.failure, converter)

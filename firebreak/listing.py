@@ -16,7 +16,6 @@ from temporalio.client import Client, WorkflowExecution, WorkflowExecutionStatus
 
 from firebreak.contracts import IncidentStatus, Phase
 from firebreak.incidents import MEMO_KEY, WAITING_KEY
-from firebreak.intake import WORKFLOW
 from firebreak.temporal import PHASE, RUNBOOK, SERVICE, SEVERITY
 from workflows.summary import waiting_for
 
@@ -35,7 +34,7 @@ class Filters:
         for name, value in (("service", self.service), ("runbook", self.runbook)):
             if value is not None and not PLAIN.fullmatch(value):
                 raise ValueError(f"--{name} must match {PLAIN.pattern}")
-        clauses = [f"WorkflowType = '{WORKFLOW}'"]
+        clauses = ["WorkflowType = 'IncidentWorkflow'"]  # by name, as intake starts it
         if self.phase is not None:
             clauses.append(f"{PHASE.name} = '{self.phase.value}'")
         if self.service is not None:

@@ -327,21 +327,34 @@ def down(state_dir: Path) -> list[str]:
     if not stack_file.exists():
         return []
     pids = json.loads(stack_file.read_text()).get("pids", {})
-    for pid in pids.values():
-        _terminate(int(pid))
-    deadline = time.monotonic() + 10
-    for pid in pids.values():
-        while time.monotonic() < deadline and _alive(int(pid)):
-            time.sleep(0.1)
-        if _alive(int(pid)):
-            try:
-                os.killpg(int(pid), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    # Workers first, and alone: they drain (running activities finish and report) while the server,
+    # the broker and the targets those activities need are still up, so nothing is left to time out.
+    workers = [int(pid) for name, pid in pids.items() if name.startswith("worker")]
+    _stop_all(workers, timeout=WORKER_STOP_S)
+    _stop_all([int(pid) for name, pid in pids.items() if not name.startswith("worker")], timeout=10)
     info = json.loads(stack_file.read_text())
     info["pids"] = {}
     _write(stack_file, info)
     return list(pids)
+
+
+# A worker drains for FIREBREAK_WORKER_DRAIN_S (see worker.py), then reports what it cancelled.
+WORKER_STOP_S = float(os.environ.get("FIREBREAK_WORKER_DRAIN_S", "20")) + 10
+
+
+def _stop_all(pids: list[int], timeout: float) -> None:
+    """SIGTERM each process group, wait up to ``timeout`` for all of them, then SIGKILL what is left."""
+    for pid in pids:
+        _terminate(pid)
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.1)
+        if _alive(pid):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def _alive(pid: int) -> bool:

@@ -177,13 +177,15 @@ class Approvers:
 
     def approval(self, name: str, workflow_id: str, plan_hash: str, *, decision: str = "approve",
                  steps: list[str] | None = None, expires_in: timedelta = timedelta(minutes=15),
-                 nonce: str | None = None, sign_as: str | None = None, now: datetime | None = None) -> Approval:
-        """``now``: the server's clock, which a time-skipping server moves ahead of the wall clock."""
+                 nonce: str | None = None, sign_as: str | None = None, now: datetime | None = None,
+                 comment: str = "") -> Approval:
+        """``now``: the server's clock, which a time-skipping server moves ahead of the wall clock.
+        ``comment``: an approval's comment or a rejection's reason (signed with the rest)."""
         approval = Approval(
             workflow_id=workflow_id, plan_hash=plan_hash, decision=decision,  # type: ignore[arg-type]
             steps=steps or [], nonce=nonce or uuid.uuid4().hex,
             expires_at=((now or datetime.now(timezone.utc)) + expires_in).isoformat(timespec="seconds"),
-            approver=name,
+            approver=name, comment=comment,
         )
         return signing.sign_approval(approval, self.keys[sign_as or name])
 

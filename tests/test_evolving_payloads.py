@@ -8,17 +8,20 @@ broker's requests) stay strict.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
+from collections.abc import Awaitable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from pydantic import BaseModel, ValidationError, model_validator
-from temporalio.client import WorkflowHistory
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import WorkflowHistory, WorkflowUpdateRPCTimeoutOrCancelledError
 from temporalio.testing import WorkflowEnvironment
-from temporalio.worker import Replayer
+from temporalio.worker import Replayer, Worker
 
 from firebreak import contracts, signing
 from firebreak.broker.models import ApprovalCheckRequest, MintRequest
@@ -28,10 +31,12 @@ from firebreak.roster import Roster
 from firebreak.runbook import RunbookError, load_runbooks, parse_runbook
 from firebreak.temporal import DATA_CONVERTER
 from incidents import inject, make_alert, receipt_signer, report_of, submit, wait_for_phase
-from worker import build_worker
+from activities.deps import ActivityDeps
+from worker import activities_for, build_worker
 from workflows.incident import IncidentWorkflow
 
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
+T = TypeVar("T")
 UNKNOWN = {"added_by_a_newer_version": {"nested": [1, 2, 3]}}
 
 
@@ -116,8 +121,14 @@ class _Counting:
     validations = 0
 
 
+class IncidentInputV1(IncidentInput):
+    """IncidentInput as it was before f918bd8 dropped this field."""
+
+    approval_keys_hint: str = ""
+
+
 class IncidentInputV2(IncidentInput):
-    """IncidentInput as a later version might declare it: one more field, with a default."""
+    """IncidentInput as a later version might declare it: that field gone, one more with a default."""
 
     escalation_channel: str = "#incidents"
 
@@ -129,6 +140,25 @@ class IncidentInputV2(IncidentInput):
 
 class AlertSignalV2(AlertSignal):
     dedup_window_s: float = 0.0
+
+
+def _uncached_worker(client: Any, settings: Any) -> Worker:
+    """A worker that keeps no workflow cache, hence no sticky queue: the time-skipping server never
+    hands a sticky queue's tasks to another worker, so the next worker would wait forever."""
+    return Worker(client, task_queue=settings.temporal.task_queue, workflows=[IncidentWorkflow],
+                  activities=activities_for(ActivityDeps.from_settings(settings)), max_cached_workflows=0)
+
+
+async def _or_task_failure(handle: Any, awaitable: Awaitable[T], timeout: float = 60.0) -> T:
+    """``awaitable``, or the reason its workflow task keeps failing: a run that cannot replay retries
+    its task forever instead of failing, so without a bound the test would hang, not fail."""
+    try:
+        return await asyncio.wait_for(awaitable, timeout)
+    except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError):
+        async for event in handle.fetch_history_events():
+            if event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED:
+                raise AssertionError(event.workflow_task_failed_event_attributes.failure.message) from None
+        raise
 
 
 def _evolve(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -147,30 +177,32 @@ async def test_history_recorded_without_a_new_field_replays(path: Path, monkeypa
     assert _Counting.validations > 0, "the replay did not use the evolved model"
 
 
-async def test_incident_started_before_a_field_was_added_finishes_after_the_upgrade(
+async def test_incident_started_before_fields_changed_finishes_after_the_upgrade(
     time_env: WorkflowEnvironment, settings, fleet, approvers, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     inject(fleet.url, "checkout", "bad_deploy")
     changes_before = len(fleet.fleet.changes("checkout"))
     routed = _routed_drill(settings)
     signed = receipt_signer(settings.state_dir, None)(routed.incident_id)
-    incident = IncidentInput(incident_id=routed.incident_id, runbook=routed.runbook, params=routed.params,
-                             receipts=[signed])
+    incident = IncidentInputV1(incident_id=routed.incident_id, runbook=routed.runbook, params=routed.params,
+                               receipts=[signed], approval_keys_hint="firebreak approve ... --key PATH")
     signal = AlertSignal(alerts=routed.alerts, received_at=datetime.now(timezone.utc), receipt=signed)
-    # Version 1 records the start and runs up to the approval.
-    async with build_worker(time_env.client, settings):
+    # Version 1 records the start, with a field version 2 no longer has, and runs up to the approval.
+    monkeypatch.setattr(contracts, "IncidentInput", IncidentInputV1)
+    async with _uncached_worker(time_env.client, settings):
         handle = await time_env.client.start_workflow(
             WORKFLOW, incident, id=routed.incident_id, task_queue=settings.temporal.task_queue,
             start_signal=ALERT_SIGNAL, start_signal_args=[signal], result_type=IncidentReport)
         waiting = await wait_for_phase(handle, Phase.awaiting_approval)
 
-    # Version 2 has one more field on the input and on the alert signal; a new worker has no cache,
-    # so it replays the history version 1 wrote, then carries the incident to its end.
+    # Version 2 dropped that field and has a new one on the input and on the alert signal; a new worker
+    # has no cache, so it replays the history version 1 wrote, then carries the incident to its end.
     _evolve(monkeypatch)
     async with build_worker(time_env.client, settings):
-        outcome = await submit(handle, approvers.approval("alice", handle.id, waiting.plan_hash))
+        outcome = await _or_task_failure(handle, submit(handle, approvers.approval("alice", handle.id,
+                                                                                waiting.plan_hash)))
         assert outcome.counted, outcome.reason
-        report = await report_of(handle)
+        report = await _or_task_failure(handle, report_of(handle))
 
     assert _Counting.validations > 0, "the upgraded worker did not use the evolved model"
     assert report.phase == Phase.resolved, report.outcome

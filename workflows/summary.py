@@ -38,7 +38,8 @@ def approval_line(record: ApprovalRecord) -> str:
     if record.comment:
         said = f'; {"reason" if record.decision == "reject" else "comment"}: "{_one_line(record.comment, 300)}"'
     if record.counted:
-        return f"✔ **{record.approver}** {verb}{steps} {when}, counted ({record.reason}){said}"
+        why = f" ({record.reason})" if record.reason and record.reason != "counted" else ""
+        return f"✔ **{record.approver}** {verb}{steps} {when}, counted{why}{said}"
     return f"✘ **{record.approver}** {verb}{steps} {when}: **REFUSED**: {record.reason}{said}"
 
 
@@ -60,7 +61,7 @@ def status_markdown(status: IncidentStatus) -> str:
     out += _approvals(status)
     out += _results(status.steps)
     if status.tickets:
-        out += ["#### Tickets"] + [f"- {t.sink}: {t.ref}" + (f" ({t.url})" if t.url else "") for t in status.tickets]
+        out += ["#### Tickets"] + [f"- {t.sink}: `{t.ref}`" for t in status.tickets]
     notes = ([f"- gap: {g}" for g in status.gaps[:5]] + [f"- not sent: {g}" for g in status.sink_gaps[:5]]
              + [f"- re-proposed: {r}" for r in status.reproposals] + [f"- {r}" for r in status.refused_signals[-5:]])
     if notes:
@@ -73,10 +74,11 @@ def _hypotheses(status: IncidentStatus) -> list[str]:
     if not status.hypotheses:
         return []
     out = ["#### Hypotheses"]
-    for rank, hyp in enumerate(status.hypotheses[:MAX_HYPOTHESES], start=1):
-        findings = "".join(f"\n   - {'✔' if f.held else '✘'} {_one_line(f.detail, 240)}"
+    for hyp in status.hypotheses[:MAX_HYPOTHESES]:
+        # A nested list: each finding (held or not) with its figures, under its hypothesis.
+        findings = "".join(f"\n  - {'✔' if f.held else '✘'} {_one_line(f.detail, 240)}"
                            for f in hyp.findings[:MAX_FINDINGS])
-        out.append(f"{rank}. **{hyp.title}** {hyp.score:.0%}{findings}")
+        out.append(f"- **{hyp.title}** {hyp.score:.0%}{findings}")
     return out
 
 

@@ -11,13 +11,27 @@ Public interface:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from firebreak.api.app import create_app
-from firebreak.api.server import ApiServer, serve
 from firebreak.api.settings import DEFAULT_HOST, DEFAULT_PORT, ApiSettings
 from firebreak.config import load_settings
 
+if TYPE_CHECKING:
+    from firebreak.api.app import create_app
+    from firebreak.api.server import ApiServer, serve
+
 __all__ = ["ApiServer", "ApiSettings", "create_app", "serve", "stack_info"]
+# FastAPI, uvicorn and the Temporal client load on first use: every `firebreak` command registers
+# the `api` subcommand, and must not pay a second for it.
+_LAZY = {"create_app": "firebreak.api.app", "ApiServer": "firebreak.api.server", "serve": "firebreak.api.server"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'firebreak.api' has no attribute {name!r}")
 
 
 def stack_info(state_dir: str | Path, url: str = f"http://{DEFAULT_HOST}:{DEFAULT_PORT}") -> dict[str, str]:

@@ -48,7 +48,7 @@ from firebreak.api.gateway import ClientFactory, TemporalGateway, TemporalUnavai
 from firebreak.api.retries import FILE_NAME as RETRIES_FILE
 from firebreak.api.retries import DeliveryLog
 from firebreak.api.settings import ApiSettings
-from firebreak.api.tracing import RequestSpans
+from firebreak.api.tracing import RequestSpans, native_request_spans
 from firebreak.api.sources import (
     AlertmanagerWebhook,
     GrafanaWebhook,
@@ -190,7 +190,8 @@ def create_app(
         version="1",
         description="Alert intake (Alertmanager, PagerDuty, Grafana, Firebreak's own format) and incident read API.",
     )
-    app.add_middleware(RequestSpans)
+    if not native_request_spans():
+        app.add_middleware(RequestSpans)  # the intake's server span: the root of the incident's trace
     app.state.settings = settings
     app.state.gateway = gateway
     app.state.runbooks = runbooks

@@ -454,7 +454,8 @@ def parse_generic(body: bytes) -> Parsed:
     if not data:
         raise PayloadError("body holds no alerts", "body")
     try:
-        alerts = _ALERT_LIST.validate_python(data)
+        # The API is strict (an unknown field is a 400 naming it), unlike the Temporal payloads it becomes.
+        alerts = _ALERT_LIST.validate_python(data, extra="forbid")
     except ValidationError as exc:
         _raise_invalid(_errors(exc), "invalid alert list")
         raise

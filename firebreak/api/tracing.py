@@ -1,13 +1,16 @@
 """A server span for every API request: the root of an incident's trace (or a child of the sender's).
 
-Plain ASGI, through opentelemetry-api only: a no-op until the process installs an SDK. The span
-carries the method, the path and the status, never a header or a body, so never a token or a
-signature. A sender that propagates W3C ``traceparent`` (Grafana, a proxy) gets the intake as a
-child of its own span.
+FastAPI 0.16x makes this span itself (``fastapi.telemetry``, named by route, e.g. ``POST /v1/alerts``)
+once a tracer provider is configured; for older FastAPI, :class:`RequestSpans` makes the same one.
+Either way it is plain opentelemetry-api (a no-op until the process installs an SDK) and carries the
+method, the path or route and the status, never a header or a body, so never a token or a
+signature. A sender that propagates W3C ``traceparent`` (Grafana, a proxy) gets the intake as a child
+of its own span.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 from opentelemetry import propagate, trace
@@ -16,6 +19,11 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 tracer = trace.get_tracer("firebreak.api")
 
 Scope = dict[str, Any]
+
+
+def native_request_spans() -> bool:
+    """Whether FastAPI traces requests itself (then a second server span would only duplicate it)."""
+    return importlib.util.find_spec("fastapi.telemetry") is not None
 
 
 class RequestSpans:

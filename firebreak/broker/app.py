@@ -40,7 +40,8 @@ from firebreak.config import AGENT
 from firebreak.contracts import ApprovalCheck
 from firebreak.receipts import load_intake_public_keys
 from firebreak.roster import RosterSource
-from firebreak.runbook import Runbook, default_runbook_dir, load_runbooks
+from firebreak.broker.runbooks import RunbookArchive
+from firebreak.runbook import Runbook, default_runbook_dir
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,9 @@ class Broker:
         self.agent_token = read_or_create_secret(self.dir / "agent-token", AGENT_TOKEN_ENV, config.agent_token)
         self.admin_token = read_or_create_secret(self.dir / "admin-token", ADMIN_TOKEN_ENV, config.admin_token)
         self.audit = AuditLog(self.dir / "audit.jsonl", signing_key=self.key, kid=self.kid)
-        self.runbooks: dict[str, Runbook] = {b.name: b for b in load_runbooks(config.runbooks_dir)}
+        # Every version ever loaded stays available: an open incident finishes on the version it pinned.
+        self.archive = RunbookArchive.load(config.runbooks_dir, self.dir / "runbooks")
+        self.runbooks: dict[str, Runbook] = self.archive.current
         self.roster = RosterSource(config.roster_path)
         self.metrics = BrokerMetrics(config.privileges_lock)
         # One lock around every decision that reads or changes grants, nonces or
@@ -177,12 +180,10 @@ class Broker:
     def _decide(self, req: MintRequest) -> Decision:
         if self.state.frozen:
             raise Denied(f"broker is frozen (kill switch): {self.state.frozen_by()}", frozen=True)
-        runbook = self.runbooks.get(req.runbook)
-        if runbook is None:
-            raise Denied(f"unknown runbook {req.runbook!r}")
         if req.is_read:
-            decision = authorize_read(req, runbook)
+            decision = self._authorize_read(req)
         else:
+            runbook = self._pinned_runbook(req)
             roster = self.roster.get()
             if roster is None and req.plan is not None and req.approvals:
                 raise Denied(f"no approval can be verified: {self.roster.error}")
@@ -193,6 +194,32 @@ class Broker:
             )
         decision.ttl_s = min(decision.ttl_s, signing.MAX_TTL_S)
         return decision
+
+    def _authorize_read(self, req: MintRequest) -> Decision:
+        """A read declared by the runbook: its current version, or any kept version (a read request
+        names no version, and an incident opened on an older one still investigates and verifies)."""
+        books = self.archive.all_versions(req.runbook)
+        if not books:
+            raise Denied(f"unknown runbook {req.runbook!r}")
+        denials: list[Denied] = []
+        for book in books:
+            try:
+                return authorize_read(req, book)
+            except Denied as exc:
+                denials.append(exc)
+        raise denials[0]
+
+    def _pinned_runbook(self, req: MintRequest) -> Runbook:
+        """A write is derived from the runbook version its plan pins, never from a newer one."""
+        if req.plan is None:
+            runbook = self.runbooks.get(req.runbook)
+            if runbook is None:
+                raise Denied(f"unknown runbook {req.runbook!r}")
+            return runbook  # authorize_write refuses a write without a plan, naming why
+        try:
+            return self.archive.for_plan(req.plan)
+        except LookupError as exc:
+            raise Denied(str(exc)) from None
 
     def check_approval(self, req: ApprovalCheckRequest) -> ApprovalCheck:
         """Verify an approval's signature and record when it arrived: its verdict is made once, now."""

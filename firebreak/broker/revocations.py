@@ -83,13 +83,14 @@ class RevocationRetries:
         return self.pending
 
     async def aclose(self) -> None:
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
+        task, self._task = self._task, None
+        # A task of another loop (already closed, as between tests) cannot be cancelled from here.
+        if task is not None and not task.done() and task.get_loop() is asyncio.get_running_loop():
+            task.cancel()
             try:
-                await self._task
-            except (asyncio.CancelledError, RuntimeError):
+                await task
+            except asyncio.CancelledError:
                 pass
-        self._task = None
         for item in self._pending.values():
             log.warning("grant %s was never revoked: it expires on its own at %s", item.grant_id, _utc(item.expires_at))
 

@@ -1,0 +1,58 @@
+"""What every `firebreak` subcommand shares: exit codes, settings, output, reaching Temporal.
+
+Exit codes: 0 success, 1 refused or failed, 2 bad usage. A command that needs the stack and finds
+it down says so plainly, with what to run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from firebreak.config import Settings, load_settings
+
+
+class Refused(Exception):
+    """An operation that was refused or failed: exit code 1."""
+
+
+class Usage(Exception):
+    """Bad usage that argparse cannot see (a bad alert file, a bad filter value): exit code 2."""
+
+
+def settings_of(args: argparse.Namespace) -> Settings:
+    return load_settings(getattr(args, "state_dir", None))
+
+
+def out(*lines: str) -> None:
+    print("\n".join(lines), flush=True)
+
+
+def stack_value(settings: Settings, key: str) -> str | None:
+    if settings.stack_file.exists():
+        return json.loads(settings.stack_file.read_text()).get("demo", {}).get(key)
+    return None
+
+
+def temporal_down(settings: Settings) -> Refused:
+    return Refused(f"no Temporal at {settings.temporal.address}: run `firebreak up` "
+                   "(or point FIREBREAK_TEMPORAL_ADDRESS at your cluster)")
+
+
+async def client(settings: Settings) -> Any:
+    """A Temporal client, or a plain "the stack is down" refusal."""
+    from firebreak.temporal import connect
+
+    try:
+        return await connect(settings.temporal)
+    except RuntimeError as exc:  # the SDK's "Failed client connect: ..."
+        if "connect" in str(exc).lower():
+            raise temporal_down(settings) from None
+        raise
+
+
+def not_found(exc: BaseException) -> bool:
+    from temporalio.service import RPCError, RPCStatusCode
+
+    return isinstance(exc, RPCError) and exc.status == RPCStatusCode.NOT_FOUND

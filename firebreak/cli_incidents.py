@@ -1,0 +1,247 @@
+"""`firebreak list`, `inbox`, `status [--watch]` and `history`: the on-call engineer's read commands.
+
+They follow `temporal` and `kubectl`: a table with upper-case headers by default, `--json` for
+scripts, filters as flags. Everything reads Temporal (visibility, the `status` query, or the memo
+when no worker answers), so these work without the API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timezone
+from typing import Any
+
+from firebreak.cli_common import Refused, Usage, client, not_found, out, settings_of
+from firebreak.config import Settings
+from firebreak.contracts import IncidentStatus, Phase
+
+AsyncCommand = Callable[[argparse.Namespace], Awaitable[int]]
+
+
+def register(sub: Any, common: argparse.ArgumentParser, run: Callable[[AsyncCommand], Any]) -> None:
+    """Add the read commands to the main parser; ``run`` turns an async command into a handler."""
+    p = sub.add_parser("list", parents=[common], help="incidents, newest first (like `kubectl get`)")
+    p.add_argument("--phase", choices=[ph.value for ph in Phase])
+    p.add_argument("--service")
+    p.add_argument("--runbook")
+    p.add_argument("--open", action="store_true", help="only incidents still running")
+    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run(_list))
+
+    p = sub.add_parser("inbox", parents=[common], help="incidents awaiting an approval you can give")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--as", dest="as_", help="a person of the roster")
+    who.add_argument("--key", help="your Ed25519 private key (PEM): you are whoever the roster says it is")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run(_inbox))
+
+    p = sub.add_parser("status", parents=[common], help="an incident's card; --watch follows it to its end")
+    p.add_argument("id")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--watch", "-w", action="store_true",
+                   help="print each change until the incident closes; exit 0 only if it resolved")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between polls with --watch")
+    p.set_defaults(func=run(_status))
+
+    p = sub.add_parser("history", parents=[common], help="an incident's events as a table")
+    p.add_argument("id")
+    p.add_argument("--run", default=None, help="an earlier run (default: the latest)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run(_history))
+
+
+# -- list ------------------------------------------------------------------------------
+
+
+async def _list(args: argparse.Namespace) -> int:
+    from firebreak.listing import Filters, list_incidents
+    from firebreak.tables import age, render_table
+
+    filters = Filters(phase=Phase(args.phase) if args.phase else None, service=args.service, runbook=args.runbook,
+                      open=True if args.open else None)
+    try:
+        filters.query()
+    except ValueError as exc:
+        raise Usage(str(exc)) from None
+    rows = await list_incidents(await client(settings_of(args)), filters, limit=args.limit)
+    if args.json:
+        print(json.dumps([row.as_json() for row in rows], indent=2))
+        return 0
+    if not rows:
+        out("no incidents" + (" match" if any(vars(filters).values()) else ""))
+        return 0
+    now = datetime.now(timezone.utc)
+    out(render_table(
+        ["id", "run", "status", "phase", "service", "runbook", "age", "waiting for"],
+        [[r.incident_id, r.run_id, r.execution_status.lower(), r.phase or "-", r.service or "-", r.runbook or "-",
+          age(r.started_at, now), r.waiting_for] for r in rows]))
+    return 0
+
+
+# -- inbox -----------------------------------------------------------------------------
+
+
+def _who(args: argparse.Namespace, settings: Settings) -> tuple[str, list[str]]:
+    from firebreak import signing
+    from firebreak.roster import Roster
+
+    roster = Roster.load(settings.resolved_roster())
+    if args.as_:
+        person = next((p for p in roster.people if p.name == args.as_), None)
+        if person is None:
+            raise Refused(f"{args.as_} is not in the roster {settings.resolved_roster()}")
+        return person.name, list(person.groups)
+    public = signing.public_pem(signing.load_private_key(args.key)).strip()
+    person = next((p for p in roster.people if p.public_key.strip() == public), None)
+    if person is None:
+        raise Refused(f"the key {args.key} belongs to nobody in the roster {settings.resolved_roster()}")
+    return person.name, list(person.groups)
+
+
+async def _inbox(args: argparse.Namespace) -> int:
+    from firebreak.inbox import inbox_items
+    from firebreak.incidents import WorkerDown, read_status
+    from firebreak.listing import Filters
+    from firebreak.tables import render_table
+
+    settings = settings_of(args)
+    name, groups = _who(args, settings)
+    temporal = await client(settings)
+    statuses: list[IncidentStatus] = []
+    query = Filters(phase=Phase.awaiting_approval, open=True).query()
+    async for wf in temporal.list_workflows(query, limit=200):
+        try:
+            statuses.append((await read_status(temporal.get_workflow_handle(wf.id, run_id=wf.run_id)))[0])
+        except WorkerDown:
+            continue  # nothing proposed yet: nothing to approve
+    items = inbox_items(statuses, name, groups)
+    if args.json:
+        print(json.dumps([vars(i) for i in items], indent=2))
+        return 0
+    if not items:
+        out(f"nothing waits for {name}")
+        return 0
+    out(render_table(["incident", "runbook", "service", "escalated", "still needs"],
+                     [[i.incident_id, i.runbook, i.service, "yes" if i.escalated else "no", "; ".join(i.steps)]
+                      for i in items]),
+        "", f"Approve with: firebreak approve INCIDENT {'--as ' + args.as_ if args.as_ else '--key ' + args.key}")
+    return 0
+
+
+# -- status ----------------------------------------------------------------------------
+
+
+def status_json(status: IncidentStatus) -> dict[str, Any]:
+    """`status --json`: the card's content, without the raw evidence series (see the API for those)."""
+    return {
+        "incident_id": status.incident_id,
+        "phase": status.phase.value,
+        "runbook": status.runbook,
+        "runbook_version": status.runbook_version,
+        "service": status.service,
+        "severity": status.severity,
+        "requested_by": status.requested_by,
+        "opened_at": status.opened_at.isoformat(),
+        "hypotheses": [h.model_dump(mode="json") for h in status.hypotheses],
+        "gaps": status.gaps,
+        "plan": {"hash": status.plan_hash, "steps": [s.model_dump(mode="json") for s in status.plan.steps]}
+        if status.plan else None,
+        "approvals": [{"approver": a.approver, "decision": a.decision, "counted": a.counted, "reason": a.reason,
+                       "comment": a.comment, "steps": a.steps, "received_at": a.received_at.isoformat(),
+                       "via": a.via} for a in status.approvals],
+        "needed": [n.model_dump(mode="json") | {"met": n.met} for n in status.needed],
+        "escalates_at": status.escalates_at.isoformat() if status.escalates_at else None,
+        "expires_at": status.expires_at.isoformat() if status.expires_at else None,
+        "held": status.held,
+        "steps": [s.model_dump(mode="json") for s in status.steps],
+        "tickets": [t.model_dump(mode="json") for t in status.tickets],
+        "sink_gaps": status.sink_gaps,
+        "closed_at": status.closed_at.isoformat() if status.closed_at else None,
+        "outcome": status.outcome,
+    }
+
+
+async def _status(args: argparse.Namespace) -> int:
+    from firebreak.incidents import WorkerDown, read_status
+
+    temporal = await client(settings_of(args))
+    handle = temporal.get_workflow_handle(args.id)
+    try:
+        if args.watch:
+            # Follow this run, not whichever run the id names later (a closed incident can fire again).
+            run_id = (await handle.describe()).run_id
+            handle = temporal.get_workflow_handle(args.id, run_id=run_id)
+            final = await follow_to_end(lambda: _read(read_status, handle), args.interval)
+            if args.json:
+                print(json.dumps(status_json(final), indent=2))
+            return exit_code(final)
+        status, source = await read_status(handle)
+    except WorkerDown as exc:
+        raise Refused(str(exc)) from None
+    except Exception as exc:
+        if not_found(exc):
+            raise Refused(f"no incident {args.id!r}") from None
+        raise
+    if args.json:
+        print(json.dumps(status_json(status), indent=2))
+        return 0
+    from workflows.summary import plan_markdown
+
+    if source != "the workflow":
+        print(f"(from {source})", file=sys.stderr)
+    out(plan_markdown(status))
+    return 0
+
+
+async def _read(read_status: Any, handle: Any) -> IncidentStatus:
+    status, _ = await read_status(handle)
+    return status
+
+
+def exit_code(final: IncidentStatus) -> int:
+    """`--watch` and `approve --wait`: 0 only when the incident resolved (by Firebreak or by itself)."""
+    from firebreak.watch import RESOLVED
+
+    return 0 if final.phase in RESOLVED else 1
+
+
+async def follow_to_end(read: Callable[[], Awaitable[IncidentStatus]], interval: float = 1.0) -> IncidentStatus:
+    """Print a timestamped line per change until the incident closes."""
+    from firebreak.watch import follow
+
+    def emit(line: str) -> None:
+        out(f"{datetime.now(timezone.utc):%H:%M:%S}  {line}")
+
+    return await follow(read, emit, interval)
+
+
+# -- history ---------------------------------------------------------------------------
+
+
+async def _history(args: argparse.Namespace) -> int:
+    from firebreak.history import history_rows
+    from firebreak.tables import render_table
+
+    temporal = await client(settings_of(args))
+    try:
+        history = await temporal.get_workflow_handle(args.id, run_id=args.run).fetch_history()
+    except Exception as exc:
+        if not_found(exc):
+            raise Refused(f"no incident {args.id!r}" + (f" with run {args.run}" if args.run else "")) from None
+        raise
+    rows = await history_rows(history, temporal.data_converter)
+    if args.json:
+        print(json.dumps([row._asdict() for row in rows], indent=2))
+        return 0
+    out(render_table(["event", "time", "type", "detail"],
+                     [[r.event_id, r.time[11:19], r.kind, r.detail] for r in rows]))
+    return 0
+
+
+def run_async(fn: AsyncCommand) -> Callable[[argparse.Namespace], int]:
+    return lambda args: asyncio.run(fn(args))
