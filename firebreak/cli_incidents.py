@@ -176,7 +176,11 @@ async def _status(args: argparse.Namespace) -> int:
             # Follow this run, not whichever run the id names later (a closed incident can fire again).
             run_id = (await handle.describe()).run_id
             handle = temporal.get_workflow_handle(args.id, run_id=run_id)
-            final = await follow_to_end(lambda: _read(read_status, handle), args.interval)
+
+            async def read() -> IncidentStatus:
+                return (await read_status(handle))[0]
+
+            final = await follow_to_end(read, args.interval)
             if args.json:
                 print(json.dumps(status_json(final), indent=2))
             return exit_code(final)
@@ -196,11 +200,6 @@ async def _status(args: argparse.Namespace) -> int:
         print(f"(from {source})", file=sys.stderr)
     out(plan_markdown(status))
     return 0
-
-
-async def _read(read_status: Any, handle: Any) -> IncidentStatus:
-    status, _ = await read_status(handle)
-    return status
 
 
 def exit_code(final: IncidentStatus) -> int:
