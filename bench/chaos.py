@@ -188,88 +188,25 @@ class Chaos:
             await asyncio.sleep(1.0)
             await asyncio.to_thread(self.stack.start_broker)
 
-    async def prometheus_outage(self, fault: Fault, incident_id: str, phase: str, seconds: float) -> None:
+    async def prometheus_away(self, seconds: float, counted: tuple[Fault, str, str] | None = None) -> None:
+        """Prometheus unreachable for ``seconds``; ``counted`` (fault, incident, phase) records it as that
+        fault, else it only opens a window for another fault."""
         self.prometheus_down_by += 1
         self.prometheus.set_up(False)
-        self.record(fault, incident_id, phase)
+        if counted is not None:
+            self.record(*counted)
         await asyncio.sleep(seconds)
         self.prometheus_down_by -= 1
         if not self.prometheus_down_by:
             self.prometheus.set_up(True)
 
-    # -- one incident ----------------------------------------------------------------------
-
-    async def incident(self, planned: Planned | None, kind: Kind, service: str, index: int,
-                       deadline_s: float) -> Outcome:
-        """Open an incident, approve its plan when proposed, inject its fault, and read how it ended."""
-        fault = planned.fault if planned else None
-        incident_id = f"chaos.{service}.{self.run}{index:03d}"
-        prometheus_task: asyncio.Task[None] | None = None
-        held: Rule | None = None
-        if fault is Fault.kill_investigating:
-            held = self.fleet_proxy.add(Rule(incident_id, "GET", "hold", hold_s=HOLD_S))
-        if fault is Fault.prometheus_investigating:
-            prometheus_task = asyncio.create_task(self.prometheus_outage(fault, incident_id, "investigating", 5.0))
-        await self.open(kind, service, incident_id)
-        if held is not None and await self._hit(held, incident_id, 30):
-            snap = await self.wait_for(incident_id, lambda s: any(a == "investigate" for a, _ in s.started), 10)
-            identity = next((w for a, w in snap.started if a == "investigate"), None)
-            await self.kill_worker(Fault.kill_investigating, incident_id, "investigating", identity,
-                                   planned.then_kill_replacement)
-
-        snap = await self.wait_for(incident_id, lambda s: s.phase == "awaiting_approval" and bool(s.plan_hash)
-                                   or not s.running, deadline_s)
-        if not snap.running or snap.phase != "awaiting_approval":
-            return await self.ending(incident_id, kind, fault, deadline_s)
-        if fault is Fault.kill_awaiting:
-            await self.kill_worker(fault, incident_id, "awaiting_approval", None, planned.then_kill_replacement)
-        write = "POST"
-        if fault in (Fault.kill_in_write, Fault.broker_restart) or (fault is Fault.server_restart and index % 2):
-            held = self.fleet_proxy.add(Rule(incident_id, write, "hold", hold_s=HOLD_S))
-        elif fault is Fault.target_refused:
-            # Refused from the first write on, for 6 s: the retries meet the same outage until it ends.
-            held = self.fleet_proxy.add(Rule(incident_id, write, "refuse", until=time.monotonic() + 1e9))
-        elif fault is Fault.target_lost_answer:
-            held = self.fleet_proxy.add(Rule(incident_id, write, "lose_response"))
-        if fault is Fault.server_restart and not index % 2:
-            await self.restart_server(incident_id, "awaiting_approval")
-
-        assert snap.plan_hash is not None
-        await self.approve(incident_id, snap.plan_hash)
-        if fault is Fault.kill_after_approval:
-            await self.kill_worker(fault, incident_id, "awaiting_approval", None, planned.then_kill_replacement)
-        if held is not None and fault in (Fault.target_refused, Fault.target_lost_answer):
-            if await self._hit(held, incident_id, 60):
-                self.record(fault, incident_id, "executing")
-                held.until = time.monotonic() + 6.0
-        if (held is not None and fault in (Fault.kill_in_write, Fault.broker_restart, Fault.server_restart)
-                and await self._hit(held, incident_id, 60)):
-            if fault is Fault.kill_in_write:
-                snap = await self.wait_for(incident_id, lambda s: any(a == "execute_step" for a, _ in s.started), 10)
-                identity = next((w for a, w in snap.started if a == "execute_step"), None)
-                await self.kill_worker(fault, incident_id, "executing", identity, planned.then_kill_replacement)
-            elif fault is Fault.broker_restart:
-                await self.restart_broker(incident_id, "executing")
-            else:
-                await self.restart_server(incident_id, "executing")
-
-        if fault in (Fault.kill_verifying, Fault.prometheus_verifying):
-            # A verification that holds is over in one poll. Prometheus unreachable from the write on keeps it
-            # polling: the fault itself, or the window in which to kill the worker running it.
-            prometheus_task = asyncio.create_task(self._quiet_outage(10.0))
-            snap = await self.wait_for(incident_id, lambda s: any(a == "verify_step" for a, _ in s.started)
-                                       or not s.running, 30, interval=0.1)
-            if snap.running and fault is Fault.prometheus_verifying:
-                self.record(fault, incident_id, "verifying")
-            elif snap.running:
-                identity = next((w for a, w in snap.started if a == "verify_step"), None)
-                await self.kill_worker(fault, incident_id, "verifying", identity, planned.then_kill_replacement)
-            else:
-                self.not_injected.append(f"{incident_id}: ended before its verification was seen running")
-        outcome = await self.ending(incident_id, kind, fault, deadline_s)
-        if prometheus_task is not None:
-            await prometheus_task
-        return outcome
+    async def _running(self, incident_id: str, activity: str, timeout: float) -> tuple[bool, str | None]:
+        """Wait until ``activity`` runs in a worker: (seen, that worker's identity); not seen if the
+        incident ended first or it did not start in time."""
+        snap = await self.wait_for(incident_id, lambda s: any(a == activity for a, _ in s.started) or not s.running,
+                                   timeout, interval=0.1)
+        identity = next((w for a, w in snap.started if a == activity), None)
+        return identity is not None, identity
 
     async def _hit(self, rule: Rule, incident_id: str, timeout: float) -> bool:
         """Whether the incident's request reached the proxy in time: if not, the fault is not injected
@@ -281,14 +218,79 @@ class Chaos:
             self.not_injected.append(f"{incident_id}: its {rule.method} never reached the fleet proxy")
             return False
 
-    async def _quiet_outage(self, seconds: float) -> None:
-        """Prometheus away, but not counted as a fault of its own (it opens a window for another)."""
-        self.prometheus_down_by += 1
-        self.prometheus.set_up(False)
-        await asyncio.sleep(seconds)
-        self.prometheus_down_by -= 1
-        if not self.prometheus_down_by:
-            self.prometheus.set_up(True)
+    # -- one incident ----------------------------------------------------------------------
+
+    async def incident(self, planned: Planned | None, kind: Kind, service: str, index: int,
+                       deadline_s: float) -> Outcome:
+        """Open an incident, approve its plan when proposed, inject its fault, and read how it ended."""
+        fault = planned.fault if planned else None
+        again = bool(planned and planned.then_kill_replacement)
+        incident_id = f"chaos.{service}.{self.run}{index:03d}"
+        background: list[asyncio.Task[None]] = []
+        if fault is Fault.prometheus_investigating:
+            background.append(asyncio.create_task(self.prometheus_away(5.0, (fault, incident_id, "investigating"))))
+        held = self.fleet_proxy.add(Rule(incident_id, "GET", "hold", hold_s=HOLD_S)) \
+            if fault is Fault.kill_investigating else None
+        await self.open(kind, service, incident_id)
+        if held is not None and await self._hit(held, incident_id, 30):
+            # Its change-log read is held at the proxy: the investigation is running in a worker.
+            _, identity = await self._running(incident_id, "investigate", 10)
+            await self.kill_worker(Fault.kill_investigating, incident_id, "investigating", identity, again)
+
+        snap = await self.wait_for(incident_id, lambda s: s.phase == "awaiting_approval" and bool(s.plan_hash)
+                                   or not s.running, deadline_s)
+        if not snap.running or snap.phase != "awaiting_approval" or snap.plan_hash is None:
+            outcome = await self.ending(incident_id, kind, fault, deadline_s)
+            await asyncio.gather(*background)
+            return outcome
+        if fault is Fault.kill_awaiting:
+            await self.kill_worker(fault, incident_id, "awaiting_approval", None, again)
+        if fault is Fault.server_restart and not index % 2:
+            await self.restart_server(incident_id, "awaiting_approval")
+        write = self._arm_write_fault(incident_id, fault, index)
+        await self.approve(incident_id, snap.plan_hash)
+        if fault is Fault.kill_after_approval:
+            await self.kill_worker(fault, incident_id, "awaiting_approval", None, again)
+        if write is not None and fault is not None and await self._hit(write, incident_id, 60):
+            await self._at_the_write(incident_id, fault, write, again)
+        if fault in (Fault.kill_verifying, Fault.prometheus_verifying):
+            # A verification that holds is over in one poll. Prometheus unreachable from the write on keeps it
+            # polling: the fault itself, or the window in which to kill the worker running it.
+            background.append(asyncio.create_task(self.prometheus_away(10.0)))
+            seen, identity = await self._running(incident_id, "verify_step", 30)
+            if not seen:
+                self.not_injected.append(f"{incident_id}: ended before its verification was seen running")
+            elif fault is Fault.prometheus_verifying:
+                self.record(fault, incident_id, "verifying")
+            else:
+                await self.kill_worker(fault, incident_id, "verifying", identity, again)
+        outcome = await self.ending(incident_id, kind, fault, deadline_s)
+        await asyncio.gather(*background)
+        return outcome
+
+    def _arm_write_fault(self, incident_id: str, fault: Fault | None, index: int) -> Rule | None:
+        """Before the approval: what the fleet proxy does to this incident's first write."""
+        if fault in (Fault.kill_in_write, Fault.broker_restart) or (fault is Fault.server_restart and index % 2):
+            return self.fleet_proxy.add(Rule(incident_id, "POST", "hold", hold_s=HOLD_S))
+        if fault is Fault.target_refused:
+            # Refused from the first write on; once it arrives, for 6 s more: its retries meet the outage too.
+            return self.fleet_proxy.add(Rule(incident_id, "POST", "refuse", until=time.monotonic() + 1e9))
+        if fault is Fault.target_lost_answer:
+            return self.fleet_proxy.add(Rule(incident_id, "POST", "lose_response"))
+        return None
+
+    async def _at_the_write(self, incident_id: str, fault: Fault, write: Rule, again: bool) -> None:
+        """The write reached the proxy (held, refused or about to lose its answer): strike now."""
+        if fault in (Fault.target_refused, Fault.target_lost_answer):
+            self.record(fault, incident_id, "executing")
+            write.until = time.monotonic() + 6.0
+        elif fault is Fault.kill_in_write:
+            _, identity = await self._running(incident_id, "execute_step", 10)
+            await self.kill_worker(fault, incident_id, "executing", identity, again)
+        elif fault is Fault.broker_restart:
+            await self.restart_broker(incident_id, "executing")
+        elif fault is Fault.server_restart:
+            await self.restart_server(incident_id, "executing")
 
     async def open(self, kind: Kind, service: str, incident_id: str) -> None:
         shard = incident_id.rsplit(".", 1)[1]

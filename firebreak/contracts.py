@@ -513,6 +513,7 @@ class IncidentStatus(Model):
     sink_gaps: list[str] = Field(default_factory=list, description="tickets or notifications that could not be sent")
     held: str | None = Field(default=None, description="waiting for the broker's kill switch to be released")
     reproposals: list[str] = Field(default_factory=list, description="why earlier plans were withdrawn")
+    reinvestigated: str | None = Field(default=None, description="why the diagnosis looked once more before deciding")
     closed_at: datetime | None = None
     outcome: str = ""
 

@@ -69,6 +69,7 @@ with workflow.unsafe.imports_passed_through():
         VerifyRequest,
         VerifyResult,
     )
+    from firebreak.diagnosis import indecision
     from firebreak.plan import build_plan, over_caps, undo_params
     from firebreak.runbook import Investigation, parse_duration
     from firebreak.temporal import PHASE, RUNBOOK, SERVICE, SEVERITY
@@ -142,6 +143,7 @@ class IncidentWorkflow:
         self.sink_gaps: list[str] = []
         self.held: str | None = None
         self.reproposals: list[str] = []
+        self.reinvestigated: str | None = None
         self.background: list[asyncio.Future[None]] = []
         self.runs = 1
         if self.incident is not None and self.incident.carried is not None:
@@ -263,6 +265,7 @@ class IncidentWorkflow:
             sink_gaps=self.sink_gaps,
             held=self.held,
             reproposals=self.reproposals,
+            reinvestigated=self.reinvestigated,
             closed_at=self.closed_at,
             outcome=self.outcome,
         )
@@ -325,13 +328,21 @@ class IncidentWorkflow:
             return await self._close(Phase.auto_resolved, "the alert cleared during investigation; nothing executed")
 
         await self._enter(Phase.diagnosing)
-        self.diagnosis = await workflow.execute_activity(
-            diagnose,
-            DiagnoseRequest(runbook=runbook, evidence=self.evidence, alert_started_at=started),
-            start_to_close_timeout=timedelta(seconds=30),
-            retry_policy=QUICK,
-            summary="rank hypotheses from the evidence",
-        )
+        self.diagnosis = await self._diagnose(started)
+        why = indecision(self.diagnosis, MIN_TOP_SCORE, runbook.decide.margin) if self.v2 else None
+        if why is not None:
+            # Too close to call (the alert may have opened the incident while its evidence was still
+            # arriving): look once more, after the runbook's delay, before proposing or escalating.
+            self.reinvestigated = why
+            await workflow.sleep(parse_duration(runbook.decide.reinvestigate_after),
+                                 summary=f"re-investigate once: {why}"[:200])
+            await self._enter(Phase.investigating)
+            self.evidence = list(await asyncio.gather(*[self._investigate(spec, started)
+                                                        for spec in runbook.investigate]))
+            if self._all_resolved():
+                return await self._close(Phase.auto_resolved, "the alert cleared during investigation; nothing executed")
+            await self._enter(Phase.diagnosing)
+            self.diagnosis = await self._diagnose(started)
 
         await self._enter(Phase.proposing)
         top = self.diagnosis.hypotheses[0] if self.diagnosis.hypotheses else None
@@ -371,6 +382,15 @@ class IncidentWorkflow:
         else:
             await self._ticket("proposed")
         return None
+
+    async def _diagnose(self, started: datetime) -> Diagnosis:
+        return await workflow.execute_activity(
+            diagnose,
+            DiagnoseRequest(runbook=self.incident.runbook, evidence=self.evidence, alert_started_at=started),
+            start_to_close_timeout=timedelta(seconds=30),
+            retry_policy=QUICK,
+            summary="rank hypotheses from the evidence",
+        )
 
     async def _investigate(self, spec: Investigation, started: datetime) -> Evidence:
         try:
