@@ -208,7 +208,7 @@ def up(state_dir: Path, ports: Ports | None = None, *, with_prometheus: bool = T
         wait_http(f"{broker_url}/healthz", proc=broker)
         fleet_url = f"http://127.0.0.1:{p.fleet}"
         fleet = stack.spawn("fleet", [py, "-m", "demo.fleet", "--host", "127.0.0.1", "--port", str(p.fleet),
-                                      "--broker-url", broker_url],
+                                      "--broker-url", broker_url, "--state-dir", str(state_dir / "fleet")],
                             env={"FIREBREAK_CHAOS_TOKEN": chaos_token})  # not in argv, where ps shows it
         wait_http(f"{fleet_url}/healthz", proc=fleet)
         wait_port(p.temporal, timeout=60, proc=temporal)
