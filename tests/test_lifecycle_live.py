@@ -4,31 +4,19 @@ an alert that clears before execution ends the incident with nothing run."""
 from __future__ import annotations
 
 import asyncio
-import time
 
 import httpx
 from temporalio.testing import WorkflowEnvironment
 
 from firebreak.broker.server import BrokerServer
 from firebreak.config import AGENT
-from firebreak.contracts import AlertSignal, ApprovalOutcome, IncidentStatus, Phase
-from incidents import inject, make_alert, open_incident, report_of, status, submit, wait_for_phase
+from firebreak.contracts import AlertSignal, ApprovalOutcome, Phase
+from incidents import inject, make_alert, open_incident, report_of, status, submit, wait_for_phase, wait_until
 from worker import build_worker
 
 
 def agent_writes(fleet, service: str = "checkout") -> list[str]:
     return [c["kind"] for c in fleet.fleet.changes(service) if c["author"] == AGENT]
-
-
-async def wait_until(handle, predicate, timeout: float = 60.0) -> IncidentStatus:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = await status(handle)
-        if predicate(last):
-            return last
-        await asyncio.sleep(0.3)
-    raise AssertionError(f"condition not met; last: {last.phase if last else None} {last.held if last else ''}")
 
 
 async def test_freeze_holds_an_approved_incident_and_thaw_resumes_it(
