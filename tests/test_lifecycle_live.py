@@ -3,7 +3,6 @@ an alert that clears before execution ends the incident with nothing run."""
 
 from __future__ import annotations
 
-import asyncio
 
 import httpx
 from temporalio.testing import WorkflowEnvironment
@@ -11,7 +10,7 @@ from temporalio.testing import WorkflowEnvironment
 from firebreak.broker.server import BrokerServer
 from firebreak.config import AGENT
 from firebreak.contracts import AlertSignal, ApprovalOutcome, Phase
-from incidents import inject, make_alert, open_incident, report_of, status, submit, wait_for_phase, wait_until
+from incidents import inject, make_alert, open_incident, report_of, submit, wait_for_phase, wait_until
 from worker import build_worker
 
 
