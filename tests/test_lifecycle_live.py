@@ -3,7 +3,6 @@ an alert that clears before execution ends the incident with nothing run."""
 
 from __future__ import annotations
 
-
 import httpx
 from temporalio.testing import WorkflowEnvironment
 
