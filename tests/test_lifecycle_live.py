@@ -8,7 +8,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from firebreak.broker.server import BrokerServer
 from firebreak.config import AGENT
-from firebreak.contracts import AlertSignal, ApprovalOutcome, Phase
+from firebreak.contracts import AlertSignal, Phase
 from incidents import inject, make_alert, open_incident, report_of, submit, wait_for_phase, wait_until
 from worker import build_worker
 
