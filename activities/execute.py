@@ -27,6 +27,12 @@ def _kept_fields(step: PlanStep) -> set[str]:
     return {m for v in step.undo.params.values() if isinstance(v, str) for m in re.findall(r"\{result\.([a-z0-9_]+)\}", v)}
 
 
+def _attempt_s(step: PlanStep) -> float:
+    """This attempt's own timeout (the workflow gives each a share of the step's timeout)."""
+    timeout = activity.info().start_to_close_timeout
+    return timeout.total_seconds() if timeout else step.timeout_s
+
+
 class ExecuteActivities:
     def __init__(self, deps: ActivityDeps) -> None:
         self.deps = deps
@@ -53,7 +59,7 @@ class ExecuteActivities:
                     url, content=canonical_json(body),
                     headers={"Authorization": f"Bearer {credential.token}", "Idempotency-Key": key,
                              "Content-Type": "application/json"},
-                    timeout=max(1.0, step.timeout_s - 5),
+                    timeout=max(1.0, _attempt_s(step) - 2),
                 )
             except httpx.HTTPError as exc:
                 raise ApplicationError(f"{verb} on {step.resource}: {type(exc).__name__}") from None

@@ -625,8 +625,9 @@ class IncidentWorkflow:
             return await self._holding(lambda: workflow.execute_activity_method(
                 ExecuteActivities.execute_step,
                 request,
-                start_to_close_timeout=timedelta(seconds=step.timeout_s),
-                # The step's own timeout is its retry budget: a shorter outage delays it, never fails it.
+                # An attempt lost with its worker must leave room to retry: a quarter of the step's timeout
+                # per attempt, the whole timeout as the budget (an outage shorter than it delays, never fails).
+                start_to_close_timeout=timedelta(seconds=max(5.0, step.timeout_s / 4) if self.v2 else step.timeout_s),
                 schedule_to_close_timeout=timedelta(seconds=step.timeout_s) if self.v2 else None,
                 retry_policy=WRITE if self.v2 else _LEGACY_WRITE,
                 summary=f"{'undo' if undo is not None else 'execute'} {step.id}: {verb} on {step.resource}",
