@@ -13,15 +13,14 @@ verification results, and any new place that carries a grant is found too.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from temporalio.api.common.v1 import Payload
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
-from temporalio.converter import DataConverter
+
+from firebreak.history import decode_json
 
 INCIDENTS = "WorkflowType = 'IncidentWorkflow'"
 
@@ -80,19 +79,9 @@ class HistoryGrants:
                 self.by_seq[seq], self.where[seq], self._seq_of[grant_id] = grant_id, where, seq
 
 
-async def decode_payloads(payloads: list[Payload], converter: DataConverter) -> list[Any]:
-    """Payloads as plain JSON values (through the codec if there is one); None for what is not JSON."""
-    if not payloads:
-        return []
-    if converter.payload_codec:
-        payloads = list(await converter.payload_codec.decode(payloads))
-    out: list[Any] = []
-    for payload in payloads:
-        try:
-            out.append(json.loads(payload.data) if payload.data else None)
-        except ValueError:
-            out.append(None)
-    return out
+# One way to read history payloads: the same as `firebreak history`, where a payload the codec refuses
+# (an outsider's, or an SDK marker) reads as the refusal instead of breaking the walk.
+decode_payloads = decode_json
 
 
 async def history_grants(client: Client, query: str = INCIDENTS) -> HistoryGrants:

@@ -16,7 +16,8 @@ from temporalio.client import WorkflowHistory
 from temporalio.converter import DataConverter
 
 
-async def _json(payloads: list[Payload], converter: DataConverter) -> list[Any]:
+async def decode_json(payloads: list[Payload], converter: DataConverter) -> list[Any]:
+    """Payloads as plain JSON values (through the codec); a refused payload reads as the refusal marker."""
     if not payloads:
         return []
     if converter.payload_codec:
@@ -82,7 +83,7 @@ async def _failure_message(failure: Any, converter: DataConverter) -> str:
         await converter.payload_codec.decode_failure(failure)
     message = failure.message
     if failure.HasField("encoded_attributes"):
-        decoded = await _json([failure.encoded_attributes], converter)
+        decoded = await decode_json([failure.encoded_attributes], converter)
         message = (decoded[0] or {}).get("message", message) if isinstance(decoded[0], dict) else message
     return str(message)
 
@@ -93,10 +94,10 @@ async def _memo_words(fields: Any, converter: DataConverter) -> str:
 
     words: list[str] = []
     if WAITING_KEY in fields:
-        [waiting] = await _json([fields[WAITING_KEY]], converter)
+        [waiting] = await decode_json([fields[WAITING_KEY]], converter)
         words.append(f"memo: waiting for {waiting}")
     if MEMO_KEY in fields:
-        [memo] = await _json([fields[MEMO_KEY]], converter)
+        [memo] = await decode_json([fields[MEMO_KEY]], converter)
         phase = memo.get("phase") if isinstance(memo, dict) else None
         words.append(f"memo: status ({phase}), readable without a worker")
     return "; ".join(words)
@@ -111,21 +112,21 @@ async def history_rows(history: WorkflowHistory, converter: DataConverter) -> li
             continue  # bookkeeping, not part of the story
         summary = ""
         if event.HasField("user_metadata") and event.user_metadata.HasField("summary"):
-            decoded = await _json([event.user_metadata.summary], converter)
+            decoded = await decode_json([event.user_metadata.summary], converter)
             summary = str(decoded[0] or "")
         detail = summary
         if kind == "ACTIVITY_TASK_SCHEDULED":
             scheduled[event.event_id] = summary or event.activity_task_scheduled_event_attributes.activity_type.name
         elif kind == "ACTIVITY_TASK_COMPLETED":
             attrs = event.activity_task_completed_event_attributes
-            result = await _json(list(attrs.result.payloads), converter)
+            result = await decode_json(list(attrs.result.payloads), converter)
             detail = "; ".join([scheduled.get(attrs.scheduled_event_id, "")] + _grants(result))
         elif kind == "ACTIVITY_TASK_FAILED":
             attrs = event.activity_task_failed_event_attributes
             detail = f"{scheduled.get(attrs.scheduled_event_id, '')}: {await _failure_message(attrs.failure, converter)}"
         elif kind == "WORKFLOW_EXECUTION_SIGNALED":
             attrs = event.workflow_execution_signaled_event_attributes
-            args = await _json(list(attrs.input.payloads), converter)
+            args = await decode_json(list(attrs.input.payloads), converter)
             body = args[0] if args and isinstance(args[0], dict) else {}
             detail = f"signal {attrs.signal_name}" + _approval_words(body)
             if isinstance(body.get("alerts"), list):
@@ -133,7 +134,7 @@ async def history_rows(history: WorkflowHistory, converter: DataConverter) -> li
                 detail += ": " + ", ".join(f"{statuses.count(s)} {s}" for s in sorted(set(statuses)))
         elif kind == "WORKFLOW_EXECUTION_UPDATE_ACCEPTED":
             attrs = event.workflow_execution_update_accepted_event_attributes
-            args = await _json(list(attrs.accepted_request.input.args.payloads), converter)
+            args = await decode_json(list(attrs.accepted_request.input.args.payloads), converter)
             body = args[0] if args and isinstance(args[0], dict) else {}
             detail = f"update {attrs.accepted_request.input.name}" + _approval_words(body)
         elif kind == "WORKFLOW_EXECUTION_UPDATE_COMPLETED":
@@ -143,7 +144,7 @@ async def history_rows(history: WorkflowHistory, converter: DataConverter) -> li
                 message = await _failure_message(attrs.outcome.failure, converter)
                 detail = f"REFUSED: {message.removeprefix('refused: ')}"
             else:
-                out = await _json(list(attrs.outcome.success.payloads), converter)
+                out = await decode_json(list(attrs.outcome.success.payloads), converter)
                 if out and isinstance(out[0], dict):
                     reason = out[0].get("reason", "")
                     if out[0].get("counted"):
@@ -157,7 +158,7 @@ async def history_rows(history: WorkflowHistory, converter: DataConverter) -> li
             attrs = event.timer_started_event_attributes
             detail = f"{summary or 'timer'} in {attrs.start_to_fire_timeout.ToTimedelta()}"
         elif kind == "WORKFLOW_EXECUTION_COMPLETED":
-            result = await _json(list(event.workflow_execution_completed_event_attributes.result.payloads), converter)
+            result = await decode_json(list(event.workflow_execution_completed_event_attributes.result.payloads), converter)
             if result and isinstance(result[0], dict):
                 detail = f"{result[0].get('phase')}: {result[0].get('outcome')}"
         elif kind == "WORKFLOW_PROPERTIES_MODIFIED":
