@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from firebreak.broker.client import BrokerClient
+from firebreak.broker.client import BrokerClient, TokenFile
 from firebreak.config import Settings
 
 
@@ -18,10 +18,8 @@ class ActivityDeps:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "ActivityDeps":
-        token = settings.broker_token
-        if token is None:
-            token_file = settings.state_dir / "broker" / "agent-token"
-            token = token_file.read_text().strip() if token_file.exists() else ""
+        # A configured credential as it is; else the broker's file, re-read when `creds rotate` replaces it.
+        token: str | TokenFile = settings.broker_token or TokenFile(settings.state_dir / "broker" / "agent-token")
         return cls(
             settings=settings,
             http=httpx.AsyncClient(timeout=httpx.Timeout(10.0)),

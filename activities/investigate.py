@@ -94,7 +94,16 @@ class InvestigateActivities:
             evidence.ok = True
         except ApplicationError as exc:  # the broker refused the read credential
             evidence.gap = f"{spec.id}: {exc.message}"
-        except (httpx.HTTPError, BrokerError, SourceError, TemplateError, LookupError, ValueError) as exc:
+        except (httpx.TransportError, httpx.HTTPStatusError, BrokerError) as exc:
+            # Down or restarting (the source, or the broker): worth asking again, within the workflow's budget
+            # and the worker's own `source_retry_s`. Past them the outage is a gap in the evidence.
+            info = activity.info()
+            waited = (info.current_attempt_scheduled_time - info.scheduled_time).total_seconds()
+            raise ApplicationError(
+                f"{spec.id}: {spec.target} could not be read: {type(exc).__name__}: {exc}", type="SourceUnavailable",
+                non_retryable=waited >= self.deps.settings.source_retry_s,
+            ) from None
+        except (httpx.HTTPError, SourceError, TemplateError, LookupError, ValueError) as exc:
             evidence.gap = f"{spec.id}: {spec.target} could not be read: {type(exc).__name__}: {exc}"
         return within_budget(evidence, spec.max_bytes)
 
@@ -130,6 +139,8 @@ class InvestigateActivities:
         url = resource_url(base, resource, "changes")
         evidence.query = f"GET {url}?since={since.isoformat()}"
         response = await self.deps.http.get(url, params={"since": since.isoformat()}, headers=headers)
+        if response.status_code >= 500:
+            response.raise_for_status()
         if response.status_code != 200:
             raise SourceError(f"HTTP {response.status_code}: {reason(response)}")
         body = response.json()

@@ -28,6 +28,8 @@ DEMO_DIR = Path(__file__).resolve().parent
 PROMETHEUS_TEMPLATE = DEMO_DIR / "prometheus.tmpl.yml"
 ALERTMANAGER_TEMPLATE = DEMO_DIR / "alertmanager.tmpl.yml"
 ALERT_RULES = DEMO_DIR / "alert_rules.yml"
+# Firebreak's own misuse and lifecycle rules, on the broker's /metrics (not the demo's: shipped for any deployment).
+SECURITY_RULES = DEMO_DIR.parent / "firebreak" / "security_rules.yml"
 
 # Names each binary goes by: Debian ships Alertmanager as prometheus-alertmanager,
 # upstream tarballs as alertmanager. An environment variable wins over PATH.
@@ -204,10 +206,14 @@ class PrometheusProcess(_ManagedProcess):
     name = "prometheus"
 
     def __init__(self, state_dir: str | Path, port: int, fleet_target: str, alertmanager_url: str | None = None,
-                 *, binary: str | None = None, rules_file: str | Path | None = None, host: str = "127.0.0.1") -> None:
+                 *, binary: str | None = None, rules_file: str | Path | None = None, host: str = "127.0.0.1",
+                 broker_target: str | None = None) -> None:
+        """``broker_target`` (``host:port``): also scrape the credential broker and evaluate
+        Firebreak's security rules on it."""
         super().__init__(state_dir, port, binary, host)
         self.fleet_target = fleet_target
         self.alertmanager_url = alertmanager_url
+        self.broker_target = broker_target
         self.rules_source = Path(rules_file) if rules_file else ALERT_RULES
         self.config_path = self.state_dir / "prometheus.yml"
         self.data_dir = self.state_dir / "prometheus-data"
@@ -219,6 +225,10 @@ class PrometheusProcess(_ManagedProcess):
         rules = self.state_dir / "alert_rules.yml"
         shutil.copyfile(self.rules_source, rules)
         values = {"rules_file": str(rules), "fleet_target": self.fleet_target}
+        if self.broker_target:
+            security_rules = self.state_dir / "security_rules.yml"
+            shutil.copyfile(SECURITY_RULES, security_rules)
+            values |= {"security_rules_file": str(security_rules), "broker_target": self.broker_target}
         if self.alertmanager_url:
             parts = urlsplit(self.alertmanager_url)
             if parts.scheme not in ("http", "https") or not parts.netloc:
@@ -231,6 +241,9 @@ class PrometheusProcess(_ManagedProcess):
         template = yaml.safe_load(PROMETHEUS_TEMPLATE.read_text())
         if not self.alertmanager_url:
             template.pop("alerting", None)
+        if not self.broker_target:
+            template["rule_files"] = [f for f in template["rule_files"] if f != "${security_rules_file}"]
+            template["scrape_configs"] = [c for c in template["scrape_configs"] if c["job_name"] != "firebreak-broker"]
         # Fill after pruning, so the placeholders of an absent Alertmanager need no values.
         config = fill_placeholders(template, values, PROMETHEUS_TEMPLATE.name)
         _write_private(self.config_path, yaml.safe_dump(config, sort_keys=False))
@@ -277,12 +290,19 @@ class AlertmanagerProcess(_ManagedProcess):
     name = "alertmanager"
 
     def __init__(self, state_dir: str | Path, port: int, webhook_url: str, bearer_token: str,
-                 *, binary: str | None = None, host: str = "127.0.0.1") -> None:
+                 *, binary: str | None = None, host: str = "127.0.0.1",
+                 security_webhook_url: str | None = None, security_bearer_token: str | None = None) -> None:
+        """``security_webhook_url``: where Firebreak's own security alerts go (with their own bearer
+        token); without it they are dropped, never sent to the intake."""
         super().__init__(state_dir, port, binary, host)
         if not bearer_token:
             raise ValueError("bearer_token is required: the webhook intake authenticates its sources")
+        if security_webhook_url and not security_bearer_token:
+            raise ValueError("security_bearer_token is required with security_webhook_url")
         self.webhook_url = webhook_url
         self._bearer_token = bearer_token
+        self.security_webhook_url = security_webhook_url
+        self._security_bearer_token = security_bearer_token or ""
         self.config_path = self.state_dir / "alertmanager.yml"
         self.data_dir = self.state_dir / "alertmanager-data"
 
@@ -290,8 +310,16 @@ class AlertmanagerProcess(_ManagedProcess):
         return f"AlertmanagerProcess(url={self.url!r}, webhook_url={self.webhook_url!r})"
 
     def render(self) -> Path:
-        config = render_template(ALERTMANAGER_TEMPLATE,
-                                 {"webhook_url": self.webhook_url, "bearer_token": self._bearer_token})
+        template = yaml.safe_load(ALERTMANAGER_TEMPLATE.read_text())
+        values = {"webhook_url": self.webhook_url, "bearer_token": self._bearer_token}
+        if self.security_webhook_url:
+            values |= {"security_webhook_url": self.security_webhook_url,
+                       "security_bearer_token": self._security_bearer_token}
+        else:
+            for receiver in template["receivers"]:
+                if receiver["name"] == "security":
+                    receiver.pop("webhook_configs", None)
+        config = fill_placeholders(template, values, ALERTMANAGER_TEMPLATE.name)
         _write_private(self.config_path, yaml.safe_dump(config, sort_keys=False))
         return self.config_path
 

@@ -67,6 +67,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         f"  demo fleet    {c['fleet']}",
         f"  Prometheus    {c['prometheus'] or 'not installed'}",
         f"  Alertmanager  {c['alertmanager'] or 'not installed'}",
+        f"  security      {c['security_receiver']} (the agent's own misuse alerts; tickets in "
+        f"{info['demo']['security_tickets']})",
         f"  state         {settings.state_dir} (stack.json, logs/, keys/, tickets/)",
         f"  demo people   alice, bob (on call), carol (SRE lead); keys in {settings.state_dir / 'keys'}",
         *([f"  codec         {c['codec']} (payloads encrypted; decode with "

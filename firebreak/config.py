@@ -15,6 +15,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from firebreak.identity import AgentIdentity
+
 TASK_QUEUE = "firebreak"
 AGENT = "firebreak-agent"
 
@@ -60,6 +62,11 @@ class Settings(BaseModel):
     ticket_webhook: str | None = None
     notify_webhook: str | None = None
     prometheus_url_for_links: str | None = None
+    identity: AgentIdentity = Field(default_factory=AgentIdentity,
+                                    description="the agent's owner, environment and credential max age")
+    # How long a source that is down or restarting is asked again before the investigation records it
+    # as a gap. The workflow's own budget (a minute) caps it; 0 makes an unreachable source a gap at once.
+    source_retry_s: float = Field(default=60.0, ge=0)
 
     @property
     def stack_file(self) -> Path:
@@ -106,6 +113,9 @@ _ENV = {
     "FIREBREAK_API_URL": ("api_url",),
     "FIREBREAK_TICKET_WEBHOOK": ("ticket_webhook",),
     "FIREBREAK_NOTIFY_WEBHOOK": ("notify_webhook",),
+    "FIREBREAK_AGENT_OWNER": ("identity", "owner"),
+    "FIREBREAK_ENVIRONMENT": ("identity", "environment"),
+    "FIREBREAK_CREDENTIAL_MAX_AGE": ("identity", "credential_max_age"),
 }
 
 

@@ -120,10 +120,29 @@ def report(runbooks: Iterable[Runbook]) -> dict[str, Any]:
     }
 
 
+def identity_lines(identity: dict[str, Any]) -> list[str]:
+    """The agent identity (owner, environment, credential age) in words, for every human format."""
+    lines = [f"Identity: `{identity['agent']}`, owner **{identity['owner']}**, environment **{identity['environment']}** "
+             f"(every token's audience is `TARGET@{identity['environment']}`; a target in another environment "
+             "refuses it)."]
+    age = identity.get("credential_age_s")
+    if age is None:
+        lines.append(f"Bootstrap credential: not found here; maximum age {identity['credential_max_age']}.")
+    else:
+        state = ("OVERDUE: rotate it with `firebreak creds rotate`" if identity.get("credential_overdue")
+                 else "within its maximum age")
+        lines.append(f"Bootstrap credential: issued or last rotated {identity['credential_issued_at']}, "
+                     f"{age / 86400:.1f} days old, maximum age {identity['credential_max_age']}: {state}.")
+    return lines
+
+
 def markdown(data: dict[str, Any]) -> str:
-    lines = [f"# Privileges of {data['agent']}", "", f"Standing write access: **{data['standing_write_access']}**.",
-             "", "| class | kind | target | verb | resource | params | approval | max TTL | runbooks |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [f"# Privileges of {data['agent']}", ""]
+    if data.get("identity"):
+        lines += [*identity_lines(data["identity"]), ""]
+    lines += [f"Standing write access: **{data['standing_write_access']}**.",
+              "", "| class | kind | target | verb | resource | params | approval | max TTL | runbooks |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for p in data["privileges"]:
         params = ", ".join(f"`{k}` ~ `{v}`" for k, v in p["params"].items()) or "-"
         if p["kind"] == "read":

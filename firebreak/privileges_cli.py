@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from firebreak import privileges
+from firebreak.broker import agent_credential
 from firebreak.config import Settings
 from firebreak.runbook import load_runbooks, parse_duration
 
@@ -30,6 +31,19 @@ def register(subparsers: Any, settings_loader: Callable[[str | None], Settings])
                    help="diff: name every widening against the lock (exit 1); lock: write the lock")
     p.add_argument("--lock", default=str(REPO_LOCK), help=f"default: {privileges.LOCK_FILE} in the repo")
     p.set_defaults(func=lambda args: _run(args, settings_loader(args.state_dir)))
+
+
+def identity_section(settings: Settings) -> dict[str, Any]:
+    """The configured identity, and the bootstrap credential's age where the broker's state is readable."""
+    identity = settings.identity
+    issued = agent_credential.issued_at(settings.state_dir / "broker")
+    section: dict[str, Any] = {**identity.summary(), "credential_issued_at": None, "credential_age_s": None,
+                               "credential_overdue": None}
+    if issued is not None:
+        age = max(0.0, time.time() - issued)
+        section |= {"credential_issued_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(issued)),
+                    "credential_age_s": round(age, 1), "credential_overdue": age > identity.max_age_s}
+    return section
 
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
@@ -55,6 +69,8 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
             return 1
         print(f"no widening against {lock} ({len(narrow)} narrowing(s))")
         return 0
+    # Shown, never locked: the identity is the deployment's configuration, the lock is the runbooks'.
+    current = {**current, "identity": identity_section(settings)}
     if args.usage:
         audit = settings.state_dir / "broker" / "audit.jsonl"
         records = [json.loads(line) for line in audit.read_text().splitlines() if line.strip()] if audit.exists() else []
@@ -64,6 +80,8 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     elif args.markdown or not args.usage:
         print(privileges.markdown(current), end="")
     if args.usage and not args.json:
+        if not args.markdown:
+            print("\n".join(privileges.identity_lines(current["identity"])))
         for row in current["privileges"]:
             print(f"{row['uses']:>6}  {row['last_used'] or 'never':<32}  {row['kind']:<5} {row['target']} "
                   f"{row['verb']} {row['resource']}")

@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey as Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey as Ed25519PublicKey
 
+from firebreak import identity as identity_defaults
 from firebreak.contracts import Approval, ApprovalCheck, Receipt
 from firebreak.replay_cache import ReplayCache
 
@@ -47,6 +48,12 @@ log = logging.getLogger(__name__)
 
 ALGORITHM = "EdDSA"
 MAX_TTL_S = 900
+# The environment of an agent identity (and of a target) when none is configured: the embedded demo.
+DEFAULT_ENVIRONMENT = identity_defaults.DEFAULT_ENVIRONMENT
+# The largest leeway a TargetVerifier allows (see its constructor).
+MAX_LEEWAY_S = 30
+# How long a rotated-out token key stays published: every token it signed has expired by then.
+KEY_OVERLAP_S = MAX_TTL_S + MAX_LEEWAY_S
 # Every claim a Firebreak token must carry; a token without one is refused.
 REQUIRED_CLAIMS = [
     "iss",
@@ -152,6 +159,34 @@ def public_jwk(key: Ed25519PrivateKey | Ed25519PublicKey, kid: str | None = None
         "alg": ALGORITHM,
         "use": "sig",
     }
+
+
+def audience_for(target: str, environment: str) -> str:
+    """The ``aud`` of a token for ``target`` in ``environment``: ``fleet@prod``.
+
+    The environment is part of the audience itself, so that even a target that compares ``aud``
+    as an opaque string never takes a staging token in prod.
+    """
+    return f"{target}@{environment}"
+
+
+def split_audience(aud: str) -> tuple[str, str]:
+    """``fleet@prod`` -> ("fleet", "prod"). A bare ``fleet`` is the default environment's (``demo``)."""
+    target, sep, environment = aud.rpartition("@")
+    return (target, environment) if sep else (aud, DEFAULT_ENVIRONMENT)
+
+
+def jwks_expiry(jwks: dict[str, Any]) -> dict[str, float]:
+    """kid -> until when the broker publishes it (``exp``, seconds since the epoch), for rotated-out keys.
+
+    A key without ``exp`` is the broker's current key. A target refuses tokens signed by a key past its
+    ``exp`` even if it cannot reach the broker, so a cached JWKS is never trusted for ever.
+    """
+    out: dict[str, float] = {}
+    for jwk in jwks.get("keys", []):
+        if isinstance(jwk, dict) and isinstance(jwk.get("kid"), str) and isinstance(jwk.get("exp"), int | float):
+            out[jwk["kid"]] = float(jwk["exp"])
+    return out
 
 
 def jwks_keys(jwks: dict[str, Any]) -> dict[str, Ed25519PublicKey]:
@@ -313,6 +348,11 @@ class TargetVerifier:
 
     A token is good for exactly one request: Firebreak's activities mint one token
     per call, so a second presentation of a jti is a replay and is refused.
+
+    The target serves one environment: it takes ``aud`` = ``AUDIENCE@ENVIRONMENT`` only
+    (a bare ``AUDIENCE`` counts as the default environment, ``demo``), so a prod target refuses
+    a staging token. Keys rotated out by the broker carry an expiry (``key_expiry``, from the
+    JWKS ``exp``) past which their tokens are refused, cached or not.
     """
 
     def __init__(
@@ -325,19 +365,29 @@ class TargetVerifier:
         issuer: str | None = None,
         on_unknown_kid: Callable[[], dict[str, Ed25519PublicKey]] | None = None,
         replay_cache_path: str | Path | None = None,
+        environment: str | None = None,
+        key_expiry: dict[str, float] | None = None,
     ) -> None:
         """``replay_cache_path``: where the accepted jtis are kept, so a restarted target still
-        refuses a replay (see :mod:`firebreak.replay_cache`); None keeps them in memory only."""
+        refuses a replay (see :mod:`firebreak.replay_cache`); None keeps them in memory only.
+        ``environment``: the one this target serves (default ``demo``, or the one in ``audience``
+        when it is written ``fleet@prod``)."""
         if not audience:
             raise ValueError("audience is required")
-        if not 0 <= leeway_s <= 30:
-            raise ValueError("leeway_s must be between 0 and 30 seconds")
-        self.audience = audience
+        if not 0 <= leeway_s <= MAX_LEEWAY_S:
+            raise ValueError(f"leeway_s must be between 0 and {MAX_LEEWAY_S} seconds")
+        named, env = split_audience(audience)
+        if environment is not None and "@" in audience and environment != env:
+            raise ValueError(f"audience {audience!r} names environment {env!r}, not {environment!r}")
+        self.audience = named
+        self.environment = environment or env
         self.leeway_s = leeway_s
         self.issuer = issuer
         self._keys = dict(public_keys)
+        self._key_expiry = dict(key_expiry or {})
         self._revoked = revoked
         self._on_unknown_kid = on_unknown_kid
+        self._on_unknown_kid_jwks: Callable[[], dict[str, Any] | None] | None = None
         self._replay = ReplayCache(replay_cache_path)
         self._poller: _RevocationPoller | None = None
 
@@ -354,27 +404,39 @@ class TargetVerifier:
         max_stale_s: float = 15.0,
         issuer: str | None = None,
         replay_cache_path: str | Path | None = None,
+        environment: str | None = None,
+        keys_interval_s: float = 60.0,
     ) -> TargetVerifier:
-        """Keys from the broker's JWKS; revocations polled from ``GET /v1/revoked``.
+        """Keys from the broker's JWKS, refreshed every ``keys_interval_s`` (a key the broker no
+        longer publishes is dropped); revocations polled from ``GET /v1/revoked``.
 
         Fails closed: if the revocation list could not be refreshed for
         ``max_stale_s``, every token is refused until it can be.
         """
-        poller = _RevocationPoller(broker_url.rstrip("/"), poll_interval_s, max_stale_s)
-        keys = poller.fetch_keys()
+        poller = _RevocationPoller(broker_url.rstrip("/"), poll_interval_s, max_stale_s, keys_interval_s)
+        jwks = poller.fetch_jwks()
         poller.refresh_once()
         verifier = cls(
             audience,
-            keys,
+            jwks_keys(jwks),
             leeway_s=leeway_s,
             revoked=poller.revoked,
             issuer=issuer,
-            on_unknown_kid=poller.fetch_keys_rate_limited,
             replay_cache_path=replay_cache_path,
+            environment=environment,
+            key_expiry=jwks_expiry(jwks),
         )
+        verifier._on_unknown_kid_jwks = poller.fetch_jwks_rate_limited
+        poller.on_jwks = verifier.set_keys
         verifier._poller = poller
         poller.start()
         return verifier
+
+    def set_keys(self, jwks: dict[str, Any]) -> None:
+        """Replace the keys with a JWKS the broker just published: a key it dropped is dropped here."""
+        keys = jwks_keys(jwks)
+        if keys:  # an empty answer is a broken broker, not "trust nothing"; expiry still applies
+            self._keys, self._key_expiry = keys, jwks_expiry(jwks)
 
     def close(self) -> None:
         if self._poller is not None:
@@ -437,8 +499,13 @@ class TargetVerifier:
         revoked = self._revoked() if self._revoked is not None else set()
         if claims["jti"] in revoked:
             raise TokenRejected(401, "token revoked")
-        if aud != self.audience:
+        target, environment = split_audience(aud)
+        if target != self.audience:
             raise TokenRejected(403, f"token is for audience {aud[:64]!r}, not {self.audience!r}")
+        if environment != self.environment:
+            raise TokenRejected(403, f"token is for environment {environment[:32]!r}, this target serves "
+                                     f"{self.environment!r} (audience {aud[:64]!r}, expected "
+                                     f"{audience_for(self.audience, self.environment)!r})")
         if not self._replay.check_and_add(str(claims["jti"]), float(claims["exp"]), time.time(), self.leeway_s):
             raise TokenRejected(401, "token already used (replayed jti)")
         scope = claims["scope"]
@@ -456,12 +523,23 @@ class TargetVerifier:
 
     def _key_for(self, kid: str) -> Ed25519PublicKey:
         key = self._keys.get(kid)
-        if key is None and self._on_unknown_kid is not None:
+        if key is None and self._on_unknown_kid_jwks is not None:
             # The broker may have a new key; ask once (rate-limited by the poller).
+            jwks = self._on_unknown_kid_jwks()
+            if jwks is not None:
+                self.set_keys(jwks)
+            key = self._keys.get(kid)
+        elif key is None and self._on_unknown_kid is not None:
             self._keys.update(self._on_unknown_kid())
             key = self._keys.get(kid)
         if key is None:
             raise TokenRejected(401, "token signed by an unknown key")
+        retired = self._key_expiry.get(kid)
+        if retired is not None and time.time() >= retired:
+            # The broker rotated this key out and every token it signed has expired (or the rotation
+            # was an emergency): refused even if the broker cannot be asked.
+            at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(retired))
+            raise TokenRejected(401, f"token signed by a retired broker key (its overlap ended at {at})")
         return key
 
 
@@ -521,41 +599,66 @@ def check_request_binding(
 class _RevocationPoller:
     """Keeps the broker's revocation list fresh in a daemon thread (sync httpx)."""
 
-    def __init__(self, base_url: str, interval_s: float, max_stale_s: float) -> None:
+    def __init__(self, base_url: str, interval_s: float, max_stale_s: float, keys_interval_s: float = 60.0) -> None:
         import httpx  # local: targets that never use from_broker need not import it
 
         self._client = httpx.Client(base_url=base_url, timeout=5.0)
         self._interval = interval_s
         self._max_stale = max_stale_s
+        self._keys_interval = keys_interval_s
         self._revoked: set[str] = set()
         self._fresh_at = 0.0
         self._last_key_fetch = 0.0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="firebreak-revocations", daemon=True)
+        self.on_jwks: Callable[[dict[str, Any]], None] | None = None
+        self._kids: set[str] = set()  # the kids the broker last published
 
-    def fetch_keys(self) -> dict[str, Ed25519PublicKey]:
+    def fetch_jwks(self) -> dict[str, Any]:
         response = self._client.get("/.well-known/jwks.json")
         response.raise_for_status()
         self._last_key_fetch = time.monotonic()
-        return jwks_keys(response.json())
+        document = response.json()
+        document = document if isinstance(document, dict) else {}
+        self._kids = set(jwks_keys(document))
+        return document
 
-    def fetch_keys_rate_limited(self) -> dict[str, Ed25519PublicKey]:
+    def fetch_keys(self) -> dict[str, Ed25519PublicKey]:
+        return jwks_keys(self.fetch_jwks())
+
+    def fetch_jwks_rate_limited(self) -> dict[str, Any] | None:
         if time.monotonic() - self._last_key_fetch < 5:
-            return {}
+            return None
         try:
-            return self.fetch_keys()
+            return self.fetch_jwks()
         except Exception as exc:  # unknown kid stays unknown
             log.warning("could not refresh broker keys: %s", type(exc).__name__)
-            return {}
+            return None
+
+    def _refresh_keys(self) -> None:
+        if self.on_jwks is None or time.monotonic() - self._last_key_fetch < self._keys_interval:
+            return
+        jwks = self.fetch_jwks_rate_limited()
+        if jwks is not None:
+            self.on_jwks(jwks)
 
     def refresh_once(self) -> None:
         response = self._client.get("/v1/revoked")
         response.raise_for_status()
-        jtis = {str(j) for j in response.json().get("revoked", [])}
+        body = response.json()
+        jtis = {str(j) for j in body.get("revoked", [])}
         with self._lock:
             self._revoked = jtis
             self._fresh_at = time.monotonic()
+        kids = body.get("kids")
+        if self.on_jwks is not None and isinstance(kids, list) and set(map(str, kids)) != self._kids:
+            # The broker rotated its key (or an old one's overlap ended): take its JWKS now, not at the next
+            # periodic refresh, so a retired key is dropped within a poll.
+            try:
+                self.on_jwks(self.fetch_jwks())
+            except Exception as exc:  # the periodic refresh and the key expiry still apply
+                log.warning("could not refresh broker keys: %s", type(exc).__name__)
 
     def revoked(self) -> set[str]:
         with self._lock:
@@ -575,6 +678,7 @@ class _RevocationPoller:
     def _run(self) -> None:
         failing = False
         while not self._stop.wait(self._interval):
+            self._refresh_keys()  # a rotated-out key leaves the JWKS: drop it here too
             try:
                 self.refresh_once()
             except Exception as exc:  # keep polling; staleness fails closed

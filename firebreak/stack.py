@@ -47,6 +47,7 @@ class Ports:
     prometheus: int = 9090
     alertmanager: int = 9093
     codec: int = 8360
+    security: int = 8370
 
 
 @dataclass
@@ -206,6 +207,13 @@ def up(state_dir: Path, ports: Ports | None = None, *, with_prometheus: bool = T
                                         "--state-dir", str(state_dir), "--roster", str(roster),
                                         "--runbooks-dir", str(default_runbook_dir())])
         wait_http(f"{broker_url}/healthz", proc=broker)
+        # Where Alertmanager sends Firebreak's own security alerts: a webhook that files a ticket.
+        _private_dir(state_dir / "security")
+        security_token = _secret(state_dir / "security" / "token")
+        security_url = f"http://127.0.0.1:{p.security}"
+        security = stack.spawn("security", [py, "-m", "firebreak.security_receiver", "--host", "127.0.0.1",
+                                            "--port", str(p.security), "--state-dir", str(state_dir)])
+        wait_http(f"{security_url}/healthz", proc=security)
         fleet_url = f"http://127.0.0.1:{p.fleet}"
         fleet = stack.spawn("fleet", [py, "-m", "demo.fleet", "--host", "127.0.0.1", "--port", str(p.fleet),
                                       "--broker-url", broker_url, "--state-dir", str(state_dir / "fleet")],
@@ -237,9 +245,13 @@ def up(state_dir: Path, ports: Ports | None = None, *, with_prometheus: bool = T
 
         prometheus_url = alertmanager_url = None
         if with_prometheus:
-            prometheus_url, alertmanager_url = _start_prometheus(stack, fleet_url, api_info)
+            prometheus_url, alertmanager_url = _start_prometheus(
+                stack, fleet_url, api_info, broker_url, (f"{security_url}/v1/security/alerts", security_token))
         if prometheus_url is None:
             stack.notes.append("Prometheus is not installed: investigations will report the metrics source as a gap.")
+            # Down for good, not restarting: the gap at once rather than after a minute of asking again.
+            settings["source_retry_s"] = 0
+            _write(stack_file, info)
 
         worker = stack.spawn("worker", [py, str(ROOT / "worker.py"), "--state-dir", str(state_dir)])
         time.sleep(1.0)
@@ -256,6 +268,7 @@ def up(state_dir: Path, ports: Ports | None = None, *, with_prometheus: bool = T
             "prometheus": prometheus_url,
             "alertmanager": alertmanager_url,
             "codec": codec_url,
+            "security_receiver": security_url,
             "worker_log": str(stack.logs / "worker.log"),
         }
         info["demo"] = {
@@ -264,6 +277,7 @@ def up(state_dir: Path, ports: Ports | None = None, *, with_prometheus: bool = T
             "people": DEMO_PEOPLE,
             "requested_by": DEMO_REQUESTER,
             "chaos_token": chaos_token,
+            "security_tickets": str(state_dir / "security" / "tickets"),
             **({"codec_token_file": str(state_dir / "codec" / "token")} if encrypt else {}),
             **{k: v for k, v in api_info.items() if k != "url"},
         }
@@ -291,7 +305,10 @@ def _start_codec(stack: Stack, key_file: Path) -> str:
     return f"http://127.0.0.1:{p.codec}"
 
 
-def _start_prometheus(stack: Stack, fleet_url: str, api_info: dict) -> tuple[str | None, str | None]:
+def _start_prometheus(stack: Stack, fleet_url: str, api_info: dict, broker_url: str,
+                      security: tuple[str, str]) -> tuple[str | None, str | None]:
+    """Prometheus scraping the fleet and the broker; Alertmanager sending the demo's alerts to the intake
+    and Firebreak's own security alerts to ``security`` (webhook URL, bearer token), never to the intake."""
     from demo.prom import AlertmanagerProcess, PrometheusProcess, find_binary
 
     if not find_binary("prometheus"):
@@ -300,14 +317,16 @@ def _start_prometheus(stack: Stack, fleet_url: str, api_info: dict) -> tuple[str
     alertmanager_url = None
     if find_binary("prometheus-alertmanager") or find_binary("alertmanager"):
         am = AlertmanagerProcess(stack.state_dir, p.alertmanager, f"{api_info['url']}/v1/alerts/alertmanager",
-                                 api_info.get("intake_token", ""))
+                                 api_info.get("intake_token", ""), security_webhook_url=security[0],
+                                 security_bearer_token=security[1])
         am.start()
         stack.processes["alertmanager"] = am.process
         am.wait_ready()
         alertmanager_url = f"http://127.0.0.1:{p.alertmanager}"
     else:
         stack.notes.append("Alertmanager is not installed: alerts reach Firebreak only through `firebreak alert`.")
-    prom = PrometheusProcess(stack.state_dir, p.prometheus, fleet_url.removeprefix("http://"), alertmanager_url)
+    prom = PrometheusProcess(stack.state_dir, p.prometheus, fleet_url.removeprefix("http://"), alertmanager_url,
+                             broker_target=broker_url.removeprefix("http://"))
     prom.start()
     stack.processes["prometheus"] = prom.process
     prom.wait_ready()

@@ -160,6 +160,7 @@ def worker_settings_for(state_dir: Path, runbooks_dir: Path, broker: BrokerServe
         broker_url=broker.url,
         broker_token=broker.agent_token,
         targets={"fleet": fleet.url, "prometheus": CLOSED_PORT_URL},
+        source_retry_s=0,  # Prometheus is down for good here: a gap at once, not after a minute of retries
         ticket_dir=state_dir / f"tickets-{uuid.uuid4().hex[:8]}",
     )
 

@@ -8,8 +8,12 @@ history must then replay without nondeterminism.
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from temporalio.client import WorkflowHistory
@@ -102,3 +106,26 @@ async def test_bad_deploy_is_diagnosed_rolled_back_verified_and_replays(
 
     replayer = Replayer(workflows=[IncidentWorkflow], data_converter=client.data_converter)
     await replayer.replay_workflow(WorkflowHistory.from_json(handle.id, history.to_json()))
+
+    # `firebreak privileges --usage` after the incident: what it used, with counts, and the never-used flagged.
+    usage = await asyncio.to_thread(
+        privileges_usage, "--state-dir", str(settings.state_dir), "--runbooks-dir", str(settings.runbooks_dir))
+    rows = {f"{r['kind']} {r['target']} {r['verb']} {r['resource']}": r for r in usage["privileges"]}
+    for used in ("write fleet fleet.rollback service/{service}", "read fleet fleet.read service/{service}",
+                 "read prometheus metrics.read namespace/{namespace}"):
+        assert rows[used]["uses"] >= 1 and rows[used]["last_used"], (used, rows[used])
+    assert usage["never_used"] and set(usage["never_used"]) == {k for k, r in rows.items() if r["uses"] == 0}
+    text = await asyncio.to_thread(
+        privileges_usage, "--state-dir", str(settings.state_dir), "--runbooks-dir", str(settings.runbooks_dir),
+        as_json=False)
+    assert f"unused: {usage['never_used'][0]} (a candidate for removal)" in text
+    assert any(line.split()[0].isdigit() and int(line.split()[0]) >= 1 and "fleet.rollback" in line
+               for line in text.splitlines() if line.strip())
+
+
+def privileges_usage(*args: str, as_json: bool = True) -> Any:
+    """`firebreak privileges --usage` as an operator runs it (the console script's module)."""
+    result = subprocess.run([sys.executable, "-m", "firebreak.cli", "privileges", "--usage",
+                             *(["--json"] if as_json else []), *args], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout) if as_json else result.stdout

@@ -25,7 +25,7 @@ from temporalio.worker import Replayer, Worker
 
 from firebreak import contracts, signing
 from firebreak.broker.models import ApprovalCheckRequest, MintRequest
-from firebreak.contracts import AlertSignal, Approval, ApprovalOutcome, IncidentInput, IncidentReport, Phase
+from firebreak.contracts import AlertSignal, Approval, IncidentInput, IncidentReport, Phase
 from firebreak.intake import ALERT_SIGNAL, WORKFLOW, route_alerts
 from firebreak.roster import Roster
 from firebreak.runbook import RunbookError, load_runbooks, parse_runbook

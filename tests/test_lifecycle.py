@@ -124,14 +124,18 @@ async def test_a_broken_roster_while_an_approval_arrives_is_a_recorded_refusal(
 async def test_an_alert_that_clears_and_fires_again_during_an_approval_check_never_resolves_with_nothing_run(
     time_env: WorkflowEnvironment, settings, fleet, approvers, broker: BrokerServer
 ):
-    """The race: resolved while an approval is checked, fired again before the barrier."""
+    """The race: resolved while an approval is checked, fired again before the barrier.
+
+    The broker restarts meanwhile: the check waits for it (within its budget) instead of refusing the
+    approval, so the incident goes on with that approval, and acts because the alert fires again.
+    """
     inject(fleet.url, "checkout", "bad_deploy")
     alert = make_alert("DrillRollback")
     before = agent_writes(fleet)
     async with build_worker(time_env.client, settings):
         handle = await open_incident(time_env.client, settings, alert)
         waiting = await wait_for_phase(handle, Phase.awaiting_approval)
-        broker.stop()  # the approval check now takes its retries, then fails
+        broker.stop()  # the approval check now asks again until the broker is back
         try:
             await handle.signal("approval", approvers.approval("alice", handle.id, waiting.plan_hash)
                                 .model_dump(mode="json"))
@@ -139,19 +143,18 @@ async def test_an_alert_that_clears_and_fires_again_during_an_approval_check_nev
             await handle.signal("alert", AlertSignal(alerts=[resolved], received_at=alert.starts_at))
             await asyncio.sleep(0.3)
             await handle.signal("alert", AlertSignal(alerts=[alert], received_at=alert.starts_at))
-            for _ in range(100):
-                now = await status(handle)
-                if now.approvals:
-                    break
-                await asyncio.sleep(0.2)
+            await asyncio.sleep(2.0)
+            pending = await status(handle)
+            assert pending.phase == Phase.awaiting_approval and pending.approvals == [], pending.outcome
         finally:
             broker.start()
-        assert not now.approvals[-1].counted and "could not be checked" in now.approvals[-1].reason
-        await asyncio.sleep(1.0)
-        still = await status(handle)
-        assert still.phase == Phase.awaiting_approval, still.outcome
-        assert still.steps == [] and agent_writes(fleet) == before
-        await handle.terminate("test over")
+        report = await report_of(handle)
+    assert [(a.approver, a.counted) for a in report.status.approvals] == [("alice", True)], report.status.approvals
+    # It acted: the write ran (and, with no Prometheus here to verify it, was undone).
+    assert report.phase == Phase.rolled_back, report.outcome
+    [step] = report.status.steps
+    assert step.status == "rolled_back" and step.rollback is not None and step.rollback.status == "succeeded"
+    assert len(agent_writes(fleet)) == len(before) + 2
 
 
 async def test_a_failed_step_escalates_with_the_evidence(time_env: WorkflowEnvironment, settings, fleet, approvers):

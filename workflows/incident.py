@@ -81,6 +81,8 @@ QUICK = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=time
 PATIENT = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0,
                       maximum_interval=timedelta(seconds=15))
 SINK_BUDGET = timedelta(minutes=5)  # a ticket or notification that cannot go by then is a recorded gap
+INVESTIGATION_BUDGET = timedelta(minutes=1)  # a source down longer than this is a gap in the evidence
+APPROVAL_CHECK_BUDGET = timedelta(minutes=1)  # a broker down longer than this refuses the approval, with why
 # Writes are idempotent at the target (the token binds the idempotency key), so a retry never acts twice.
 WRITE = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0,
                     maximum_interval=timedelta(seconds=5))
@@ -400,15 +402,18 @@ class IncidentWorkflow:
                     incident_id=self.incident.incident_id, runbook=self.incident.runbook.name, spec=spec,
                     params=self.incident.params, alert_started_at=started,
                 ),
-                start_to_close_timeout=timedelta(seconds=30),
-                retry_policy=QUICK,
+                # v2: a source or broker that is down or restarting delays the read for up to a minute;
+                # past that budget it is a gap.
+                start_to_close_timeout=timedelta(seconds=15 if self.v2 else 30),
+                schedule_to_close_timeout=INVESTIGATION_BUDGET if self.v2 else None,
+                retry_policy=PATIENT if self.v2 else QUICK,
                 summary=f"investigate {spec.id}: {spec.title or spec.kind}",
             )
         except ActivityError as exc:
             # An investigation that failed outright is a gap in the evidence, not a failed incident.
             return Evidence(
                 id=spec.id, kind=spec.kind, title=spec.title, source=spec.target, query="", ok=False,
-                gap=f"{spec.id}: investigation failed: {exc.cause or exc}", gathered_at=workflow.now(),
+                gap=f"{spec.id}: investigation failed: {_cause(exc)}", gathered_at=workflow.now(),
             )
 
     # -- approval -------------------------------------------------------------
@@ -496,12 +501,14 @@ class IncidentWorkflow:
                         ApprovalActivities.verify_approval,
                         approval,
                         start_to_close_timeout=timedelta(seconds=15),
-                        retry_policy=QUICK,
+                        # v2: an approval that arrives while the broker restarts waits for it.
+                        schedule_to_close_timeout=APPROVAL_CHECK_BUDGET if self.v2 else None,
+                        retry_policy=PATIENT if self.v2 else QUICK,
                         summary=f"verify {approval.decision} signature of {approval.approver}",
                     )
                 except ActivityError as exc:
                     # A check that could not run is a refusal with its reason, never a failed incident.
-                    check = ApprovalCheck(valid=False, reason=f"the approval could not be checked: {exc.cause or exc}")
+                    check = ApprovalCheck(valid=False, reason=f"the approval could not be checked: {_cause(exc)}")
             self.received.append((approval, check))
             self.verdict = policy.evaluate(
                 self.plan, self.incident.runbook, self.received, workflow_id=self.incident.incident_id,
@@ -872,5 +879,10 @@ class IncidentWorkflow:
 
 
 def _cause(exc: ActivityError) -> str:
-    cause = exc.cause
-    return cause.message if isinstance(cause, ApplicationError) else str(cause or exc)
+    """Why an activity failed; a budget that ran out also says what its last attempt ran into."""
+    reasons: list[str] = []
+    cause: BaseException | None = exc.cause or exc
+    while cause is not None:
+        reasons.append(cause.message if isinstance(cause, ApplicationError) else str(cause))
+        cause = cause.__cause__
+    return ": ".join(r for r in dict.fromkeys(reasons) if r)

@@ -10,11 +10,11 @@ log. A token is returned once, to the caller, and is never logged or stored.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,16 +27,27 @@ from firebreak import signing
 from firebreak.broker.metrics import BrokerMetrics
 from firebreak.privileges_cli import REPO_LOCK
 from firebreak.broker.audit import AuditLog, checkpoint_at_shutdown
-from firebreak.broker.models import ApprovalCheckRequest, FreezeRequest, MintRequest, MintResponse, RevokeRequest
+from firebreak.broker.agent_credential import AgentCredential
+from firebreak.broker.metrics import IdentityGauges
+from firebreak.broker.models import (
+    ApprovalCheckRequest,
+    FreezeRequest,
+    MintRequest,
+    MintResponse,
+    RevokeRequest,
+    RotateRequest,
+)
 from firebreak.broker.rules import Decision, Denied, authorize_read, authorize_write, judge_approval
+from firebreak.broker.signing_keys import SigningKeys
 from firebreak.broker.state import (
     DurableState,
     GrantRecord,
     broker_dir,
-    load_or_create_signing_key,
+    plan_key,
     read_or_create_secret,
 )
-from firebreak.config import AGENT
+from firebreak.config import AGENT, load_settings
+from firebreak.identity import AgentIdentity
 from firebreak.contracts import ApprovalCheck
 from firebreak.receipts import load_intake_public_keys
 from firebreak.roster import RosterSource
@@ -48,6 +59,8 @@ log = logging.getLogger(__name__)
 ISSUER = "firebreak-broker"
 AGENT_TOKEN_ENV = "FIREBREAK_BROKER_TOKEN"
 ADMIN_TOKEN_ENV = "FIREBREAK_BROKER_ADMIN_TOKEN"
+# How long the old bootstrap credential still works after `firebreak creds rotate`, unless told.
+CREDENTIAL_OVERLAP_S = 3600.0
 
 
 class BrokerHTTPError(Exception):
@@ -66,7 +79,8 @@ class BrokerConfig:
     issuer: str = ISSUER
     intake_state_dir: Path | None = None  # where the intake's receipt key lives (default: state_dir)
     privileges_lock: Path | None = REPO_LOCK  # the reviewed baseline; mints outside it are counted
-    credential_max_age_s: float = 90 * 86400  # the agent's bootstrap credential must be rotated by then
+    # Owner, environment (put in every token's audience) and the bootstrap credential's maximum age.
+    identity: AgentIdentity = field(default_factory=AgentIdentity)
 
 
 class Broker:
@@ -74,9 +88,8 @@ class Broker:
         self.config = config
         self.dir = broker_dir(config.state_dir)
         self.state = DurableState(self.dir)
-        self.key = load_or_create_signing_key(self.dir / "signing-key.pem")
-        self.kid = signing.key_id(self.key)
-        self.agent_token = read_or_create_secret(self.dir / "agent-token", AGENT_TOKEN_ENV, config.agent_token)
+        self.keys = SigningKeys(self.dir)
+        self.credential = AgentCredential(self.dir, env_var=AGENT_TOKEN_ENV, given=config.agent_token)
         self.admin_token = read_or_create_secret(self.dir / "admin-token", ADMIN_TOKEN_ENV, config.admin_token)
         self.audit = AuditLog(self.dir / "audit.jsonl", signing_key=self.key, kid=self.kid)
         # Every version ever loaded stays available: an open incident finishes on the version it pinned.
@@ -87,6 +100,22 @@ class Broker:
         # One lock around every decision that reads or changes grants, nonces or
         # the freeze flag: a mint can never slip in between "frozen?" and "issue".
         self.lock = threading.Lock()
+
+    @property
+    def key(self) -> signing.Ed25519PrivateKey:
+        return self.keys.key
+
+    @property
+    def kid(self) -> str:
+        return self.keys.kid
+
+    @property
+    def agent_token(self) -> str:
+        return self.credential.token
+
+    @property
+    def identity(self) -> AgentIdentity:
+        return self.config.identity
 
     # -- mint --
 
@@ -116,6 +145,8 @@ class Broker:
                 )
                 # 423 Locked: the kill switch holds this, it does not refuse it; the caller waits.
                 self.metrics.denied(exc.reason)
+                if not req.is_read and not exc.frozen and not self._awaiting_execution(req):
+                    self.metrics.unapproved_write()
                 raise BrokerHTTPError(423 if exc.frozen else 403, "frozen" if exc.frozen else "denied",
                                       exc.reason) from None
             token, claims = signing.mint_token(
@@ -123,7 +154,8 @@ class Broker:
                 self.kid,
                 issuer=self.config.issuer,
                 subject=AGENT,
-                audience=req.audience,
+                # The environment is part of the audience: a target in another environment refuses it.
+                audience=signing.audience_for(req.audience, self.identity.environment),
                 verb=req.verb,
                 resource=req.resource,
                 ttl_s=decision.ttl_s,
@@ -176,6 +208,19 @@ class Broker:
             expires_at=datetime.fromtimestamp(claims["exp"], UTC),
             audit_seq=record["seq"],
         )
+
+    def _awaiting_execution(self, req: MintRequest) -> bool:
+        """Whether an approved plan this step belongs to is awaiting execution here (only the broker's
+        own record counts: a plan authorization, made from verified approvals, still in its window)."""
+        plan = req.plan
+        if plan is None:
+            return False
+        try:
+            authorization = self.state.plan(plan_key(plan.incident_id, plan.run_id, plan.hash))
+        except Exception:  # a plan too broken to hash awaits nothing
+            return False
+        return (authorization is not None and time.time() <= authorization.expires_at
+                and req.step_id in authorization.approved_steps)
 
     def _decide(self, req: MintRequest) -> Decision:
         if self.state.frozen:
@@ -284,19 +329,55 @@ class Broker:
         self.audit.append("deny", decision="unauthenticated", reason=f"{path}: {reason}")
         self.metrics.denied(f"unauthenticated: {reason}")
 
+    # -- the identity's lifecycle --
+
+    def rotate_credential(self, overlap_s: float, reason: str, by: str) -> dict[str, Any]:
+        """A new bootstrap credential in ``agent-token``; the old one works for ``overlap_s`` more."""
+        with self.lock:
+            try:
+                old = self.credential.rotate(overlap_s=overlap_s, by=by, reason=reason)
+            except ValueError as exc:
+                raise BrokerHTTPError(409, "not_rotatable", str(exc)) from None
+            until = datetime.fromtimestamp(old.valid_until, UTC).isoformat()
+            self.audit.append("rotate", decision="credential_rotated", subject=by or "(unnamed)",
+                              reason=f"bootstrap credential of {AGENT} rotated ({reason or 'no reason given'}); "
+                                     f"the old one (sha256 {old.sha256[:12]}) is accepted until {until}")
+            return {"rotated": "credential", "old_valid_until": until, "path": str(self.credential.path)}
+
+    def rotate_signing_key(self, overlap_s: float, reason: str, by: str) -> dict[str, Any]:
+        """A new token key; the old one's public half stays in the JWKS for ``overlap_s``."""
+        with self.lock:
+            old = self.keys.rotate(overlap_s)
+            until = datetime.fromtimestamp(old.published_until, UTC).isoformat()
+            record = f"token signing key rotated ({reason or 'no reason given'}): {old.kid} -> {self.kid}, " \
+                     f"the old key stays in the JWKS until {until}"
+            self.audit.append("rotate", decision="signing_key_rotated", subject=by or "(unnamed)", reason=record)
+            self.audit.rekey(self.key, self.kid)  # the head is signed with the old key, the rest with the new
+            return {"rotated": "signing_key", "old_kid": old.kid, "kid": self.kid, "old_published_until": until}
+
+    def identity_gauges(self) -> IdentityGauges:
+        with self.lock:
+            return IdentityGauges(
+                agent=AGENT, owner=self.identity.owner, environment=self.identity.environment,
+                credential_age_s=self.credential.age_s(), credential_max_age_s=self.identity.max_age_s,
+                credential_overlap_s=self.credential.overlap_remaining_s(),
+                signing_key_age_s=self.keys.age_s(), signing_keys_published=1 + len(self.keys.published()),
+            )
+
 
 def _bearer_check(broker: Broker, which: str) -> Callable[[Request], None]:
     def check(request: Request) -> None:
-        expected = broker.agent_token if which == "agent" else broker.admin_token
         header = request.headers.get("authorization", "")
         scheme, _, presented = header.partition(" ")
         # Constant-time compare; the presented value is never logged or echoed.
-        if scheme.lower() != "bearer" or not presented or not hmac.compare_digest(
-            presented.strip().encode(), expected.encode()
-        ):
-            reason = f"missing or bad {which} bearer credential"
+        verdict = (broker.credential.check(presented.strip()) if which == "agent"
+                   else AgentCredential.compare(presented.strip(), broker.admin_token))
+        if scheme.lower() != "bearer" or not presented or not verdict.accepted:
+            reason = verdict.refusal or f"missing or bad {which} bearer credential"
             broker.deny_unauthenticated(request.url.path, reason)
             raise BrokerHTTPError(401, "unauthorized", reason)
+        if verdict.previous:
+            broker.metrics.previous_credential_used()
 
     return check
 
@@ -308,7 +389,9 @@ def create_app(
     runbooks_dir: str | Path | None = None,
     agent_token: str | None = None,
     admin_token: str | None = None,
+    identity: AgentIdentity | None = None,
 ) -> FastAPI:
+    """``identity``: default, the configuration's (``identity:`` in FIREBREAK_CONFIG, FIREBREAK_ENVIRONMENT...)."""
     state_dir = Path(state_dir)
     broker = Broker(
         BrokerConfig(
@@ -317,6 +400,7 @@ def create_app(
             runbooks_dir=Path(runbooks_dir) if runbooks_dir else default_runbook_dir(),
             agent_token=agent_token,
             admin_token=admin_token,
+            identity=identity or load_settings(state_dir).identity,
         )
     )
     app = FastAPI(title="Firebreak credential broker", docs_url=None, redoc_url=None, openapi_url=None,
@@ -350,6 +434,7 @@ def create_app(
             "runbooks": sorted(broker.runbooks),
             "roster": len(roster.people) if roster else 0,
             "roster_error": broker.roster.error,
+            "identity": broker.identity.summary(),
         }
 
     @app.get("/metrics")
@@ -357,14 +442,14 @@ def create_app(
         # Open like /healthz: counts and ages, nothing secret; Prometheus scrapes it for misuse alerts.
         with broker.lock:
             live = len(broker.state.live_grants())
-        text = broker.metrics.render(live_grants=live, frozen=broker.state.frozen,
-                                     credential_path=broker.dir / "agent-token",
-                                     max_age_s=broker.config.credential_max_age_s)
+        text = broker.metrics.render(live_grants=live, frozen=broker.state.frozen, identity=broker.identity_gauges())
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/.well-known/jwks.json")
     def jwks() -> dict[str, Any]:
-        return {"keys": [signing.public_jwk(broker.key, broker.kid)]}
+        # The current key, and each rotated-out key until its overlap ends (with "exp": targets drop it then).
+        with broker.lock:
+            return broker.keys.jwks()
 
     @app.post("/v1/mint", dependencies=[agent])
     def mint(req: MintRequest) -> MintResponse:
@@ -382,13 +467,27 @@ def create_app(
 
     @app.get("/v1/revoked")
     def revoked() -> dict[str, Any]:
-        # Open on purpose: jtis are not secrets, and every target must be able to poll.
-        return {"revoked": broker.revoked(), "frozen": broker.state.frozen}
+        # Open on purpose: jtis are not secrets, and every target must be able to poll. "kids": the keys the
+        # JWKS publishes now, so a target sees a key rotation (or the end of its overlap) within a poll.
+        with broker.lock:
+            kids = [broker.kid, *(k.kid for k in broker.keys.published())]
+        return {"revoked": broker.revoked(), "frozen": broker.state.frozen, "kids": kids}
 
     @app.post("/v1/freeze", dependencies=[admin])
     def freeze(req: FreezeRequest | None = None) -> dict[str, Any]:
         count = broker.freeze(req.reason if req else "", req.by if req else "")
         return {"frozen": True, "revoked": count}
+
+    @app.post("/v1/creds/rotate", dependencies=[admin])
+    def rotate_credential(req: RotateRequest) -> dict[str, Any]:
+        # The new credential is written to the broker's agent-token file, never returned.
+        overlap = CREDENTIAL_OVERLAP_S if req.overlap_s is None else req.overlap_s
+        return broker.rotate_credential(overlap, req.reason, req.by)
+
+    @app.post("/v1/keys/rotate", dependencies=[admin])
+    def rotate_key(req: RotateRequest) -> dict[str, Any]:
+        overlap = signing.KEY_OVERLAP_S if req.overlap_s is None else req.overlap_s
+        return broker.rotate_signing_key(overlap, req.reason, req.by)
 
     @app.post("/v1/thaw", dependencies=[admin])
     def thaw(req: FreezeRequest | None = None) -> dict[str, Any]:

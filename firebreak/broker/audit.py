@@ -35,7 +35,7 @@ from firebreak.contracts import canonical_json
 log = logging.getLogger(__name__)
 
 GENESIS = "0" * 64
-Event = Literal["mint", "deny", "revoke", "freeze", "thaw"]
+Event = Literal["mint", "deny", "revoke", "freeze", "thaw", "rotate"]
 FIELDS = (
     "seq",
     "at",
@@ -192,6 +192,16 @@ class AuditLog:
     def close(self) -> cp.Checkpoint | None:
         """At shutdown: sign the head, so that no record of this run is left unsigned."""
         return self.checkpoint("shutdown")
+
+    def rekey(self, signing_key: Ed25519PrivateKey, kid: str) -> None:
+        """The broker's key rotated: sign the head with the old key, then sign with the new one from here."""
+        with self._lock:
+            if self._key is not None:
+                checkpoint = cp.sign(self._key, self._kid, seq=self._seq, hash=self._last_hash, every=self._every,
+                                     reason="rekey")
+                cp.append(self.checkpoints_path, checkpoint)
+                self._last_checkpoint = checkpoint
+            self._key, self._kid = signing_key, kid
 
     def _checkpoint_locked(self, reason: cp.Reason) -> cp.Checkpoint | None:
         if self._key is None:

@@ -8,7 +8,7 @@ tokens, which an attacker of the log does not hold) over one point of the chain:
 ```
 audit.checkpoints.jsonl   (beside audit.jsonl, 0600, append-only; one JSON object a line)
 {"at": "2025-...Z", "every": 16, "hash": "<record hash at seq>", "kid": "<key id>",
- "reason": "start" | "every" | "shutdown", "seq": 42, "sig": "<base64url Ed25519 signature>"}
+ "reason": "start" | "every" | "shutdown" | "rekey", "seq": 42, "sig": "<base64url Ed25519 signature>"}
 ```
 
 ``sig`` covers :func:`signing_payload`: the canonical JSON of every other field
@@ -41,7 +41,7 @@ from firebreak.contracts import canonical_json
 TYPE = "firebreak.audit.checkpoint"
 DEFAULT_EVERY = 16
 EVERY_ENV = "FIREBREAK_AUDIT_CHECKPOINT_EVERY"
-Reason = Literal["start", "every", "shutdown"]
+Reason = Literal["start", "every", "shutdown", "rekey"]  # rekey: the last one signed before a key rotation
 _FIELDS = frozenset({"seq", "hash", "at", "kid", "every", "reason", "sig"})
 
 

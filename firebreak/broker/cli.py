@@ -24,6 +24,7 @@ from firebreak import signing
 from firebreak.broker.audit import verify_chain
 from firebreak.broker.checkpoints import checkpoints_path
 from firebreak.broker.checkpoints import read as read_checkpoints
+from firebreak.broker.signing_keys import retired_public_keys
 from firebreak.broker.state import broker_dir
 from firebreak.config import Settings
 from firebreak.roster import entry_yaml
@@ -44,8 +45,8 @@ def register(subparsers: argparse._SubParsersAction, settings_loader: SettingsLo
     def settings(args: argparse.Namespace) -> Settings:
         return settings_loader(getattr(args, "state_dir", None))
 
-    # -- creds freeze | thaw --
-    creds = subparsers.add_parser("creds", help="credential kill switch")
+    # -- creds freeze | thaw | rotate | rotate-key --
+    creds = subparsers.add_parser("creds", help="credential kill switch and rotation")
     creds_sub = creds.add_subparsers(dest="creds_command", required=True)
     for name, helptext in (("freeze", "refuse every mint and revoke live grants"), ("thaw", "issue credentials again")):
         p = creds_sub.add_parser(name, help=helptext)
@@ -55,6 +56,19 @@ def register(subparsers: argparse._SubParsersAction, settings_loader: SettingsLo
         p.add_argument("--broker-url", default=None)
         _state_dir_option(p)
         p.set_defaults(func=lambda args, _name=name: _creds(args, _name, settings(args)))
+    for name, helptext, default in (
+        ("rotate", "replace the worker's bootstrap credential; the old one works until the overlap ends", "1h"),
+        ("rotate-key", "replace the broker's token signing key; the JWKS keeps the old one for the overlap",
+         f"{signing.KEY_OVERLAP_S}s"),
+    ):
+        p = creds_sub.add_parser(name, help=helptext)
+        p.add_argument("--overlap", default=default,
+                       help=f"how long the old one still works (default {default}; 0s: refuse it at once)")
+        p.add_argument("--reason", default="", help="why: recorded in the audit log")
+        p.add_argument("--as", dest="by", default=None, help="who does it (default: your login name)")
+        p.add_argument("--broker-url", default=None)
+        _state_dir_option(p)
+        p.set_defaults(func=lambda args, _name=name: _rotate(args, _name, settings(args)))
 
     # -- audit verify --
     audit = subparsers.add_parser("audit", help="the broker's audit log")
@@ -141,6 +155,45 @@ def _creds(args: argparse.Namespace, action: str, settings: Settings) -> int:
     return 0
 
 
+def _rotate(args: argparse.Namespace, what: str, settings: Settings) -> int:
+    from firebreak.runbook import parse_duration
+
+    try:
+        overlap = parse_duration(args.overlap).total_seconds()
+    except ValueError as exc:
+        print(f"--overlap: {exc}", file=sys.stderr)
+        return 2
+    token = _admin_token(settings)
+    if not token:
+        print(f"no admin token: set {ADMIN_TOKEN_ENV} or run on the broker's host", file=sys.stderr)
+        return 2
+    url = (args.broker_url or settings.broker_url).rstrip("/")
+    path = "/v1/creds/rotate" if what == "rotate" else "/v1/keys/rotate"
+    try:
+        response = httpx.post(f"{url}{path}", json={"overlap_s": overlap, "reason": args.reason,
+                                                    "by": args.by or getpass.getuser()},
+                              headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    except httpx.HTTPError as exc:
+        print(f"broker at {url} unreachable: {type(exc).__name__}", file=sys.stderr)
+        return 1
+    if response.status_code != 200:
+        print(f"{what} failed: HTTP {response.status_code} {response.text[:500]}", file=sys.stderr)
+        return 1
+    body = response.json()
+    if what == "rotate":
+        # The credential itself is never printed: it is in the broker's file, 0600.
+        print(f"bootstrap credential rotated: the new one is in {body['path']} (0600); workers that read that file "
+              f"switch at their next request. The old one is accepted until {body['old_valid_until']}, then "
+              "refused (401) and audited; deliver the new one to any other worker before then.")
+    else:
+        print(f"signing key rotated: {body['old_kid']} -> {body['kid']}. The JWKS publishes both until "
+              f"{body['old_published_until']}; targets refuse the old key's tokens after that.")
+        if overlap < signing.KEY_OVERLAP_S:
+            print(f"note: an overlap under {signing.KEY_OVERLAP_S}s (the longest token TTL plus target leeway) "
+                  "refuses tokens the old key signed before they expire", file=sys.stderr)
+    return 0
+
+
 def _audit_verify(args: argparse.Namespace, settings: Settings) -> int:
     path = args.file or broker_dir(settings.state_dir) / "audit.jsonl"
     checkpoints = args.checkpoints or checkpoints_path(path)
@@ -198,7 +251,11 @@ def _audit_keys(args: argparse.Namespace, settings: Settings) -> dict[str, signi
     # Only the public half is kept: verifying needs nothing more.
     public = (signing.load_private_key(path).public_key() if b"PRIVATE KEY" in text
               else signing.load_public_key(text))
-    return {signing.key_id(public): public}
+    keys = {signing.key_id(public): public}
+    if args.public_key is None:
+        # Checkpoints signed before a key rotation verify with the keys the broker rotated out.
+        keys |= retired_public_keys(broker_dir(settings.state_dir))
+    return keys
 
 
 def _audit_history(mode: str, settings: Settings) -> tuple[HistoryGrants | None, str | None]:

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -70,8 +71,33 @@ def _reason(response: httpx.Response) -> str:
         return f"HTTP {response.status_code} {response.reason_phrase}"
 
 
+class TokenFile:
+    """The bootstrap credential kept in a file (the broker's ``agent-token``), read again whenever the
+    file changes: after ``firebreak creds rotate`` the worker sends the new one from its next request,
+    well inside the overlap, with no restart."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._stamp: tuple[int, int] | None = None
+        self._token = ""
+
+    def __repr__(self) -> str:
+        return f"TokenFile({str(self.path)!r})"
+
+    def __call__(self) -> str:
+        try:
+            info = self.path.stat()
+        except OSError:
+            return self._token  # gone for a moment (being replaced): keep the last one
+        stamp = (info.st_mtime_ns, info.st_ino)
+        if stamp != self._stamp:
+            self._token, self._stamp = self.path.read_text(encoding="ascii").strip(), stamp
+        return self._token
+
+
 class BrokerClient:
-    def __init__(self, base_url: str, agent_token: str, *, timeout_s: float = 10.0) -> None:
+    def __init__(self, base_url: str, agent_token: str | Callable[[], str], *, timeout_s: float = 10.0) -> None:
+        """``agent_token``: the bootstrap credential, or a callable read before each request (:class:`TokenFile`)."""
         self.base_url = base_url.rstrip("/")
         self._agent_token = agent_token
         self._timeout = timeout_s
@@ -84,12 +110,12 @@ class BrokerClient:
 
     def _client(self) -> httpx.AsyncClient:
         if self._http is None or self._http.is_closed:
-            self._http = httpx.AsyncClient(
-                base_url=self.base_url,
-                timeout=self._timeout,
-                headers={"Authorization": f"Bearer {self._agent_token}"},
-            )
+            self._http = httpx.AsyncClient(base_url=self.base_url, timeout=self._timeout)
         return self._http
+
+    def _authorization(self) -> dict[str, str]:
+        token = self._agent_token() if callable(self._agent_token) else self._agent_token
+        return {"Authorization": f"Bearer {token}"}
 
     async def aclose(self) -> None:
         await self.retries.aclose()
@@ -107,7 +133,7 @@ class BrokerClient:
 
     async def _post(self, path: str, body: dict[str, Any]) -> httpx.Response:
         try:
-            return await self._client().post(path, json=body)
+            return await self._client().post(path, json=body, headers=self._authorization())
         except httpx.HTTPError as exc:
             # The exception text names the URL only, but keep it to the type to be sure.
             raise BrokerError(f"broker at {self.base_url} unreachable: {type(exc).__name__}") from None

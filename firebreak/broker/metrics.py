@@ -7,8 +7,8 @@ restart at zero with the broker, as Prometheus counters may.
 from __future__ import annotations
 
 import threading
-import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,17 +37,35 @@ def denial_class(reason: str) -> str:
 
 def _labels(**labels: str) -> str:
     def esc(value: str) -> str:
-        return value.replace("\\\\", "\\\\\\\\").replace("\\n", "\\\\n").replace('"', '\\\\"')
+        # The exposition format's three escapes (a label value may be free text, e.g. the owner).
+        return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
     return "{" + ",".join(f'{k}="{esc(v)}"' for k, v in labels.items()) + "}"
+
+
+@dataclass
+class IdentityGauges:
+    """What /metrics says about the agent identity and the broker's keys, read at scrape time."""
+
+    agent: str
+    owner: str
+    environment: str
+    credential_age_s: float
+    credential_max_age_s: float
+    credential_overlap_s: float  # how long an earlier bootstrap credential is still accepted
+    signing_key_age_s: float
+    signing_keys_published: int
 
 
 class BrokerMetrics:
     def __init__(self, baseline: Path | None) -> None:
         self._lock = threading.Lock()
         self.mints: Counter[tuple[str, str, str, str]] = Counter()
-        self.denials: Counter[str] = Counter()
+        # Every class from the start, at 0: Prometheus's increase() cannot see a series' first sample rise.
+        self.denials: Counter[str] = Counter({name: 0 for name, _ in _CLASSES} | {"other": 0})
         self.outside_baseline = 0
+        self.unapproved_writes = 0
+        self.previous_credential_uses = 0
         self.baseline = privileges.load_lock(baseline)["privileges"] if baseline and baseline.exists() else None
 
     def minted(self, *, audience: str, verb: str, resource: str, kind: str, runbook: str) -> None:
@@ -62,11 +80,16 @@ class BrokerMetrics:
         with self._lock:
             self.denials[denial_class(reason)] += 1
 
-    def render(self, *, live_grants: int, frozen: bool, credential_path: Path, max_age_s: float) -> str:
-        try:
-            age = max(0.0, time.time() - credential_path.stat().st_mtime)
-        except OSError:
-            age = -1.0
+    def unapproved_write(self) -> None:
+        """A write or undo asked for with no approved plan awaiting execution at the broker."""
+        with self._lock:
+            self.unapproved_writes += 1
+
+    def previous_credential_used(self) -> None:
+        with self._lock:
+            self.previous_credential_uses += 1
+
+    def render(self, *, live_grants: int, frozen: bool, identity: IdentityGauges) -> str:
         out: list[str] = []
 
         def family(name: str, kind: str, help_text: str, samples: list[tuple[dict[str, str], Any]]) -> None:
@@ -81,11 +104,28 @@ class BrokerMetrics:
                    [({"reason": c}, n) for c, n in sorted(self.denials.items())] or [({"reason": "other"}, 0)])
             family("firebreak_broker_mints_outside_baseline_total", "counter",
                    "Mints of privileges privileges.lock.json does not hold (must stay 0).", [({}, self.outside_baseline)])
+            family("firebreak_broker_unapproved_write_attempts_total", "counter",
+                   "Write or undo mints asked for with no approved plan awaiting execution at the broker.",
+                   [({}, self.unapproved_writes)])
+            family("firebreak_agent_previous_credential_uses_total", "counter",
+                   "Requests authenticated with an earlier bootstrap credential inside its rotation overlap.",
+                   [({}, self.previous_credential_uses)])
         family("firebreak_broker_live_grants", "gauge", "Issued credentials not yet expired or revoked.",
                [({}, live_grants)])
         family("firebreak_broker_frozen", "gauge", "1 while the kill switch is on.", [({}, int(frozen))])
+        family("firebreak_agent_info", "gauge", "The agent identity: its owner and the one environment it acts in.",
+               [({"agent": identity.agent, "owner": identity.owner, "environment": identity.environment}, 1)])
         family("firebreak_agent_credential_age_seconds", "gauge",
-               "Age of the agent's bootstrap credential (-1: unknown).", [({}, round(age, 1))])
+               "Age of the agent's bootstrap credential (since it was issued or last rotated).",
+               [({}, round(identity.credential_age_s, 1))])
         family("firebreak_agent_credential_max_age_seconds", "gauge",
-               "The bootstrap credential's maximum age before it must be rotated.", [({}, max_age_s)])
+               "The bootstrap credential's maximum age before it must be rotated.", [({}, identity.credential_max_age_s)])
+        family("firebreak_agent_credential_overlap_seconds", "gauge",
+               "How much longer an earlier bootstrap credential is accepted (0: only the current one).",
+               [({}, round(identity.credential_overlap_s, 1))])
+        family("firebreak_broker_signing_key_age_seconds", "gauge", "Age of the key that signs tokens now.",
+               [({}, round(identity.signing_key_age_s, 1))])
+        family("firebreak_broker_signing_keys_published", "gauge",
+               "Keys in the JWKS: the current one and any rotated out but still in their overlap.",
+               [({}, identity.signing_keys_published)])
         return "\n".join(out) + "\n"

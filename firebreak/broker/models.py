@@ -97,6 +97,15 @@ class FreezeRequest(BaseModel):
     by: str = Field(default="", max_length=64, description="who pulled (or released) the kill switch")
 
 
+class RotateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    overlap_s: float | None = Field(default=None, ge=0, le=30 * 86400,
+                                    description="how long the old credential or key still works (default per kind)")
+    reason: str = Field(default="", max_length=500)
+    by: str = Field(default="", max_length=64, description="who rotated it")
+
+
 class IssuedCredential(BaseModel):
     """A minted credential as the activity holds it.
 

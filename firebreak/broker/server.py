@@ -9,6 +9,7 @@ import uvicorn
 
 from firebreak.broker.app import Broker, create_app
 from firebreak.broker.checkpoints import checkpoints_path
+from firebreak.identity import AgentIdentity
 from firebreak.serving import ThreadedServer
 
 
@@ -30,11 +31,13 @@ class BrokerServer(ThreadedServer):
         admin_token: str | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
+        identity: AgentIdentity | None = None,
     ) -> None:
         super().__init__(None, host=host, port=port, name="firebreak-broker")
         self.state_dir = Path(state_dir)
         self._kwargs = dict(
-            roster_path=roster_path, runbooks_dir=runbooks_dir, agent_token=agent_token, admin_token=admin_token
+            roster_path=roster_path, runbooks_dir=runbooks_dir, agent_token=agent_token, admin_token=admin_token,
+            identity=identity,
         )
         self.broker: Broker | None = None
 

@@ -2,7 +2,9 @@
 
 ```
 signing-key.pem   Ed25519 key for target tokens (0600, created on first start)
+signing-keys.json public halves of rotated-out keys, each published until its overlap ends (signing_keys.py)
 agent-token       the worker's bootstrap credential (0600) unless FIREBREAK_BROKER_TOKEN
+agent-credential.json  when it was issued; SHA-256 and overlap end of rotated-out ones (agent_credential.py)
 admin-token       for freeze/thaw (0600) unless FIREBREAK_BROKER_ADMIN_TOKEN
 audit.jsonl       hash-chained audit log
 frozen            present while the kill switch is on (survives restarts)
