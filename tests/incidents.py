@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 from datetime import datetime, timezone
@@ -81,8 +82,16 @@ async def report_of(handle: WorkflowHandle) -> IncidentReport:
     """The incident's report: its result, or, for an ending that needs a human, its Failed run's details.
 
     Through ``handle.result()``, so that on the time-skipping server time still skips while waiting.
+    With ``FIREBREAK_RECORD_HISTORIES=DIR`` it also saves the run's history there, named by its ending:
+    candidates for tests/histories/ (see tests/test_replay.py for how one is added).
     """
-    return await final_report(handle)
+    report = await final_report(handle)
+    if directory := os.environ.get("FIREBREAK_RECORD_HISTORIES"):
+        history = await handle.fetch_history()
+        path = Path(directory) / f"{report.phase.value}-{handle.id}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(history.to_json())
+    return report
 
 
 async def submit(handle: WorkflowHandle, approval: Approval) -> ApprovalOutcome:
