@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import logging
 import os
 import signal
@@ -53,6 +54,9 @@ def activities_for(deps: ActivityDeps) -> Sequence[Any]:
 # "WorkerShutdown" failure, so its next attempt starts at once on any worker instead of waiting for a
 # timeout. `firebreak down` waits for the drain (FIREBREAK_WORKER_DRAIN_S) plus a margin.
 DRAIN = timedelta(seconds=float(os.environ.get("FIREBREAK_WORKER_DRAIN_S", "20")))
+# Runs kept in memory between their tasks (the SDK's default); an evicted run replays its history on its
+# next task. bench/pipeline.py measures what that costs an approval, and the memory the cache holds.
+WORKFLOW_CACHE = int(os.environ.get("FIREBREAK_WORKFLOW_CACHE", "1000"))
 
 
 def build_worker(client: Client, settings: Settings, deps: ActivityDeps | None = None, *,
@@ -64,6 +68,7 @@ def build_worker(client: Client, settings: Settings, deps: ActivityDeps | None =
         workflows=[IncidentWorkflow],
         activities=activities_for(deps),
         graceful_shutdown_timeout=drain,
+        max_cached_workflows=WORKFLOW_CACHE,
     )
 
 
@@ -85,11 +90,27 @@ async def run_until_stopped(worker: Worker) -> None:
         await stopping[0]
 
 
+def tune_process() -> None:
+    """Costs measured by bench/pipeline.py on the worker's critical path, cut for this process only."""
+    # The workflow sandbox imports the workflow module again for every run it starts (and every run
+    # evicted from the cache): with PYTHONDONTWRITEBYTECODE set and no .pyc, each of those compiles
+    # workflows/incident.py again. Write the bytecode (where the tree is writable) whatever the environment says.
+    sys.dont_write_bytecode = False
+    # httpcore tries `import sniffio` on every request and lock it creates; anyio 4 no longer installs it, and a
+    # failed import is never cached, so each try stats every sys.path entry (11% of the worker's busy time).
+    # None in sys.modules makes it fail at once, with the same ImportError httpcore expects.
+    if importlib.util.find_spec("sniffio") is None:
+        sys.modules.setdefault("sniffio", None)  # type: ignore[arg-type]
+    # One INFO line per HTTP request (mints, revokes, reads, writes) is the targets' access log, not ours.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
 async def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Run a Firebreak worker.")
     parser.add_argument("--state-dir", default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # BENCH-BEFORE tune_process()
     settings = load_settings(args.state_dir)
     export_from_env("firebreak-worker")  # only with OTEL_EXPORTER_OTLP_ENDPOINT set
     # Traced: the workflow and its activities join the trace of the request that started them.

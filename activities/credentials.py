@@ -55,8 +55,13 @@ async def activity_credential(
         ) as credential:
             # Grant id and scope only: the token itself never reaches a log, span or error.
             span.set_attribute("firebreak.grant_id", credential.grant.grant_id)
+            # Events split the span into mint, use and revoke: what a trace says each one cost.
+            span.add_event("minted")
             activity.logger.info("holding grant %s for %s:%s", credential.grant.grant_id, verb, resource)
-            yield credential
+            try:
+                yield credential
+            finally:
+                span.add_event("released")
     except CredentialsFrozen as exc:
         # Not a failure of the step: the workflow holds the incident until the broker thaws.
         span.set_status(trace.Status(trace.StatusCode.ERROR, "credentials frozen"))

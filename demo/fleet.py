@@ -31,7 +31,7 @@ import os
 import re
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -45,6 +45,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from demo.catalog import EXTERNAL_CALLERS, depends_on
+from demo.catalog import AUDIENCE as CATALOG_AUDIENCE
+from demo.catalog import add_routes as add_catalog_routes
 from firebreak.serving import ThreadedServer
 from firebreak.signing import TargetVerifier, TokenRejected, check_request_binding
 
@@ -55,6 +58,9 @@ AUDIENCE = "fleet"
 SERVICES: tuple[str, ...] = ("checkout", "payments", "inventory")
 INITIAL_VERSIONS = {"checkout": "v41", "payments": "v17", "inventory": "v8"}
 INITIAL_REPLICAS = 3
+# Who calls whom, from the demo catalog (demo/catalog.py): checkout -> payments, inventory.
+DEPENDS_ON: dict[str, list[str]] = depends_on()
+SYNTHETIC_PREFIX = "bench-"  # synthetic services: bench-00000, bench-00001, ...
 MIN_REPLICAS, MAX_REPLICAS = 1, 30
 
 # -- the traffic model ---------------------------------------------------------
@@ -85,7 +91,9 @@ LATENCY_U_CAP = 0.97
 BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0)
 
 # "clear" ends a fault; "reset" also gives the service a fresh start (see Fleet.inject).
-FaultKind = Literal["bad_deploy", "saturation", "stuck", "clear", "reset"]
+# "dependency" is a bad deploy whose errors the service's callers cannot absorb: they fail through
+# (by default a caller absorbs a callee's errors with retries and fallbacks, and only the mesh sees them).
+FaultKind = Literal["bad_deploy", "saturation", "stuck", "dependency", "clear", "reset"]
 ChangeKind = Literal["deploy", "rollback", "restart", "scale"]
 
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -136,6 +144,9 @@ class _Service:
     stuck: bool = False
     saturated: bool = False
     bad_versions: set[str] = field(default_factory=set)
+    propagates: bool = False  # its callers fail with it (the "dependency" fault)
+    # Share of served requests failed by a callee that propagates: set by the fleet before each step.
+    dependency_errors: float = 0.0
     # Integrated since start; exposed floored so counters stay integral and monotonic.
     requests: dict[str, float] = field(default_factory=lambda: {code: 0.0 for code in CODES})
     buckets: list[float] = field(default_factory=lambda: [0.0] * (len(BUCKETS) + 1))  # last is +Inf
@@ -169,11 +180,22 @@ class _Service:
         u = self.utilisation
         shed = max(0.0, 1.0 - 1.0 / u) if u > 1.0 else 0.0
         served = self.offered_rps * (1.0 - shed)
-        mix = BAD_ERRORS if self.version in self.bad_versions else HEALTHY_ERRORS
+        mix = dict(BAD_ERRORS if self.version in self.bad_versions else HEALTHY_ERRORS)
+        if self.dependency_errors:
+            # A request fails through a callee only if it had not already failed on its own.
+            mix["500"] += (1.0 - sum(mix.values())) * self.dependency_errors
         rates = {code: served * share for code, share in mix.items()}
         rates["503"] += self.offered_rps * shed
         rates["200"] = served * (1.0 - sum(mix.values()))
         return rates
+
+    def error_ratio(self) -> float:
+        """Share of calls to this service that fail (a stuck one fails every call)."""
+        if not self.serving:
+            return 1.0
+        rates = self.code_rates()
+        total = sum(rates.values())
+        return (rates["500"] + rates["503"]) / total if total else 0.0
 
     def p99_estimate(self) -> float:
         return self.latency_median * math.exp(2.3263 * LATENCY_SIGMA)
@@ -214,7 +236,8 @@ class Fleet:
     time forward without sleeping.
     """
 
-    def __init__(self, *, clock: Callable[[], float] = time.time, history_age_s: float = 3 * 86400) -> None:
+    def __init__(self, *, clock: Callable[[], float] = time.time, history_age_s: float = 3 * 86400,
+                 synthetic: int = 0) -> None:
         self._clock = clock
         self._lock = threading.RLock()
         now = clock()
@@ -224,6 +247,7 @@ class Fleet:
             name: _Service(name=name, version=INITIAL_VERSIONS[name], replicas=INITIAL_REPLICAS) for name in SERVICES
         }
         self._changes: list[dict[str, Any]] = []
+        self._mesh: dict[tuple[str, str], dict[str, float]] = {}
         # What a real target may return beside the result (session ids, internal URLs): tests put a
         # canary here to prove Firebreak keeps none of it in history.
         self.response_extras: dict[str, Any] = {}
@@ -235,6 +259,20 @@ class Fleet:
         self._history_age_s = history_age_s
         for svc in self._services.values():
             self._record_origin(svc, now)
+        # The modelled services carry traffic and metrics; synthetic ones only take reads and writes.
+        self._modelled = tuple(self._services.values())
+        for i in range(synthetic):
+            self._add_synthetic(f"{SYNTHETIC_PREFIX}{i:05d}", now)
+
+    def _add_synthetic(self, name: str, now: float) -> None:
+        """A service for benchmarks (``--synthetic-services``), so hundreds of incidents run at once with
+        distinct ids: it runs a bad deploy made just now, so a rollback has somewhere to go. No traffic and
+        no metrics, so that thousands of them cost a request nothing."""
+        svc = _Service(name=name, version="v2", replicas=INITIAL_REPLICAS, previous_version="v1",
+                       bad_versions={"v2"})
+        self._services[name] = svc
+        self._record(svc, "deploy", author="ci-bot", version="v2", previous_version="v1",
+                     description="deploy v2 (was v1) from the CI pipeline", at=now)
 
     def _record_origin(self, svc: _Service, now: float) -> None:
         self._record(svc, "deploy", author="ci-bot", version=svc.version, previous_version=None,
@@ -246,10 +284,46 @@ class Fleet:
         now = self._clock()
         dt = now - self._last
         if dt > 0:  # a wall clock stepping back must never make a counter fall
-            for svc in self._services.values():
+            self._propagate()
+            self._advance_mesh(dt)
+            for svc in self._modelled:
                 svc.advance(dt)
             self._last = now
         return max(now, self._last)
+
+    def _propagate(self) -> None:
+        """Each caller's share of requests failed through a callee that propagates (the state since the last step)."""
+        for svc in self._modelled:
+            svc.dependency_errors = 0.0
+        for _ in range(2):  # callees first: the demo graph is two levels deep
+            for svc in self._modelled:
+                ok = 1.0
+                for callee in DEPENDS_ON.get(svc.name, ()):
+                    dep = self._services.get(callee)
+                    if dep is not None and dep.propagates:
+                        ok *= 1.0 - dep.error_ratio()
+                svc.dependency_errors = 1.0 - ok
+
+    def _advance_mesh(self, dt: float) -> None:
+        """Client-side call counters from each caller to each callee, as a service mesh exports them."""
+        calls: list[tuple[str, str, float]] = []
+        for svc in self._modelled:
+            rate = sum(svc.code_rates().values()) if svc.serving else 0.0
+            calls += [(svc.name, callee, rate) for callee in DEPENDS_ON.get(svc.name, ())]
+        for caller, callees in EXTERNAL_CALLERS.items():
+            calls += [(caller, callee, rate) for callee, rate in callees.items()]
+        for source, destination, rate in calls:
+            dep = self._services.get(destination)
+            if dep is None:
+                continue
+            counters = self._mesh.setdefault((source, destination), {code: 0.0 for code in CODES})
+            if not dep.serving:
+                counters["503"] += rate * dt
+                continue
+            codes = dep.code_rates()
+            total = sum(codes.values()) or 1.0
+            for code, value in codes.items():
+                counters[code] += rate * dt * value / total
 
     def advance(self) -> None:
         """Integrate traffic up to now (reads do this themselves)."""
@@ -374,7 +448,8 @@ class Fleet:
         with self._lock:
             self._advance_locked()
             svc = self._get(name)
-            if kind == "bad_deploy":
+            if kind in ("bad_deploy", "dependency"):
+                svc.propagates = kind == "dependency"
                 taken = svc.bad_versions | {c["version"] for c in self._changes if c["service"] == name and c["version"]}
                 new = version or _next_version(svc.version, taken)
                 svc.bad_versions.add(new)
@@ -387,6 +462,7 @@ class Fleet:
                 # A reset of the world, not an operation on the service: no change record.
                 svc.saturated = False
                 svc.stuck = False
+                svc.propagates = False
                 svc.bad_versions.discard(svc.version)
             elif kind == "reset":
                 self._reset(svc)
@@ -402,10 +478,10 @@ class Fleet:
         last trial's deploy, nor its remediation. The counters keep counting (Prometheus must never see
         them fall), so the metrics' own history is left for the runbooks' medians and windows to judge.
         """
-        svc.version = INITIAL_VERSIONS[svc.name]
+        svc.version = INITIAL_VERSIONS.get(svc.name, "v1")
         svc.previous_version = None
         svc.replicas = INITIAL_REPLICAS
-        svc.saturated = svc.stuck = False
+        svc.saturated = svc.stuck = svc.propagates = False
         svc.bad_versions.clear()
         self._changes = [c for c in self._changes if c["service"] != svc.name]
         self._record_origin(svc, self._clock())
@@ -424,6 +500,7 @@ class Fleet:
                 "bad_version": svc.version in svc.bad_versions,
                 "saturation": svc.saturated,
                 "stuck": svc.stuck,
+                "propagates": svc.propagates,
             },
             "bad_versions": sorted(svc.bad_versions),
             "cpu_utilization": round(svc.cpu, 4),
@@ -439,7 +516,8 @@ class Fleet:
             return {
                 "namespace": NAMESPACE,
                 "now": rfc3339(now),
-                "services": {name: self._demo_service(svc) for name, svc in self._services.items()},
+                "services": {svc.name: self._demo_service(svc) for svc in self._modelled},
+                "synthetic_services": len(self._services) - len(self._modelled),
                 "changes": [dict(c) for c in self._changes],
             }
 
@@ -449,7 +527,7 @@ class Fleet:
         """Prometheus exposition format 0.0.4."""
         with self._lock:
             self._advance_locked()
-            services = list(self._services.values())
+            services = self._modelled
             out: list[str] = []
 
             def family(name: str, kind: str, help_text: str) -> None:
@@ -480,6 +558,14 @@ class Fleet:
             family("fleet_service_serving", "gauge", "1 if the service answers requests, 0 if stuck.")
             for s in services:
                 out.append(f"fleet_service_serving{_labels(service=s.name)} {1 if s.serving else 0}")
+
+            family("mesh_client_requests_total", "counter", "Calls from a caller (source) to a callee (destination), by "
+                   "status code, as the caller's sidecar counts them.")
+            for (source, destination), counters in sorted(self._mesh.items()):
+                for code in CODES:
+                    out.append(f"mesh_client_requests_total"
+                               f"{_labels(source=source, destination=destination, code=code)} "
+                               f"{math.floor(counters[code])}")
 
             family("fleet_deploy_info", "gauge", "The running version (always 1).")
             for s in services:
@@ -565,12 +651,18 @@ class _IdempotencyStore:
             self._items.popitem(last=False)
 
 
-def create_app(*, verifier: Verifier, chaos_token: str | None = None, fleet: Fleet | None = None) -> FastAPI:
-    """The fleet's HTTP app. ``chaos_token=None`` disables ``POST /demo/faults``."""
+def create_app(*, verifier: Verifier, chaos_token: str | None = None, fleet: Fleet | None = None,
+               catalog_verifier: Verifier | None = None) -> FastAPI:
+    """The fleet's HTTP app. ``chaos_token=None`` disables ``POST /demo/faults``; a ``catalog_verifier``
+    (audience ``catalog``) also serves the demo's Backstage catalog under ``/api/catalog``."""
     fleet = fleet or Fleet()
     idempotency = _IdempotencyStore()
+    # When each write request arrived, by the fleet's clock: what a benchmark times a write by.
+    arrivals: deque[dict[str, Any]] = deque(maxlen=100_000)
     app = FastAPI(title="Firebreak demo fleet", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.fleet = fleet
+    if catalog_verifier is not None:
+        add_catalog_routes(app, catalog_verifier)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -613,6 +705,8 @@ def create_app(*, verifier: Verifier, chaos_token: str | None = None, fleet: Fle
 
     async def write(request: Request, name: str, verb: str, model: type[_Body] | None,
                     act: Callable[[_Body | None, str, str], dict[str, Any]]) -> Response:
+        arrivals.append({"at": time.time(), "verb": verb, "service": name,
+                         "idempotency_key": request.headers.get("idempotency-key")})
         claims = await authorize(request, verb, name)
         if isinstance(claims, JSONResponse):
             return claims
@@ -728,6 +822,11 @@ def create_app(*, verifier: Verifier, chaos_token: str | None = None, fleet: Fle
     async def demo_state() -> dict[str, Any]:
         return fleet.demo_state()
 
+    @app.get("/demo/requests")
+    async def demo_requests() -> dict[str, Any]:
+        """Every write request as it arrived (accepted or not), oldest first, with the fleet's timestamp."""
+        return {"writes": list(arrivals)}
+
     return app
 
 
@@ -738,14 +837,17 @@ class FleetServer(ThreadedServer):
     """The fleet app on uvicorn in a background thread, for tests and the embedded stack."""
 
     def __init__(self, *, verifier: Verifier, chaos_token: str | None = None, host: str = "127.0.0.1",
-                 port: int = 0, fleet: Fleet | None = None, close_verifier: bool = False) -> None:
+                 port: int = 0, fleet: Fleet | None = None, close_verifier: bool = False,
+                 catalog_verifier: Verifier | None = None) -> None:
         self.fleet = fleet or Fleet()
         self.verifier = verifier
+        self.catalog_verifier = catalog_verifier
         # The caller usually owns the verifier; with close_verifier=True, stop() also
         # ends its revocation poller (TargetVerifier.from_broker starts one).
         self._close_verifier = close_verifier
-        super().__init__(create_app(verifier=verifier, chaos_token=chaos_token, fleet=self.fleet),
-                         host=host, port=port, name="fleet-server")
+        self.app = create_app(verifier=verifier, chaos_token=chaos_token, fleet=self.fleet,
+                              catalog_verifier=catalog_verifier)
+        super().__init__(self.app, host=host, port=port, name="fleet-server")
 
     @property
     def target(self) -> str:
@@ -754,9 +856,10 @@ class FleetServer(ThreadedServer):
 
     def stop(self, timeout: float = 10.0) -> None:
         super().stop(timeout)
-        close = getattr(self.verifier, "close", None)
-        if self._close_verifier and callable(close):
-            close()
+        for verifier in (self.verifier, self.catalog_verifier):
+            close = getattr(verifier, "close", None)
+            if self._close_verifier and callable(close):
+                close()
 
 
 def replay_cache_path(state_dir: str | Path) -> Path:
@@ -765,12 +868,13 @@ def replay_cache_path(state_dir: str | Path) -> Path:
 
 
 def _build_verifier(broker_url: str, audience: str, wait_s: float,
-                    replay_path: Path | None = None) -> TargetVerifier:
+                    replay_path: Path | None = None, environment: str | None = None) -> TargetVerifier:
     """The broker may still be starting: retry its JWKS for a while before giving up."""
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            return TargetVerifier.from_broker(broker_url, audience, replay_cache_path=replay_path)
+            return TargetVerifier.from_broker(broker_url, audience, replay_cache_path=replay_path,
+                                              environment=environment)
         except Exception as exc:  # noqa: BLE001 - any failure to reach the broker is retried the same way
             if time.monotonic() >= deadline:
                 raise SystemExit(f"demo.fleet: cannot reach the broker at {broker_url}: {exc}") from exc
@@ -787,23 +891,34 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chaos-token", default=os.environ.get("FIREBREAK_CHAOS_TOKEN"),
                         help="bearer token for POST /demo/faults (or FIREBREAK_CHAOS_TOKEN); unset disables faults")
     parser.add_argument("--audience", default=AUDIENCE)
+    parser.add_argument("--environment", default=os.environ.get("FIREBREAK_ENVIRONMENT") or None,
+                        help="the environment this fleet serves: it takes tokens for AUDIENCE@ENVIRONMENT only "
+                             "(or FIREBREAK_ENVIRONMENT; default: demo)")
     parser.add_argument("--broker-wait", type=float, default=30.0, help="seconds to wait for the broker at start")
     parser.add_argument("--state-dir", default=os.environ.get("FIREBREAK_FLEET_STATE_DIR"),
                         help="where the fleet keeps what must survive a restart (the jtis it accepted); "
                              "unset keeps them in memory, and a restart would accept a replayed token")
     parser.add_argument("--log-level", default="info")
+    parser.add_argument("--synthetic-services", type=int, default=0,
+                        help="add this many benchmark services (bench-00000...), each right after a bad deploy")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     replay_path = replay_cache_path(args.state_dir) if args.state_dir else None
     if replay_path is None:
         log.warning("no --state-dir: accepted jtis are kept in memory only; a restart forgets them")
-    verifier = _build_verifier(args.broker_url, args.audience, args.broker_wait, replay_path)
-    app = create_app(verifier=verifier, chaos_token=args.chaos_token)
+    verifier = _build_verifier(args.broker_url, args.audience, args.broker_wait, replay_path, args.environment)
+    # The demo's Backstage catalog takes tokens for its own audience: a real one is a `targets: catalog:` URL.
+    catalog_replay = replay_path.with_name("catalog-replay-jtis.jsonl") if replay_path else None
+    catalog_verifier = _build_verifier(args.broker_url, CATALOG_AUDIENCE, args.broker_wait, catalog_replay,
+                                       args.environment)
+    app = create_app(verifier=verifier, chaos_token=args.chaos_token, fleet=Fleet(synthetic=args.synthetic_services),
+                     catalog_verifier=catalog_verifier)
     # Access logs carry paths and status only, never headers, so no token reaches a log.
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     finally:
         verifier.close()
+        catalog_verifier.close()
 
 
 if __name__ == "__main__":

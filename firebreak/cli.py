@@ -36,6 +36,14 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "shows": 'service_cpu_utilization{namespace="shop",service="inventory"} > 0.8',
         "summary": "inventory CPU above 80%",
     },
+    # payments fails (a bad deploy its callers cannot absorb); the alert comes from checkout's side.
+    "dependency": {
+        "service": "checkout", "fault": "dependency", "fault_service": "payments", "alertname": "HighErrorRate",
+        "severity": "critical",
+        "shows": 'sum(rate(http_requests_total{namespace="shop",service="checkout",code=~"5.."}[1m])) / '
+                 'sum(rate(http_requests_total{namespace="shop",service="checkout"}[1m])) > 0.05',
+        "summary": "checkout 5xx error ratio above 5%",
+    },
     "stuck": {
         "service": "payments", "fault": "stuck", "alertname": "ServiceStuck", "severity": "critical",
         "shows": 'sum(rate(http_requests_total{namespace="shop",service="payments"}[15s])) == 0',
@@ -112,11 +120,12 @@ def _sample_alert(name: str, settings: Settings) -> dict[str, Any]:
     prometheus = settings.targets.get("prometheus")
     if info.get("components", {}).get("prometheus"):
         _wait_for_history(prometheus)
-    response = httpx.post(f"{settings.targets['fleet']}/demo/faults", json={"service": sample["service"], "kind": sample["fault"]},
+    faulty = sample.get("fault_service", sample["service"])
+    response = httpx.post(f"{settings.targets['fleet']}/demo/faults", json={"service": faulty, "kind": sample["fault"]},
                           headers={"Authorization": f"Bearer {chaos}"}, timeout=10)
     if response.status_code >= 400:
         raise Refused(f"the demo fleet refused the fault: HTTP {response.status_code} {response.text[:200]}")
-    print(f"injected {sample['fault']} into {sample['service']}", file=sys.stderr)
+    print(f"injected {sample['fault']} into {faulty}", file=sys.stderr)
     if info.get("components", {}).get("prometheus"):
         _wait_for_query(prometheus, sample["shows"], timeout=90)
         print("the fault shows in the metrics", file=sys.stderr)

@@ -229,7 +229,8 @@ def up(state_dir: Path, ports: Ports | None = None, *, with_prometheus: bool = T
             "runbooks_dir": str(default_runbook_dir()),
             "broker_url": broker_url,
             "api_url": f"http://127.0.0.1:{p.api}",
-            "targets": {"prometheus": f"http://127.0.0.1:{p.prometheus}", "fleet": fleet_url},
+            # The demo fleet also serves the Backstage catalog API: a real Backstage is this URL changed.
+            "targets": {"prometheus": f"http://127.0.0.1:{p.prometheus}", "fleet": fleet_url, "catalog": fleet_url},
         }
         if encrypt:
             settings["temporal"]["encrypt_key_file"] = str(codec_key)

@@ -144,7 +144,9 @@ def broker(state_dir: Path, runbooks_dir: Path) -> Iterator[BrokerServer]:
 @pytest.fixture
 def fleet(broker: BrokerServer) -> Iterator[FleetServer]:
     verifier = signing.TargetVerifier.from_broker(broker.url, "fleet")
-    with FleetServer(verifier=verifier, chaos_token="test-chaos", close_verifier=True) as server:
+    catalog = signing.TargetVerifier.from_broker(broker.url, "catalog")
+    with FleetServer(verifier=verifier, chaos_token="test-chaos", close_verifier=True,
+                     catalog_verifier=catalog) as server:
         yield server
 
 
@@ -159,7 +161,7 @@ def worker_settings_for(state_dir: Path, runbooks_dir: Path, broker: BrokerServe
         roster=state_dir / "roster.yaml",
         broker_url=broker.url,
         broker_token=broker.agent_token,
-        targets={"fleet": fleet.url, "prometheus": CLOSED_PORT_URL},
+        targets={"fleet": fleet.url, "prometheus": CLOSED_PORT_URL, "catalog": fleet.url},
         source_retry_s=0,  # Prometheus is down for good here: a gap at once, not after a minute of retries
         ticket_dir=state_dir / f"tickets-{uuid.uuid4().hex[:8]}",
     )
