@@ -41,6 +41,10 @@ class TemporalSettings(BaseModel):
     payload_key_file: str | None = Field(
         default=None, description="file of base64 HMAC keys, one a line, current first: authenticates payloads "
         "(ignored when encryption is on, which authenticates already)")
+    deployment: str | None = Field(default=None, description=(
+        "Worker Deployment name: with build_id, this worker is one version of it, and every incident stays "
+        "PINNED to the build that started it (firebreak/deployments.py)"))
+    build_id: str | None = Field(default=None, description="this worker's build within the deployment")
 
 
 class Settings(BaseModel):
@@ -106,6 +110,8 @@ _ENV = {
     "FIREBREAK_ENCRYPT_KEY": ("temporal", "encrypt_key"),
     "FIREBREAK_ENCRYPT_KEY_FILE": ("temporal", "encrypt_key_file"),
     "FIREBREAK_PAYLOAD_KEY_FILE": ("temporal", "payload_key_file"),
+    "FIREBREAK_TEMPORAL_DEPLOYMENT": ("temporal", "deployment"),
+    "FIREBREAK_TEMPORAL_BUILD_ID": ("temporal", "build_id"),
     "FIREBREAK_RUNBOOKS_DIR": ("runbooks_dir",),
     "FIREBREAK_ROSTER": ("roster",),
     "FIREBREAK_BROKER_URL": ("broker_url",),
