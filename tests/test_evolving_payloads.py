@@ -24,6 +24,8 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer, Worker
 
 from firebreak import contracts, signing
+from firebreak.api.approvals import ApprovalGate
+from firebreak.api.sources import PayloadError
 from firebreak.broker.models import ApprovalCheckRequest, MintRequest
 from firebreak.contracts import AlertSignal, Approval, IncidentInput, IncidentReport, Phase
 from firebreak.intake import ALERT_SIGNAL, WORKFLOW, route_alerts
@@ -113,6 +115,11 @@ def test_runbook_yaml_and_broker_requests_stay_strict(settings) -> None:
         MintRequest.model_validate({**mint, "approvals": [{**approval, **UNKNOWN}]})
     with pytest.raises(ValidationError, match="added_by_a_newer_version"):
         MintRequest.model_validate({**mint, **UNKNOWN})
+    # The intake API's approvals endpoint too: a field it does not know is a 4xx naming it.
+    gate = ApprovalGate(settings.resolved_roster())
+    assert gate.parse(json.dumps(approval).encode(), "w").approver == "alice"
+    with pytest.raises(PayloadError, match="added_by_a_newer_version"):
+        gate.parse(json.dumps({**approval, **UNKNOWN}).encode(), "w")
 
 
 class _Counting:

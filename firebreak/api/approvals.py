@@ -26,7 +26,7 @@ class ApprovalGate:
 
     def parse(self, body: bytes, incident_id: str) -> Approval:
         try:
-            approval = Approval.model_validate(json.loads(body))
+            approval = Approval.model_validate(json.loads(body), extra="forbid")  # the API stays strict
         except ValueError as exc:
             if isinstance(exc, ValidationError):
                 first = exc.errors()[0]
