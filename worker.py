@@ -31,6 +31,7 @@ from activities.observe import ObserveActivities
 from activities.tickets import TicketActivities
 from activities.verify import VerifyActivities
 from firebreak.config import Settings, load_settings
+from firebreak.deployments import DeploymentError, deployment_config, make_current
 from firebreak.telemetry import export_from_env, temporal_interceptors
 from firebreak.temporal import connect
 from workflows.incident import IncidentWorkflow
@@ -69,6 +70,7 @@ def build_worker(client: Client, settings: Settings, deps: ActivityDeps | None =
         activities=activities_for(deps),
         graceful_shutdown_timeout=drain,
         max_cached_workflows=WORKFLOW_CACHE,
+        deployment_config=deployment_config(settings.temporal),  # None: unversioned
     )
 
 
@@ -108,9 +110,11 @@ def tune_process() -> None:
 async def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Run a Firebreak worker.")
     parser.add_argument("--state-dir", default=None)
+    parser.add_argument("--make-current", action="store_true",
+                        help="route new incidents to this worker's build (temporal.deployment/build_id)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    # BENCH-BEFORE tune_process()
+    tune_process()
     settings = load_settings(args.state_dir)
     export_from_env("firebreak-worker")  # only with OTEL_EXPORTER_OTLP_ENDPOINT set
     # Traced: the workflow and its activities join the trace of the request that started them.
@@ -120,8 +124,21 @@ async def main(argv: Sequence[str] | None = None) -> None:
         "worker on %s namespace %s task queue %s", settings.temporal.address, settings.temporal.namespace,
         settings.temporal.task_queue,
     )
+    current = asyncio.create_task(_make_current(client, settings)) if args.make_current else None
     await run_until_stopped(worker)
+    if current is not None:
+        current.cancel()
     logging.getLogger("firebreak.worker").info("worker stopped")
+
+
+async def _make_current(client: Client, settings: Settings) -> None:
+    """Once this build has polled the server knows it; from then on new incidents start on it."""
+    log = logging.getLogger("firebreak.worker")
+    try:
+        await make_current(client, settings.temporal, identity=f"worker {os.getpid()}")
+        log.info("build %s is now current in deployment %s", settings.temporal.build_id, settings.temporal.deployment)
+    except DeploymentError as exc:
+        log.error("%s", exc)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,13 @@ from urllib.parse import quote
 
 import httpx
 from temporalio import activity
+from temporalio.service import RPCError
 from temporalio.exceptions import ApplicationError
 
+from activities.catalog import CatalogError, read_catalog
 from activities.credentials import activity_credential
+from activities.past_incidents import read_past
+from firebreak.diagnosis import PER_DEPENDENCY
 from activities.deps import ActivityDeps
 from activities.targets import reason, resource_url
 from firebreak.broker.client import BrokerError
@@ -64,6 +68,24 @@ def range_start(started: datetime, now: datetime, lookback: timedelta, step: tim
     return now - timedelta(seconds=points * step_s), timedelta(seconds=step_s)
 
 
+def evidence_id(spec: Investigation, params: dict[str, str]) -> str:
+    """``dep_changes:payments`` for a per-dependency investigation, the spec's id otherwise."""
+    if spec.for_each:
+        return f"{spec.id}{PER_DEPENDENCY}{params.get(spec.for_each, '')}"
+    return spec.id
+
+
+def _retry_left(info: activity.Info, source_retry_s: float) -> bool:
+    """Whether another attempt fits: within the worker's own limit and, with room for the attempt itself,
+    within the workflow's budget. Server times on both sides, so a time-skipping server agrees."""
+    waited = (info.current_attempt_scheduled_time - info.scheduled_time).total_seconds()
+    budget = info.schedule_to_close_timeout
+    attempt = info.start_to_close_timeout
+    if budget is not None and attempt is not None and waited + attempt.total_seconds() >= budget.total_seconds():
+        return False
+    return waited < source_retry_s
+
+
 class InvestigateActivities:
     def __init__(self, deps: ActivityDeps) -> None:
         self.deps = deps
@@ -76,9 +98,26 @@ class InvestigateActivities:
         if started.tzinfo is None:  # an incident system that sent a naive time means UTC
             started = started.replace(tzinfo=timezone.utc)
         evidence = Evidence(
-            id=spec.id, kind=spec.kind, title=spec.title, source=spec.target, query="", ok=False, gathered_at=now
+            id=evidence_id(spec, request.params), kind=spec.kind, title=spec.title, source=spec.target, query="",
+            ok=False, gathered_at=now,
         )
         try:
+            if spec.kind == "catalog":
+                # Many reads, each with its own grant: minted inside read_catalog, one per entity.
+                await read_catalog(self.deps, request, evidence)
+                evidence.ok = True
+                return within_budget(evidence, spec.max_bytes)
+            if spec.kind == "past_incidents":
+                # Temporal visibility, through the worker's own client; the grant records the declared read.
+                async with activity_credential(
+                    self.deps, audience=spec.target, verb=spec.scope,
+                    resource=render_plain(spec.resource, request.params), runbook=request.runbook,
+                    params=request.params, step_id=spec.id,
+                ) as credential:
+                    evidence.grant = credential.grant
+                await read_past(request, evidence, started)
+                evidence.ok = True
+                return within_budget(evidence, spec.max_bytes)
             resource = render_plain(spec.resource, request.params)
             base = self.deps.target_url(spec.target)
             async with activity_credential(
@@ -93,18 +132,17 @@ class InvestigateActivities:
                     await self._prometheus(evidence, spec, base, request.params, headers, now, started)
             evidence.ok = True
         except ApplicationError as exc:  # the broker refused the read credential
-            evidence.gap = f"{spec.id}: {exc.message}"
+            evidence.gap = f"{evidence.id}: {exc.message}"
         except (httpx.TransportError, httpx.HTTPStatusError, BrokerError) as exc:
-            # Down or restarting (the source, or the broker): worth asking again, within the workflow's budget
-            # and the worker's own `source_retry_s`. Past them the outage is a gap in the evidence.
-            info = activity.info()
-            waited = (info.current_attempt_scheduled_time - info.scheduled_time).total_seconds()
-            raise ApplicationError(
-                f"{spec.id}: {spec.target} could not be read: {type(exc).__name__}: {exc}", type="SourceUnavailable",
-                non_retryable=waited >= self.deps.settings.source_retry_s,
-            ) from None
-        except (httpx.HTTPError, SourceError, TemplateError, LookupError, ValueError) as exc:
-            evidence.gap = f"{spec.id}: {spec.target} could not be read: {type(exc).__name__}: {exc}"
+            # Down or restarting (the source, or the broker): worth asking again while the worker's
+            # `source_retry_s` and the workflow's budget leave room for another attempt. Past that the
+            # outage is a gap in the evidence, which keeps the query and the link a human can follow.
+            problem = f"{evidence.id}: {spec.target} could not be read: {type(exc).__name__}: {exc}"
+            if _retry_left(activity.info(), self.deps.settings.source_retry_s):
+                raise ApplicationError(problem, type="SourceUnavailable") from None
+            evidence.gap = problem
+        except (httpx.HTTPError, SourceError, CatalogError, TemplateError, LookupError, ValueError, RPCError) as exc:
+            evidence.gap = f"{evidence.id}: {spec.target} could not be read: {type(exc).__name__}: {exc}"
         return within_budget(evidence, spec.max_bytes)
 
     async def _prometheus(

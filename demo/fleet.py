@@ -500,8 +500,8 @@ class Fleet:
                 "bad_version": svc.version in svc.bad_versions,
                 "saturation": svc.saturated,
                 "stuck": svc.stuck,
-                "propagates": svc.propagates,
             },
+            "fails_its_callers": svc.propagates,  # the "dependency" fault
             "bad_versions": sorted(svc.bad_versions),
             "cpu_utilization": round(svc.cpu, 4),
             "request_rate": round(total, 4),

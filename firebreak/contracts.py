@@ -14,6 +14,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from firebreak.blast_radius import BlastRadius
+from firebreak.catalog import CatalogWalk
+from firebreak.past_incidents import PastIncidents
 from firebreak.runbook import Investigation, Risk, Runbook, ScalarParam
 
 LabelName = Annotated[str, Field(pattern=r"^[a-zA-Z_][a-zA-Z0-9_]{0,127}$")]
@@ -196,7 +199,7 @@ class Grant(Model):
 
 class Evidence(Model):
     id: str
-    kind: Literal["prometheus_instant", "prometheus_range", "change_log"]
+    kind: Literal["prometheus_instant", "prometheus_range", "change_log", "catalog", "past_incidents"]
     title: str = ""
     source: str
     query: str = Field(description="the exact query or request sent, after escaping")
@@ -207,6 +210,9 @@ class Evidence(Model):
     link: str | None = None
     grant: Grant | None = None
     gathered_at: datetime
+    grants: list[Grant] = Field(default_factory=list, description="a catalog walk: one grant per entity read")
+    catalog: CatalogWalk | None = Field(default=None, description="a catalog walk: the entities reached, names refused")
+    past: PastIncidents | None = Field(default=None, description="earlier incidents of this service and runbook")
 
     @property
     def latest(self) -> float | None:
@@ -220,6 +226,7 @@ class InvestigateRequest(Model):
     spec: Investigation
     params: dict[str, str]
     alert_started_at: datetime
+    name_pattern: str = Field(default="", description="a catalog walk: the pattern every name it follows must match")
 
 
 class DiagnoseRequest(Model):
@@ -242,6 +249,9 @@ class Hypothesis(Model):
     score: float = Field(ge=0, le=1)
     findings: list[Finding]
     actions: list[str]
+    params: dict[str, str] = Field(default_factory=dict, description=(
+        "derived params the plan adds, e.g. the dependency a for_each hypothesis blames"))
+    prior: float = Field(default=0.0, description="weight added by earlier incidents where this was confirmed")
 
 
 class Diagnosis(Model):
@@ -289,7 +299,7 @@ class PlanStep(Model):
 
 # Fields added to Plan after plans were first hashed: left out of the hash while unset, so
 # that a plan built by an older workflow version keeps the hash its approvals signed.
-_LATER_PLAN_FIELDS = ("params", "requesters", "evidence", "observed")
+_LATER_PLAN_FIELDS = ("params", "requesters", "evidence", "observed", "impact")
 
 
 class Plan(Model):
@@ -304,6 +314,8 @@ class Plan(Model):
     evidence: list[str] | None = Field(default=None, description="the top hypothesis's evidence, as shown")
     observed: dict[str, dict[str, Any]] | None = Field(
         default=None, description="per step, the target state its precondition must still find before the write")
+    impact: dict[str, BlastRadius] | None = Field(
+        default=None, description="per step, its blast radius from the catalog and the traffic, as shown")
 
     @model_validator(mode="after")
     def _unique_steps(self) -> "Plan":

@@ -29,7 +29,12 @@ from datetime import datetime, timedelta, timezone
 
 from firebreak.config import AGENT
 from firebreak.contracts import ChangeRecord, Diagnosis, Evidence, Finding, Hypothesis, Sample
-from firebreak.runbook import Condition, Runbook, parse_duration
+from firebreak.escaping import render_text
+from firebreak.past_incidents import MAX_PRIOR, prior
+from firebreak.runbook import Condition, HypothesisSpec, Runbook, parse_duration
+
+# Per-dependency evidence is named `{investigation id}:{dependency}`, e.g. `dep_changes:payments`.
+PER_DEPENDENCY = ":"
 
 # A change stamped a little after the alert's start still counts as before it: the change log and the alerting
 # system keep separate clocks, and Prometheus stamps an alert at the evaluation that fired it.
@@ -161,25 +166,86 @@ def unsettled(evidence: list[Evidence]) -> list[str]:
     return notes
 
 
+def dependencies(evidence: Iterable[Evidence]) -> list[str]:
+    """The alerting service's direct dependencies, as the catalog walk validated and read them."""
+    for ev in evidence:
+        if ev.kind == "catalog" and ev.ok and ev.catalog is not None:
+            return ev.catalog.dependencies
+    return []
+
+
+def evidence_for(evidence: Iterable[Evidence], dependency: str | None) -> dict[str, Evidence]:
+    """The evidence a hypothesis reads, by its runbook id: the service's own, plus ``dependency``'s own
+    per-dependency evidence (``dep_changes:payments`` read as ``dep_changes``). Another dependency's never mixes in."""
+    view = {ev.id: ev for ev in evidence if PER_DEPENDENCY not in ev.id}
+    if dependency is not None:
+        view |= {ev.id.split(PER_DEPENDENCY)[0]: ev for ev in evidence
+                 if ev.id.endswith(f"{PER_DEPENDENCY}{dependency}")}
+    return view
+
+
+def _judge(spec: HypothesisSpec, by_id: dict[str, Evidence], started: datetime,
+           dependency: str | None = None) -> Hypothesis:
+    findings: list[Finding] = []
+    for cond in spec.conditions:
+        ev = by_id.get(cond.evidence)
+        if ev is None or not ev.ok:
+            missing = "no dependency from the catalog" if spec.for_each and dependency is None else "missing"
+            held, detail = False, f"{cond.evidence}: not gathered ({ev.gap if ev else missing})"
+        else:
+            held, detail = _test(cond, ev, by_id, started)
+        label = f"{cond.description}: " if cond.description else ""
+        findings.append(Finding(evidence=cond.evidence, test=cond.test, held=held, weight=cond.weight,
+                                detail=label + detail))
+    total = sum(f.weight for f in findings)
+    score = sum(f.weight for f in findings if f.held) / total
+    if not spec.for_each:
+        return Hypothesis(id=spec.id, title=spec.title, score=round(score, 4), findings=findings,
+                          actions=list(spec.actions))
+    subject = dependency or "(none found)"
+    return Hypothesis(
+        id=spec.id, title=render_text(spec.title, {spec.for_each: subject}), score=round(score, 4), findings=findings,
+        # Without a dependency there is no target to derive a step for.
+        actions=list(spec.actions) if dependency else [],
+        params={spec.for_each: dependency} if dependency else {},
+    )
+
+
+def _with_prior(hypothesis: Hypothesis, past: Evidence) -> Hypothesis:
+    """A hypothesis confirmed by earlier incidents gains a bounded, visible weight, only if this incident's
+    own evidence already supports it somewhat: history breaks a near tie, it never makes a case alone."""
+    assert past.past is not None
+    subject = hypothesis.params.get("dependency", "")
+    weight = prior(past.past, hypothesis.id, subject)
+    if weight <= 0 or hypothesis.score <= 0:
+        return hypothesis
+    count = past.past.confirmed[(hypothesis.id, subject)]
+    finding = Finding(
+        evidence=past.id, test="confirmed_before", held=True, weight=0,
+        detail=(f"confirmed before: {count} earlier incident{'s' if count != 1 else ''} resolved by this "
+                f"hypothesis's plan ({past.past.summary()}): +{weight:.2f} (at most {MAX_PRIOR:.2f})"),
+    )
+    return hypothesis.model_copy(update={"score": round(min(1.0, hypothesis.score + weight), 4), "prior": weight,
+                                         "findings": [*hypothesis.findings, finding]})
+
+
 def diagnose(runbook: Runbook, evidence: list[Evidence], started: datetime) -> Diagnosis:
     if started.tzinfo is None:  # an incident system that sent a naive time means UTC
         started = started.replace(tzinfo=timezone.utc)
-    by_id = {ev.id: ev for ev in evidence}
     gaps = [ev.gap for ev in evidence if ev.gap] + unsettled(evidence)
+    own = evidence_for(evidence, None)
+    found = dependencies(evidence)
     hypotheses: list[Hypothesis] = []
     for spec in runbook.diagnose:
-        findings: list[Finding] = []
-        for cond in spec.conditions:
-            ev = by_id.get(cond.evidence)
-            if ev is None or not ev.ok:
-                held, detail = False, f"{cond.evidence}: not gathered ({ev.gap if ev else 'missing'})"
-            else:
-                held, detail = _test(cond, ev, by_id, started)
-            label = f"{cond.description}: " if cond.description else ""
-            findings.append(Finding(evidence=cond.evidence, test=cond.test, held=held, weight=cond.weight, detail=label + detail))
-        total = sum(f.weight for f in findings)
-        score = sum(f.weight for f in findings if f.held) / total
-        hypotheses.append(Hypothesis(id=spec.id, title=spec.title, score=round(score, 4), findings=findings, actions=list(spec.actions)))
+        if spec.for_each:
+            # One hypothesis per dependency, each judged on that dependency's evidence alone.
+            hypotheses += [_judge(spec, evidence_for(evidence, d), started, d) for d in found] or [
+                _judge(spec, own, started)]
+        else:
+            hypotheses.append(_judge(spec, own, started))
+    past = next((ev for ev in evidence if ev.kind == "past_incidents" and ev.ok and ev.past is not None), None)
+    if past is not None:
+        hypotheses = [_with_prior(h, past) for h in hypotheses]
     # Stable sort: on a tie the runbook's order decides.
     hypotheses.sort(key=lambda h: -h.score)
     return Diagnosis(hypotheses=hypotheses, gaps=gaps)

@@ -47,16 +47,19 @@ def _grants(value: Any) -> list[str]:
     """Grant ids anywhere in a result: proof that each activity held its own credential."""
     found: list[str] = []
     if isinstance(value, dict):
-        grant = value.get("grant")
-        if isinstance(grant, dict) and "grant_id" in grant:
-            found.append(f"grant {grant['grant_id']} {grant.get('scope', '')} until {str(grant.get('expires_at', ''))[11:19]}")
+        # "grant": the activity's credential; "grants": one per read of a catalog walk.
+        held = [value.get("grant"), *(value.get("grants") if isinstance(value.get("grants"), list) else [])]
+        for grant in held:
+            if isinstance(grant, dict) and "grant_id" in grant:
+                found.append(f"grant {grant['grant_id']} {grant.get('scope', '')} "
+                             f"until {str(grant.get('expires_at', ''))[11:19]}")
         for key, inner in value.items():
-            if key != "grant":
+            if key not in ("grant", "grants"):
                 found += _grants(inner)
     elif isinstance(value, list):
         for inner in value:
             found += _grants(inner)
-    return found
+    return list(dict.fromkeys(found))
 
 
 class HistoryRow(NamedTuple):

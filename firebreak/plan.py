@@ -67,6 +67,8 @@ def build_plan(
     ``bind_all`` puts the params, the requesters and the evidence shown into the plan (and
     so into its hash); only replays of incidents started before that existed pass False.
     """
+    # A hypothesis judged per dependency adds that dependency (validated by the walk) to the params.
+    params = {**params, **hypothesis.params}
     steps = [derive_step(runbook, params, name, number) for number, name in enumerate(hypothesis.actions, start=1)]
     if not steps:
         return None
@@ -96,9 +98,19 @@ def over_caps(plan: Plan, runbook: Runbook) -> str | None:
     caps = runbook.remediate.caps
     if caps.max_steps is not None and len(plan.steps) > caps.max_steps:
         return f"caps.max_steps: {len(plan.steps)} steps, at most {caps.max_steps}"
-    service = (plan.params or {}).get("service")
-    if caps.services is not None and service is not None and service not in caps.services:
-        return f"caps.services: {service!r} is not among {caps.services}"
+    for name in ("service", "dependency"):  # the alerting service, and a dependency a step targets
+        service = (plan.params or {}).get(name)
+        if caps.services is not None and service is not None and service not in caps.services:
+            return f"caps.services: {service!r} is not among {caps.services}"
+    if caps.max_dependents is not None:
+        # A cap on the blast radius needs one: a step without a computed radius is not judged safe.
+        unknown = [step.id for step in plan.steps if step.id not in (plan.impact or {})]
+        if unknown:
+            return f"caps.max_dependents: no computed blast radius for step {', '.join(unknown)}"
+        for step_id, radius in (plan.impact or {}).items():
+            if len(radius.dependents) > caps.max_dependents:
+                return (f"caps.max_dependents: step {step_id} on {radius.target} reaches {len(radius.dependents)} "
+                        f"dependents ({', '.join(d.name for d in radius.dependents)}), at most {caps.max_dependents}")
     for step in plan.steps:
         for name, ceiling in caps.max_params.items():
             value = step.params.get(name)
@@ -137,6 +149,16 @@ def check_plan(plan: Plan, runbook: Runbook) -> None:
     hypothesis = next((h for h in runbook.diagnose if h.id == plan.hypothesis), None)
     if hypothesis is None:
         raise ValueError(f"hypothesis: {plan.hypothesis!r} is not in runbook {runbook.name!r}")
+    for name in plan.params:
+        # A derived param (the dependency a step targets) only answers a hypothesis judged per dependency.
+        derived = runbook.params[name].derived
+        if derived and hypothesis.for_each != derived:
+            raise ValueError(f"params.{name}: derived from the {derived} walk, but hypothesis "
+                             f"{hypothesis.id!r} is not judged per {derived}")
+    missing = [n for n, p in runbook.params.items() if p.derived and p.derived == hypothesis.for_each
+               and n not in plan.params]
+    if missing:
+        raise ValueError(f"params: hypothesis {hypothesis.id!r} needs {missing}")
     if [s.action for s in plan.steps] != list(hypothesis.actions):
         raise ValueError(f"steps: hypothesis {hypothesis.id!r} answers with {hypothesis.actions}, "
                          f"not {[s.action for s in plan.steps]}")

@@ -90,6 +90,10 @@ def privileges(runbooks: Iterable[Runbook]) -> list[Privilege]:
             add(Privilege(target=spec.target, verb=spec.scope, resource=spec.resource,
                           params=_params(book, spec.resource), kind="read",
                           classification=_classify(spec.target, spec.scope, "read", ""), runbooks=[book.name]))
+            if spec.follow:  # a catalog walk's further reads: one named entity each
+                add(Privilege(target=spec.target, verb=spec.scope, resource=spec.follow,
+                              params=_params(book, spec.follow), kind="read",
+                              classification=_classify(spec.target, spec.scope, "read", ""), runbooks=[book.name]))
         for name, action in book.remediate.actions.items():
             policy = book.remediate.policy_for(action)
             timeout = parse_duration(action.timeout).total_seconds()
@@ -242,8 +246,9 @@ def usage(data: dict[str, Any], audit_records: Iterable[dict[str, Any]], *, sinc
             if row["kind"] != "read" and verb.endswith(".read"):
                 continue
             if covers({**row, "kind": "x"}, "x", str(record.get("audience")), verb, resource):
+                # Counted for every template that covers it (service/{service} and service/{dependency} both
+                # grant service/checkout): "never used" then flags only what surely was not.
                 row["uses"] += 1
                 row["last_used"] = max(row["last_used"] or "", str(record["at"]))
-                break
     return {**data, "usage_since": since, "privileges": rows,
             "never_used": [_key(r) for r in rows if r["uses"] == 0]}

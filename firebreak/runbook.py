@@ -51,12 +51,24 @@ class _Strict(BaseModel):
 
 
 class Param(_Strict):
-    """A value taken from an alert label, checked against a pattern before any use."""
+    """A value taken from an alert label, checked against a pattern before any use.
 
-    label: str
+    A ``derived`` param comes from no label: ``dependency`` is each dependency the catalog walk found
+    (validated against ``pattern`` like a label), used only by ``for_each: dependency`` investigations,
+    hypotheses and their actions.
+    """
+
+    label: str = ""
+    derived: Literal["dependency"] | None = None
     pattern: str = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
     default: str | None = None
     description: str = ""
+
+    @model_validator(mode="after")
+    def _source(self) -> "Param":
+        if bool(self.label) == bool(self.derived):
+            raise ValueError("a param takes either a label or derived, exactly one")
+        return self
 
     @field_validator("pattern")
     @classmethod
@@ -75,7 +87,7 @@ class Match(_Strict):
 
 class Investigation(_Strict):
     id: Identifier
-    kind: Literal["prometheus_instant", "prometheus_range", "change_log"]
+    kind: Literal["prometheus_instant", "prometheus_range", "change_log", "catalog", "past_incidents"]
     title: str = ""
     query: str = Field(default="", description="PromQL; {param} placeholders are escaped as PromQL string content")
     lookback: Duration = "15m"
@@ -85,11 +97,18 @@ class Investigation(_Strict):
     resource: str = Field(description="template of what is read, e.g. 'service/{service}'")
     max_bytes: int = Field(default=64 * 1024, ge=4 * 1024, le=256 * 1024, description=(
         "the most this evidence may weigh as JSON: larger answers are downsampled, and say so"))
+    for_each: Literal["dependency"] | None = Field(default=None, description=(
+        "run once per dependency the catalog walk found, with the derived param set to it"))
+    follow: str = Field(default="", description=(
+        "catalog: the resource template of every further entity read, e.g. 'component/{dependency}'"))
+    depth: int = Field(default=2, ge=1, le=4, description="catalog: how many dependsOn hops to follow")
 
     @model_validator(mode="after")
     def _kind_fields(self) -> "Investigation":
         if self.kind.startswith("prometheus") and not self.query:
             raise ValueError("a prometheus investigation needs a query")
+        if self.kind == "catalog" and (not self.follow or self.for_each):
+            raise ValueError("a catalog investigation needs follow, and is not for_each")
         return self
 
 
@@ -111,6 +130,8 @@ class HypothesisSpec(_Strict):
     title: str
     conditions: list[Condition] = Field(min_length=1)
     actions: list[Identifier] = Field(default_factory=list, description="catalog actions that answer it")
+    for_each: Literal["dependency"] | None = Field(default=None, description=(
+        "judged once per dependency the catalog walk found; its conditions read that dependency's evidence"))
 
 
 class Decide(_Strict):
@@ -189,6 +210,9 @@ DEFAULT_POLICY: dict[str, ApprovalPolicy] = {
 class Caps(_Strict):
     """What a plan may never do, whatever the diagnosis says: an unsafe output is not proposed, it escalates."""
 
+    max_dependents: int | None = Field(default=None, ge=0, description=(
+        "the most catalog dependents (transitive) a step's target may have: a wider blast radius escalates"))
+
     max_steps: int | None = Field(default=None, ge=1, description="the most steps one plan may hold")
     services: list[str] | None = Field(default=None, description="the only services a plan may touch (param 'service')")
     max_params: dict[str, float] = Field(default_factory=dict, description="numeric step params' ceilings, e.g. replicas: 10")
@@ -243,11 +267,37 @@ class Runbook(_Strict):
             templates.append((f"remediate.actions.{name}.resource", action.resource))
             if action.verify:
                 templates.append((f"remediate.actions.{name}.verify", action.verify.query))
+        templates += [(f"investigate.{i.id}.follow", i.follow) for i in self.investigate if i.follow]
         for where, template in templates:
             unknown = placeholders(template) - known
             if unknown:
                 raise ValueError(f"{where} uses undeclared params {sorted(unknown)}")
+        self._derived_uses()
         return self
+
+    def _derived_uses(self) -> None:
+        """A derived param has a value only per dependency: only for_each entries (and catalog follow) use it."""
+        derived = {n for n, p in self.params.items() if p.derived}
+        if not derived:
+            return
+        for spec in self.investigate:
+            used = placeholders(spec.query) | placeholders(spec.resource)
+            if used & derived and not spec.for_each:
+                raise ValueError(f"investigate.{spec.id} uses derived params {sorted(used & derived)} without for_each")
+        per_dependency = {i.id for i in self.investigate if i.for_each}
+        for hyp in self.diagnose:
+            uses = {c.evidence for c in hyp.conditions} & per_dependency
+            if uses and not hyp.for_each:
+                raise ValueError(f"hypothesis {hyp.id!r} reads per-dependency evidence {sorted(uses)} without for_each")
+        answered_per_dependency = {a for h in self.diagnose if h.for_each for a in h.actions}
+        for name, action in self.remediate.actions.items():
+            used = placeholders(action.resource) | (placeholders(action.verify.query) if action.verify else set())
+            if used & derived and name not in answered_per_dependency:
+                raise ValueError(f"remediate.actions.{name} uses derived params {sorted(used & derived)} "
+                                 "but no for_each hypothesis answers with it")
+            for hyp in self.diagnose:
+                if name in hyp.actions and used & derived and not hyp.for_each:
+                    raise ValueError(f"hypothesis {hyp.id!r} answers with {name!r}, which needs a dependency")
 
     # -- matching -------------------------------------------------------------
 
@@ -260,6 +310,8 @@ class Runbook(_Strict):
         """Validated params from alert labels; raises LabelError naming the label."""
         values: dict[str, str] = {}
         for name, param in self.params.items():
+            if param.derived:  # filled by the investigation, never by an alert
+                continue
             value = labels.get(param.label, param.default)
             if value is None:
                 raise LabelError(param.label, "is missing")

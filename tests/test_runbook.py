@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -34,7 +35,7 @@ def test_typo_in_a_field_names_file_line_and_field(tmp_path: Path):
 
 
 def test_wrong_type_names_the_line_of_the_value():
-    bad = GOOD.replace("version: 1\n", "version: first\n", 1)
+    bad = re.sub(r"^version: \d+\n", "version: first\n", GOOD, count=1, flags=re.M)
     with pytest.raises(RunbookError) as err:
         parse_runbook(bad, "rb.yaml")
     line = next(i for i, text in enumerate(bad.splitlines(), 1) if text.startswith("version:"))

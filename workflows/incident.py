@@ -69,7 +69,9 @@ with workflow.unsafe.imports_passed_through():
         VerifyRequest,
         VerifyResult,
     )
-    from firebreak.diagnosis import indecision
+    from activities.investigate import evidence_id
+    from firebreak.correlation import correlation_lines, impact_of, owner_to_escalate
+    from firebreak.diagnosis import dependencies, indecision
     from firebreak.plan import build_plan, over_caps, undo_params
     from firebreak.runbook import Investigation, parse_duration
     from firebreak.temporal import PHASE, RUNBOOK, SERVICE, SEVERITY
@@ -89,6 +91,7 @@ WRITE = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2
 HOLD_POLL = timedelta(seconds=15)  # how often a held incident asks again whether the broker thawed
 MAX_PROPOSALS = 3  # a plan that keeps going stale is a human's job
 MIN_TOP_SCORE = 0.5
+MAX_DEPENDENCIES = 8  # per-dependency reads: 4 each; a catalog listing dozens is a human's to read
 # What incidents started before lifecycle v2 ran with: kept so that they replay as they ran.
 _LEGACY_PATIENT = RetryPolicy(initial_interval=timedelta(seconds=2), maximum_interval=timedelta(minutes=1),
                               maximum_attempts=8)
@@ -152,8 +155,11 @@ class IncidentWorkflow:
             self._restore(self.incident.carried)
         self.v2 = False  # set in run(): False only when replaying an incident started before lifecycle v2
         self.console = False  # set in run(): the operator's console (endings as Failed, refusals as failed updates)
+        self.correlation = False  # set in run(): the catalog walk and per-dependency evidence
         self.waiting_shown = ""
         self.approval_lock = asyncio.Lock()
+        # The preconditions re-read, started beside the check of an approval that may decide the plan.
+        self.precheck: asyncio.Future[dict[str, dict[str, Any]] | str] | None = None
 
     # -- messages -------------------------------------------------------------
 
@@ -286,6 +292,9 @@ class IncidentWorkflow:
         # Endings that need a human fail the run, refusals fail their update, the memo says what the
         # incident waits for: incidents started before the console replay as they ran.
         self.console = self.v2 and workflow.patched("operator-console")
+        # Correlation across services: the catalog walk, per-dependency evidence, computed blast radius,
+        # escalation to the owner the evidence points at. Incidents started before it replay as they ran.
+        self.correlation = self.console and workflow.patched("correlation")
         incident = self.incident
         runbook = incident.runbook
         # Signal-with-start delivers the alert with the first task; wait in case it came apart.
@@ -325,7 +334,7 @@ class IncidentWorkflow:
         runbook = incident.runbook
         await self._enter(Phase.investigating)
         started = self.started_at or self.opened_at
-        self.evidence = list(await asyncio.gather(*[self._investigate(spec, started) for spec in runbook.investigate]))
+        self.evidence = await self._gather_evidence(started)
         if self._all_resolved():
             return await self._close(Phase.auto_resolved, "the alert cleared during investigation; nothing executed")
 
@@ -339,8 +348,7 @@ class IncidentWorkflow:
             await workflow.sleep(parse_duration(runbook.decide.reinvestigate_after),
                                  summary=f"re-investigate once: {why}"[:200])
             await self._enter(Phase.investigating)
-            self.evidence = list(await asyncio.gather(*[self._investigate(spec, started)
-                                                        for spec in runbook.investigate]))
+            self.evidence = await self._gather_evidence(started)
             if self._all_resolved():
                 return await self._close(Phase.auto_resolved, "the alert cleared during investigation; nothing executed")
             await self._enter(Phase.diagnosing)
@@ -363,6 +371,9 @@ class IncidentWorkflow:
             bind_all=bind_all,
         )
         assert self.plan is not None  # top.actions is not empty
+        if self.correlation:
+            # Shown to the approvers and hashed with the plan: who else is hurt if each step's target misbehaves.
+            self.plan = self.plan.model_copy(update={"impact": impact_of(self.plan, self.evidence)})
         cap = over_caps(self.plan, runbook) if self.v2 else None
         if cap is not None:
             # An unsafe output is never proposed: a human gets the incident, and the cap it broke.
@@ -386,34 +397,68 @@ class IncidentWorkflow:
         return None
 
     async def _diagnose(self, started: datetime) -> Diagnosis:
+        request = DiagnoseRequest(runbook=self.incident.runbook, evidence=self.evidence, alert_started_at=started)
+        if workflow.patched("diagnose-local"):
+            # Computation on the evidence, no I/O: a local activity (its result recorded in history all the
+            # same) skips a round trip through the server and a workflow task on the way to the proposal.
+            return await workflow.execute_local_activity(
+                diagnose, request, start_to_close_timeout=timedelta(seconds=30), retry_policy=QUICK,
+                summary="rank hypotheses from the evidence",
+            )
         return await workflow.execute_activity(
             diagnose,
-            DiagnoseRequest(runbook=self.incident.runbook, evidence=self.evidence, alert_started_at=started),
+            request,
             start_to_close_timeout=timedelta(seconds=30),
             retry_policy=QUICK,
             summary="rank hypotheses from the evidence",
         )
 
-    async def _investigate(self, spec: Investigation, started: datetime) -> Evidence:
+    async def _gather_evidence(self, started: datetime) -> list[Evidence]:
+        """The service's own evidence; with correlation, alongside it the catalog walk, then each dependency's."""
+        runbook = self.incident.runbook
+        own = [s for s in runbook.investigate if s.kind != "catalog" and not s.for_each]
+        if not self.correlation:
+            return list(await asyncio.gather(*[self._investigate(spec, started) for spec in own]))
+        walks = [s for s in runbook.investigate if s.kind == "catalog"]
+        per_dependency = [s for s in runbook.investigate if s.for_each]
+
+        async def walk_then_dependencies() -> list[Evidence]:
+            walked = [await self._investigate(spec, started) for spec in walks]
+            found = dependencies(walked)[:MAX_DEPENDENCIES]
+            more = await asyncio.gather(*[self._investigate(spec, started, {spec.for_each: name})
+                                          for name in found for spec in per_dependency if spec.for_each])
+            return walked + list(more)
+
+        mine, theirs = await asyncio.gather(
+            asyncio.gather(*[self._investigate(spec, started) for spec in own]), walk_then_dependencies())
+        return list(mine) + theirs
+
+    async def _investigate(self, spec: Investigation, started: datetime,
+                           derived: dict[str, str] | None = None) -> Evidence:
+        params = {**self.incident.params, **(derived or {})}
+        # The pattern every name a catalog walk follows must match: the runbook's derived param's.
+        pattern = next((p.pattern for p in self.incident.runbook.params.values() if p.derived), "")
         try:
             return await workflow.execute_activity_method(
                 InvestigateActivities.investigate,
                 InvestigateRequest(
                     incident_id=self.incident.incident_id, runbook=self.incident.runbook.name, spec=spec,
-                    params=self.incident.params, alert_started_at=started,
+                    params=params, alert_started_at=started,
+                    name_pattern=pattern if spec.kind == "catalog" else "",
                 ),
                 # v2: a source or broker that is down or restarting delays the read for up to a minute;
                 # past that budget it is a gap.
                 start_to_close_timeout=timedelta(seconds=15 if self.v2 else 30),
                 schedule_to_close_timeout=INVESTIGATION_BUDGET if self.v2 else None,
                 retry_policy=PATIENT if self.v2 else QUICK,
-                summary=f"investigate {spec.id}: {spec.title or spec.kind}",
+                summary=f"investigate {evidence_id(spec, params)}: {spec.title or spec.kind}",
             )
         except ActivityError as exc:
             # An investigation that failed outright is a gap in the evidence, not a failed incident.
             return Evidence(
-                id=spec.id, kind=spec.kind, title=spec.title, source=spec.target, query="", ok=False,
-                gap=f"{spec.id}: investigation failed: {_cause(exc)}", gathered_at=workflow.now(),
+                id=evidence_id(spec, params), kind=spec.kind, title=spec.title, source=spec.target, query="",
+                ok=False, gap=f"{evidence_id(spec, params)}: investigation failed: {_cause(exc)}",
+                gathered_at=workflow.now(),
             )
 
     # -- approval -------------------------------------------------------------
@@ -493,6 +538,12 @@ class IncidentWorkflow:
                 return self._record_refusal(payload, via, f"malformed approval: {field}: {first['msg']}")
             if self.phase != Phase.awaiting_approval or self.plan is None:
                 return self._record_refusal(payload, via, f"the incident is {self.phase.value}, not awaiting approval")
+            if (approval.decision == "approve" and approval.signature and self.v2 and self.plan.observed
+                    and self.precheck is None and workflow.patched("precheck-with-approval")):
+                # The re-read that must precede the first write, started now beside the approval's check, so the
+                # write waits for the slower of the two, not for both in turn. Used only if this approval decides.
+                self.precheck = asyncio.ensure_future(self._observe_all(self.plan))
+                self.background.append(self.precheck)  # a close or continue-as-new lets it finish first
             if not approval.signature:
                 check = ApprovalCheck(valid=False, reason="unsigned: approvals must be signed with the approver's key")
             else:
@@ -515,6 +566,8 @@ class IncidentWorkflow:
                 requested_by=self._requesters(), now=workflow.now(),
             )
             judgement = self.verdict.judgements[-1]
+            if not self._decided():
+                self.precheck = None  # read too early for a decision still to come: the next approval reads again
             self.records.append(ApprovalRecord(
                 approver=approval.approver, decision=approval.decision, counted=judgement.counted,
                 reason=judgement.reason, steps=approval.steps, plan_hash=approval.plan_hash,
@@ -680,7 +733,9 @@ class IncidentWorkflow:
                     workflow.execute_activity_method(
                         ObserveActivities.observe_target,
                         ObserveRequest(incident_id=self.incident.incident_id, runbook=self.incident.runbook.name,
-                                       params=self.incident.params, step=s, fields=f),
+                                       # the plan's params: a step on a dependency reads it by its derived name
+                                       params=plan.params if self.correlation and plan.params
+                                       else self.incident.params, step=s, fields=f),
                         start_to_close_timeout=timedelta(seconds=15),
                         schedule_to_close_timeout=timedelta(minutes=2),
                         retry_policy=PATIENT,
@@ -697,7 +752,8 @@ class IncidentWorkflow:
             return await self._close(Phase.auto_resolved, "the alert cleared before execution; nothing executed")
         if not self.plan.observed:
             return None
-        now = await self._observe_all(self.plan)
+        precheck, self.precheck = self.precheck, None
+        now = await precheck if precheck is not None else await self._observe_all(self.plan)
         if isinstance(now, str):
             return await self._close(Phase.failed, f"escalated to a human: {now}; nothing executed")
         for step_id, before in self.plan.observed.items():
@@ -820,6 +876,9 @@ class IncidentWorkflow:
                 payload={
                     **status.model_dump(mode="json", exclude={"evidence"}),
                     "evidence_links": [e.link for e in status.evidence if e.link],
+                    **({"correlation": correlation_lines(
+                        status.hypotheses[0] if status.hypotheses else None, status.service, status.evidence,
+                        status.plan)} if self.correlation else {}),
                     "approve_command": f"firebreak approve {self.incident.incident_id} --key PATH",
                 },
             ),
@@ -831,6 +890,10 @@ class IncidentWorkflow:
     async def _notify(self, kind: str, summary: str) -> None:
         runbook = self.incident.runbook
         to = runbook.remediate.escalate_to or "on-call"
+        if self.correlation and kind != "closed":
+            # The evidence points at a dependency: its owning team (from the catalog) takes the escalation.
+            top = self.diagnosis.hypotheses[0] if self.diagnosis and self.diagnosis.hypotheses else None
+            to = owner_to_escalate(top, self.incident.params.get("service", ""), self.evidence) or to
         await self._to_sink(
             NotifyActivities.notify,
             Notification(
@@ -868,6 +931,8 @@ class IncidentWorkflow:
             lines.append(f"top hypothesis: {top.title} ({top.score:.0%})")
             lines += [f"{'held' if f.held else 'not held'}: {f.detail}" for f in top.findings]
             lines += [f"gap: {g}" for g in self.diagnosis.gaps]
+            if self.correlation:
+                lines += correlation_lines(top, self.incident.params.get("service", ""), self.evidence, self.plan)
         lines += [f"step {r.step_id} {r.status}: {r.detail}"
                   + (f"; rollback {r.rollback.status}: {r.rollback.detail}" if r.rollback else "") for r in self.steps]
         return [line[:500] for line in lines[:30]]

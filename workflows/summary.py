@@ -10,6 +10,7 @@ collect many refused approvals.
 from __future__ import annotations
 
 from firebreak.contracts import NEEDS_A_HUMAN, ApprovalRecord, IncidentStatus, Phase, PlanStep, StepResult
+from firebreak.correlation import correlation_lines
 
 MAX_HYPOTHESES = 3
 MAX_FINDINGS = 5
@@ -57,6 +58,7 @@ def status_markdown(status: IncidentStatus) -> str:
         out.append(f"{'Escalated' if status.escalated else 'Escalates'} at {status.escalates_at:{_TIME}}; "
                    f"expires at {status.expires_at:{_TIME}}")
     out += _hypotheses(status)
+    out += _correlation(status)
     out += _plan(status)
     out += _approvals(status)
     out += _results(status.steps)
@@ -80,6 +82,14 @@ def _hypotheses(status: IncidentStatus) -> list[str]:
                            for f in hyp.findings[:MAX_FINDINGS])
         out.append(f"- **{hyp.title}** {hyp.score:.0%}{findings}")
     return out
+
+
+def _correlation(status: IncidentStatus) -> list[str]:
+    """The failing dependency, its owner, the blast radius, catalog refusals and past incidents."""
+    top = status.hypotheses[0] if status.hypotheses else None
+    lines = correlation_lines(top, status.service, status.evidence, status.plan)
+    lines += [f"past incidents: {ev.past.summary()}" for ev in status.evidence if ev.past is not None]
+    return ["#### Correlation"] + [f"- {_one_line(line, 400)}" for line in lines] if lines else []
 
 
 def _step_line(step: PlanStep) -> str:

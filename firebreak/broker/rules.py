@@ -80,6 +80,8 @@ def _declared_reads(runbook: Runbook) -> list[tuple[str, str, str]]:
     """(target, verb, resource template) of every read the runbook declares: its investigations,
     and the target-state read of each catalog action with a precondition."""
     reads = [(spec.target, spec.scope, spec.resource) for spec in runbook.investigate]
+    # A catalog walk reads one named entity per grant: the service's, then each one it follows.
+    reads += [(spec.target, spec.scope, spec.follow) for spec in runbook.investigate if spec.follow]
     reads += [(a.target, f"{a.target}.read", a.resource) for a in runbook.remediate.actions.values() if a.precondition]
     return reads
 
