@@ -203,9 +203,12 @@ def up(state_dir: Path, ports: Ports | None = None, *, with_prometheus: bool = T
             *(["--ui-codec-endpoint", codec_url] if codec_url else []),
         ])
         broker_url = f"http://127.0.0.1:{p.broker}"
+        fleet_url = f"http://127.0.0.1:{p.fleet}"
+        # The broker reads the fleet's catalog itself (dependency and blast radius checks); lazily, so
+        # the fleet starting after it is fine.
         broker = stack.spawn("broker", [py, "-m", "firebreak.broker", "--host", "127.0.0.1", "--port", str(p.broker),
                                         "--state-dir", str(state_dir), "--roster", str(roster),
-                                        "--runbooks-dir", str(default_runbook_dir())])
+                                        "--runbooks-dir", str(default_runbook_dir()), "--catalog-url", fleet_url])
         wait_http(f"{broker_url}/healthz", proc=broker)
         # Where Alertmanager sends Firebreak's own security alerts: a webhook that files a ticket.
         _private_dir(state_dir / "security")
@@ -214,7 +217,6 @@ def up(state_dir: Path, ports: Ports | None = None, *, with_prometheus: bool = T
         security = stack.spawn("security", [py, "-m", "firebreak.security_receiver", "--host", "127.0.0.1",
                                             "--port", str(p.security), "--state-dir", str(state_dir)])
         wait_http(f"{security_url}/healthz", proc=security)
-        fleet_url = f"http://127.0.0.1:{p.fleet}"
         fleet = stack.spawn("fleet", [py, "-m", "demo.fleet", "--host", "127.0.0.1", "--port", str(p.fleet),
                                       "--broker-url", broker_url, "--state-dir", str(state_dir / "fleet")],
                             env={"FIREBREAK_CHAOS_TOKEN": chaos_token})  # not in argv, where ps shows it

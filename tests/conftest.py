@@ -27,6 +27,9 @@ from temporalio.client import Client
 from temporalio.converter import DataConverter
 from temporalio.testing import WorkflowEnvironment
 
+from fastapi import FastAPI
+
+from demo.catalog import add_routes as add_catalog_routes
 from demo.fleet import FleetServer
 from demo.prom import find_binary
 from firebreak import signing
@@ -35,6 +38,7 @@ from firebreak.codec import PayloadAuthCodec, ensure_key_file
 from firebreak.config import Settings, TemporalSettings
 from firebreak.contracts import Approval
 from firebreak.runbook import default_runbook_dir
+from firebreak.serving import ThreadedServer
 from firebreak.stack import DEMO_PEOPLE, ensure_demo_roster
 from firebreak.temporal import DATA_CONVERTER, SEARCH_ATTRIBUTES, data_converter
 
@@ -138,7 +142,17 @@ def runbooks_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def broker(state_dir: Path, runbooks_dir: Path) -> Iterator[BrokerServer]:
     with BrokerServer(state_dir, roster_path=state_dir / "roster.yaml", runbooks_dir=runbooks_dir) as server:
-        yield server
+        # The broker checks dependencies and blast radius against its own catalog read: the demo's
+        # catalog, served for the session (tests with their own fleet need no catalog of their own);
+        # the `fleet` fixture points it at that fleet's catalog (the same entities) while it runs.
+        verifier = signing.TargetVerifier.from_broker(server.url, "catalog")
+        app = FastAPI()
+        add_catalog_routes(app, verifier)
+        with ThreadedServer(app, name="session-catalog") as catalog:
+            server.session_catalog_url = catalog.url  # type: ignore[attr-defined]
+            server.use_catalog(catalog.url)
+            yield server
+        verifier.close()
 
 
 @pytest.fixture
@@ -147,7 +161,12 @@ def fleet(broker: BrokerServer) -> Iterator[FleetServer]:
     catalog = signing.TargetVerifier.from_broker(broker.url, "catalog")
     with FleetServer(verifier=verifier, chaos_token="test-chaos", close_verifier=True,
                      catalog_verifier=catalog) as server:
-        yield server
+        # The broker checks dependencies and blast radius against its own read of this catalog.
+        broker.use_catalog(server.url)
+        try:
+            yield server
+        finally:
+            broker.use_catalog(broker.session_catalog_url)  # type: ignore[attr-defined]
 
 
 def worker_settings_for(state_dir: Path, runbooks_dir: Path, broker: BrokerServer, fleet: FleetServer,

@@ -18,6 +18,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--roster", type=Path, default=None, help="default: STATE_DIR/roster.yaml")
     parser.add_argument("--runbooks-dir", type=Path, default=None, help="default: the shipped runbooks")
+    parser.add_argument("--catalog-url", default=None,
+                        help="the service catalog (Backstage API) the broker reads to check dependencies and "
+                             "blast radius; without it, such writes are refused")
     args = parser.parse_args(argv)
     run(
         host=args.host,
@@ -25,6 +28,7 @@ def main(argv: list[str] | None = None) -> None:
         state_dir=args.state_dir,
         roster_path=args.roster,
         runbooks_dir=args.runbooks_dir,
+        catalog_url=args.catalog_url,
     )
 
 

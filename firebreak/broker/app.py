@@ -28,6 +28,9 @@ from firebreak.broker.metrics import BrokerMetrics
 from firebreak.privileges_cli import REPO_LOCK
 from firebreak.broker.audit import AuditLog, checkpoint_at_shutdown
 from firebreak.broker.agent_credential import AgentCredential
+from firebreak.broker.catalog_check import AUDIENCE as CATALOG_AUDIENCE
+from firebreak.broker.catalog_check import VERB as CATALOG_VERB
+from firebreak.broker.catalog_check import BrokerCatalog, CatalogUnavailable, check_request
 from firebreak.broker.metrics import IdentityGauges
 from firebreak.broker.models import (
     ApprovalCheckRequest,
@@ -49,6 +52,7 @@ from firebreak.broker.state import (
 from firebreak.config import AGENT, load_settings
 from firebreak.identity import AgentIdentity
 from firebreak.contracts import ApprovalCheck
+from firebreak.plan import check_plan
 from firebreak.receipts import load_intake_public_keys
 from firebreak.roster import RosterSource
 from firebreak.broker.runbooks import RunbookArchive
@@ -81,6 +85,8 @@ class BrokerConfig:
     privileges_lock: Path | None = REPO_LOCK  # the reviewed baseline; mints outside it are counted
     # Owner, environment (put in every token's audience) and the bootstrap credential's maximum age.
     identity: AgentIdentity = field(default_factory=AgentIdentity)
+    # The service catalog (Backstage API) the broker reads itself to check dependencies and blast radius.
+    catalog_url: str | None = None
 
 
 class Broker:
@@ -100,6 +106,48 @@ class Broker:
         # One lock around every decision that reads or changes grants, nonces or
         # the freeze flag: a mint can never slip in between "frozen?" and "issue".
         self.lock = threading.Lock()
+        self.catalog = BrokerCatalog(config.catalog_url, self._catalog_token, self._audit_catalog_read)
+
+    def _catalog_token(self, resource: str, workflow_id: str) -> str:
+        """The broker's own catalog credential: one entity, a minute, its own name as subject."""
+        token, _ = signing.mint_token(
+            self.key, self.kid, issuer=self.config.issuer, subject=self.config.issuer,
+            audience=signing.audience_for(CATALOG_AUDIENCE, self.identity.environment),
+            verb=CATALOG_VERB, resource=resource, ttl_s=60, workflow_id=workflow_id, run_id="",
+            activity_id="broker-catalog-check", step_id="catalog-check", plan_hash="",
+        )
+        return token
+
+    def _audit_catalog_read(self, resource: str, workflow_id: str, outcome: str) -> None:
+        self.audit.append("catalog_read", decision="read", reason=f"the broker's own catalog read: {outcome}",
+                          audience=CATALOG_AUDIENCE, scope={"verb": CATALOG_VERB, "resource": resource},
+                          subject=self.config.issuer, workflow_id=workflow_id)
+
+    def _catalog_verdict(self, req: MintRequest) -> Denied | CatalogUnavailable | None:
+        """The catalog's word on this request, read outside ``self.lock``: a target verifying the broker's
+        own token asks the broker (JWKS, revocations), so the lock must not be held while it answers."""
+        if self.state.frozen:
+            return None  # refused under the lock anyway
+        try:
+            if req.is_read:
+                current = self.runbooks.get(req.runbook)
+                if current is None or "dependency" not in current.params:
+                    return None  # the rules refuse a param the runbook does not declare
+                runbook = None
+            else:
+                runbook = None if req.plan is None else self._pinned_runbook(req)
+                if runbook is not None and req.plan is not None:
+                    try:
+                        check_plan(req.plan, runbook)
+                    except ValueError:
+                        return None  # a plan that does not fit is refused by the rules, naming the field
+            check_request(self.catalog, req, runbook)
+        except (Denied, CatalogUnavailable) as exc:
+            return exc
+        except Exception as exc:  # fail closed: an unexpected error is a refusal, not a pass
+            log.exception("catalog check failed")
+            return CatalogUnavailable(f"catalog check failed ({type(exc).__name__})")
+        return None
 
     @property
     def key(self) -> signing.Ed25519PrivateKey:
@@ -120,9 +168,15 @@ class Broker:
     # -- mint --
 
     def mint(self, req: MintRequest) -> MintResponse:
+        verdict = self._catalog_verdict(req)
         with self.lock:
             try:
                 try:
+                    if isinstance(verdict, CatalogUnavailable):
+                        # Deny by default, but retryable: the catalog may answer on the worker's next try.
+                        raise Denied(f"cannot check against the catalog: {verdict.reason}", unavailable=True)
+                    if verdict is not None:
+                        raise verdict
                     decision = self._decide(req)
                 except Denied:
                     raise
@@ -145,8 +199,10 @@ class Broker:
                 )
                 # 423 Locked: the kill switch holds this, it does not refuse it; the caller waits.
                 self.metrics.denied(exc.reason)
-                if not req.is_read and not exc.frozen and not self._awaiting_execution(req):
+                if not req.is_read and not exc.frozen and not exc.unavailable and not self._awaiting_execution(req):
                     self.metrics.unapproved_write()
+                if exc.unavailable:
+                    raise BrokerHTTPError(503, "catalog_unavailable", exc.reason) from None
                 raise BrokerHTTPError(423 if exc.frozen else 403, "frozen" if exc.frozen else "denied",
                                       exc.reason) from None
             token, claims = signing.mint_token(
@@ -390,6 +446,7 @@ def create_app(
     agent_token: str | None = None,
     admin_token: str | None = None,
     identity: AgentIdentity | None = None,
+    catalog_url: str | None = None,
 ) -> FastAPI:
     """``identity``: default, the configuration's (``identity:`` in FIREBREAK_CONFIG, FIREBREAK_ENVIRONMENT...)."""
     state_dir = Path(state_dir)
@@ -401,6 +458,7 @@ def create_app(
             agent_token=agent_token,
             admin_token=admin_token,
             identity=identity or load_settings(state_dir).identity,
+            catalog_url=catalog_url,
         )
     )
     app = FastAPI(title="Firebreak credential broker", docs_url=None, redoc_url=None, openapi_url=None,

@@ -35,7 +35,7 @@ from firebreak.contracts import canonical_json
 log = logging.getLogger(__name__)
 
 GENESIS = "0" * 64
-Event = Literal["mint", "deny", "revoke", "freeze", "thaw", "rotate"]
+Event = Literal["mint", "deny", "revoke", "freeze", "thaw", "rotate", "catalog_read"]
 FIELDS = (
     "seq",
     "at",

@@ -107,6 +107,8 @@ def register(subparsers: argparse._SubParsersAction, settings_loader: SettingsLo
     broker.add_argument("--port", type=int, default=None, help="default: from broker_url")
     broker.add_argument("--roster", type=Path, default=None)
     broker.add_argument("--runbooks-dir", type=Path, default=None)
+    broker.add_argument("--catalog-url", default=None,
+                        help="the service catalog the broker reads itself (default: targets.catalog)")
     _state_dir_option(broker)
     broker.set_defaults(func=lambda args: _broker(args, settings(args)))
 
@@ -294,6 +296,7 @@ def _broker(args: argparse.Namespace, settings: Settings) -> int:
         state_dir=settings.state_dir,
         roster_path=args.roster or settings.resolved_roster(),
         runbooks_dir=args.runbooks_dir or settings.resolved_runbooks_dir(),
+        catalog_url=args.catalog_url or settings.targets.get("catalog"),
     )
     return 0
 

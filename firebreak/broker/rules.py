@@ -39,11 +39,13 @@ from firebreak.signing import Ed25519PublicKey
 class Denied(Exception):
     """A refused mint; ``reason`` is safe to show and to log."""
 
-    def __init__(self, reason: str, *, approvers: list[str] | None = None, frozen: bool = False) -> None:
+    def __init__(self, reason: str, *, approvers: list[str] | None = None, frozen: bool = False,
+                 unavailable: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.approvers = approvers or []
         self.frozen = frozen
+        self.unavailable = unavailable  # a source the decision needs did not answer: 503, retryable
 
 
 # How long the broker keeps an approval's verdict: past this it could authorize nothing anyway.

@@ -32,14 +32,22 @@ class BrokerServer(ThreadedServer):
         host: str = "127.0.0.1",
         port: int = 0,
         identity: AgentIdentity | None = None,
+        catalog_url: str | None = None,
     ) -> None:
         super().__init__(None, host=host, port=port, name="firebreak-broker")
         self.state_dir = Path(state_dir)
         self._kwargs = dict(
             roster_path=roster_path, runbooks_dir=runbooks_dir, agent_token=agent_token, admin_token=admin_token,
-            identity=identity,
+            identity=identity, catalog_url=catalog_url,
         )
         self.broker: Broker | None = None
+
+    def use_catalog(self, url: str | None) -> None:
+        """Point the broker's own catalog reads at ``url`` (tests start the catalog after the broker)."""
+        self._kwargs["catalog_url"] = url
+        if self.broker is not None:
+            self.broker.catalog.url = url.rstrip("/") if url else None
+            self.broker.catalog.clear()
 
     @property
     def agent_token(self) -> str:
@@ -80,13 +88,14 @@ def run(
     state_dir: str | Path,
     roster_path: str | Path | None = None,
     runbooks_dir: str | Path | None = None,
+    catalog_url: str | None = None,
 ) -> None:
     """Serve until interrupted (``python -m firebreak.broker`` / ``firebreak broker``)."""
-    app = create_app(state_dir, roster_path=roster_path, runbooks_dir=runbooks_dir)
+    app = create_app(state_dir, roster_path=roster_path, runbooks_dir=runbooks_dir, catalog_url=catalog_url)
     broker: Broker = app.state.broker
     print(
         f"firebreak broker on http://{host}:{port}  state {broker.dir}  kid {broker.kid}  "
-        f"runbooks {sorted(broker.runbooks)}  frozen={broker.state.frozen}",
+        f"runbooks {sorted(broker.runbooks)}  catalog {broker.catalog.url or '(none)'}  frozen={broker.state.frozen}",
         flush=True,
     )
     # access_log off: request lines are not secrets, but there is nothing to gain.
