@@ -1,0 +1,724 @@
+"""The whole incident pipeline against bare Temporal, in the same run, on the same server.
+
+    python bench/pipeline.py            # 100 incidents a side, 200 for throughput, 1,000 and 10,000 held open
+    python bench/pipeline.py --quick    # a smoke run in under 2 minutes
+
+Starts its own stack on free ports (``bench/pipeline_stack.py``): the dev server with WAL, the broker,
+the demo fleet with one synthetic service per incident, Prometheus if installed, the API, ``worker.py``
+and the bare baseline's worker (``bench/pipeline_bare.py``: the same messages and number of
+activities, each a no-op). Both sides are driven the same way, with the same concurrency, in
+alternating rounds, so that both see the same machine:
+
+1. engine time to the proposal: webhook 202 (bare: signal-with-start returned) to ``awaiting_approval``
+   (from history), minus the longest investigation query (from the worker's spans);
+2. approval to first write: ``submit_approval`` accepted (history) to the write arriving at the fleet
+   (the fleet's clock); bare: the signal (history) to the next activity starting (history);
+3. throughput: complete incidents per second, each approved by the bench's approver as soon as it waits;
+4. incidents held open: worker RSS, and approve-to-write of the first incident opened (evicted from the
+   workflow cache once more than its size were opened after it) beside the last (cached);
+5. a single-alert webhook's latency beside a bare signal-with-start;
+6. where the time goes, per incident, from spans and history.
+
+Also per complete incident: each component's CPU (from /proc), and workflow tasks per side.
+
+Checks its own correctness: every approved incident resolved, the fleet's own record holds exactly
+one write for each of them and none for the others, and every measured history replays on the
+worker's code. Exit code 1 when a check fails. ``--profile-worker FILE`` samples the worker's stacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+from temporalio.client import Client, WorkflowHistory
+from temporalio.contrib.pydantic import pydantic_data_converter
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from chaos_ledger import writes_by_incident  # noqa: E402
+from pipeline_bare import WORKFLOW as BARE_WORKFLOW  # noqa: E402
+from pipeline_bare import BareShape  # noqa: E402
+from pipeline_history import Timeline, breakdown, credentials, timeline  # noqa: E402
+from pipeline_otlp import SpanReceiver  # noqa: E402
+from pipeline_stack import APPROVER, BARE_QUEUE, PipelineStack, has_prometheus  # noqa: E402
+
+from firebreak import signing  # noqa: E402
+from firebreak.api import stack_info  # noqa: E402
+from firebreak.config import load_settings  # noqa: E402
+from firebreak.contracts import Approval, IncidentStatus  # noqa: E402
+from firebreak.incidents import approval_outcome, final_report  # noqa: E402
+from firebreak.temporal import PHASE, connect  # noqa: E402
+
+T = TypeVar("T")
+
+
+def runbook_text(prometheus: bool) -> str:
+    """One incident per synthetic service; the shape of bad-deploy (three reads, a rollback with its
+    precondition, a verification), with a verification that holds at its first look (no fault model)."""
+    reads = """\
+  - {id: error_rate, kind: prometheus_range, lookback: 15m, step: 5s, target: prometheus, scope: metrics.read,
+     resource: "namespace/{namespace}",
+     query: 'sum(rate(http_requests_total{namespace="{namespace}",code=~"5.."}[30s])) / sum(rate(http_requests_total{namespace="{namespace}"}[30s]))'}
+  - {id: latency_p99, kind: prometheus_instant, target: prometheus, scope: metrics.read, resource: "namespace/{namespace}",
+     query: 'histogram_quantile(0.99, sum by (le) (rate(http_request_duration_seconds_bucket{namespace="{namespace}"}[30s])))'}
+""" if prometheus else ""
+    verify = "      verify: {query: 'vector(0)', test: below, threshold: 0.5, within: 30s, interval: 1s}\n" if prometheus else ""
+    return f"""\
+apiVersion: firebreak/v1
+name: pipeline
+version: 1
+description: "Benchmark runbook: one incident per synthetic service of the demo fleet (bench/pipeline.py)"
+match:
+  alertnames: [PipelineBench]
+  labels: {{namespace: shop}}
+  incident_key: "{{run}}.{{service}}"
+params:
+  run: {{label: run, pattern: "^[a-z0-9]{{1,12}}$"}}
+  namespace: {{label: namespace, pattern: "^[a-z][a-z0-9-]{{0,30}}$"}}
+  service: {{label: service, pattern: "^[a-z][a-z0-9-]{{0,30}}$"}}
+investigate:
+{reads}  - {{id: changes, kind: change_log, lookback: 30m, target: fleet, scope: fleet.read, resource: "service/{{service}}"}}
+diagnose:
+  - id: bad_deploy
+    title: A recent deploy
+    conditions:
+      - {{evidence: changes, test: recent_change, within: 30m}}
+    actions: [rollback]
+remediate:
+  windows: {{escalate_after: 30m, expire_after: 2h}}
+  approval:
+    medium: {{approvers: 1, groups: [oncall]}}
+  actions:
+    rollback:
+      target: fleet
+      verb: fleet.rollback
+      resource: "service/{{service}}"
+      risk: medium
+      blast_radius: "one synthetic service ({{service}})"
+      timeout: 60s
+      precondition: {{fields: [version, previous_version]}}
+{verify}      undo: {{verb: fleet.deploy, params: {{version: "{{result.previous_version}}"}}}}
+"""
+
+
+def bare_shape(prometheus: bool) -> BareShape:
+    """The bench incident's activities: reads; diagnose and the precondition read; the proposal's ticket
+    in the background; after approval the re-read, the write, the verification and the closing ticket."""
+    return BareShape(investigations=3 if prometheus else 1, before_proposal=2, background=1,
+                     after_approval=4 if prometheus else 3)
+
+
+# -- measuring ------------------------------------------------------------------------------
+
+
+@dataclass
+class Opened:
+    incident_id: str
+    side: str  # "firebreak" or "bare"
+    accepted_at: float  # wall clock when the 202 (or the start call) returned
+    call_s: float
+
+
+def pct(values: Sequence[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+
+async def bounded(items: Sequence[T], limit: int, fn: Callable[[T], Awaitable[Any]]) -> list[Any]:
+    semaphore = asyncio.Semaphore(limit)
+
+    async def one(item: T) -> Any:
+        async with semaphore:
+            return await fn(item)
+
+    return await asyncio.gather(*[one(i) for i in items])
+
+
+class Pipeline:
+    def __init__(self, stack: PipelineStack, firebreak: Client, bare: Client, http: httpx.AsyncClient,
+                 token: str, shape: BareShape) -> None:
+        self.stack, self.firebreak, self.bare, self.http = stack, firebreak, bare, http
+        self.token, self.shape = token, shape
+        self.services = 0
+        self.approved: set[str] = set()  # Firebreak incidents the bench approved: each must write once
+        self.opened: list[str] = []  # every Firebreak incident opened
+        self.closed_early: dict[str, str] = {}  # closed before the bench approved it: id -> phase
+        self.approval_sent: dict[str, float] = {}  # wall clock when the bench sent each approval (update or signal)
+
+    # -- opening --
+
+    async def open_firebreak(self, run: str) -> Opened:
+        service = f"bench-{self.services:05d}"
+        self.services += 1
+        now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+        body = json.dumps({
+            "receiver": "firebreak", "status": "firing", "version": "4", "groupKey": f'{{}}:{{service="{service}"}}',
+            "truncatedAlerts": 0, "groupLabels": {"service": service}, "commonLabels": {}, "commonAnnotations": {},
+            "externalURL": "http://alertmanager", "alerts": [{
+                "status": "firing", "labels": {"alertname": "PipelineBench", "run": run, "namespace": "shop",
+                                               "service": service, "severity": "critical"},
+                "annotations": {"summary": f"bench incident on {service}"}, "startsAt": now,
+                "endsAt": "0001-01-01T00:00:00Z", "generatorURL": "", "fingerprint": uuid.uuid4().hex[:16]}],
+        }).encode()
+        for attempt in range(3):
+            started = time.perf_counter()
+            try:
+                response = await self.http.post(f"{self.stack.api_url}/v1/alerts/alertmanager", content=body,
+                                                headers={"Authorization": f"Bearer {self.token}",
+                                                         "Content-Type": "application/json"})
+                break
+            except httpx.TransportError:
+                # A kept-alive connection the API closed as it was reused (uvicorn's 5 s keep-alive): resend,
+                # as Alertmanager would.
+                if attempt == 2:
+                    raise
+        call_s = time.perf_counter() - started
+        accepted_at = time.time()
+        if response.status_code != 202:
+            raise RuntimeError(f"the API answered {response.status_code}: {response.text[:300]}")
+        [incident_id] = response.json()["incident_ids"]
+        self.opened.append(incident_id)
+        return Opened(incident_id, "firebreak", accepted_at, call_s)
+
+    async def open_bare(self, run: str) -> Opened:
+        workflow_id = f"{run}.bare-{uuid.uuid4().hex[:10]}"
+        started = time.perf_counter()
+        await self.bare.start_workflow(BARE_WORKFLOW, self.shape, id=workflow_id, task_queue=BARE_QUEUE,
+                                       start_signal="alert", start_signal_args=[{"alerts": 1}])
+        call_s = time.perf_counter() - started
+        return Opened(workflow_id, "bare", time.time(), call_s)
+
+    # -- waiting --
+
+    async def phase(self, side: str, workflow_id: str) -> str | None:
+        try:
+            if side == "firebreak":
+                # The phase search attribute, from the run's own state: asks the server, not the worker, so
+                # that the bench's polling costs the worker nothing (the status query would).
+                described = await self.firebreak.get_workflow_handle(workflow_id).describe()
+                phase = described.typed_search_attributes.get(PHASE)
+                return phase or ("closed" if described.close_time else None)
+            return (await self.bare.get_workflow_handle(workflow_id).query("status"))["phase"]
+        except Exception:  # noqa: BLE001 - its first task has not run yet: asked again
+            return None
+
+    async def wait_awaiting(self, side: str, ids: list[str], timeout: float, poll: float = 0.2) -> list[str]:
+        """Until each awaits approval; returns those that closed first instead (recorded as problems)."""
+        pending, deadline = list(ids), time.monotonic() + timeout
+        while pending:
+            phases = await bounded(pending, 20, lambda i: self.phase(side, i))
+            for i, phase in zip(pending, phases):
+                if phase and phase not in ("investigating", "diagnosing", "proposing", "awaiting_approval"):
+                    self.closed_early[i] = phase
+            pending = [i for i, p in zip(pending, phases) if p != "awaiting_approval" and i not in self.closed_early]
+            if pending and time.monotonic() > deadline:
+                for i in pending:  # stuck: a problem to report, and nothing to approve
+                    self.closed_early[i] = f"not awaiting approval after {timeout:.0f}s"
+                break
+            if pending:
+                await asyncio.sleep(poll)
+        return [i for i in ids if i in self.closed_early]
+
+    # -- approving --
+
+    async def plan_hash(self, incident_id: str) -> str:
+        status = await self.firebreak.get_workflow_handle(incident_id).query("status", result_type=IncidentStatus)
+        assert status.plan_hash is not None
+        return status.plan_hash
+
+    async def approve_firebreak(self, incident_id: str, plan_hash: str | None = None) -> None:
+        handle = self.firebreak.get_workflow_handle(incident_id)
+        approval = signing.sign_approval(Approval(
+            workflow_id=incident_id, plan_hash=plan_hash or await self.plan_hash(incident_id), decision="approve", nonce=uuid.uuid4().hex,
+            expires_at=(datetime.now(UTC) + timedelta(minutes=15)).isoformat(timespec="seconds"),
+            approver=APPROVER, comment="bench/pipeline.py",
+        ), self.stack.approver_key)
+        self.approval_sent[incident_id] = time.time()
+        outcome = await approval_outcome(handle, approval)
+        if not outcome.counted:
+            raise RuntimeError(f"{incident_id}: the bench's approval was refused: {outcome.reason}")
+        self.approved.add(incident_id)
+
+    async def approve_bare(self, workflow_id: str, *, update: bool) -> None:
+        handle = self.bare.get_workflow_handle(workflow_id)
+        self.approval_sent[workflow_id] = time.time()
+        if update:
+            await handle.execute_update("submit_approval", {"approver": APPROVER})
+        else:
+            await handle.signal("approve", {"approver": APPROVER})
+
+    async def result(self, side: str, workflow_id: str, timeout: float = 300) -> str:
+        if side == "firebreak":
+            report = await asyncio.wait_for(final_report(self.firebreak.get_workflow_handle(workflow_id)), timeout)
+            return report.phase.value
+        return str(await asyncio.wait_for(self.bare.get_workflow_handle(workflow_id).result(), timeout))
+
+    async def whole(self, side: str, run: str) -> tuple[str, str]:
+        """One incident, start to end, approved the moment it waits: the throughput driver."""
+        opened = await (self.open_firebreak(run) if side == "firebreak" else self.open_bare(run))
+        if await self.wait_awaiting(side, [opened.incident_id], timeout=300):
+            return opened.incident_id, self.closed_early[opened.incident_id]
+        if side == "firebreak":
+            await self.approve_firebreak(opened.incident_id)
+        else:
+            await self.approve_bare(opened.incident_id, update=True)
+        return opened.incident_id, await self.result(side, opened.incident_id)
+
+    # -- reading what happened --
+
+    async def timelines(self, side: str, ids: list[str]) -> dict[str, Timeline]:
+        client = self.firebreak if side == "firebreak" else self.bare
+        background = None if side == "firebreak" else self.shape.investigations + self.shape.before_proposal
+
+        async def one(workflow_id: str) -> Timeline:
+            history = await client.get_workflow_handle(workflow_id).fetch_history()
+            return timeline(list(history.events), bare_background=background)
+
+        found = await bounded(ids, 10, one)
+        return dict(zip(ids, found))
+
+    async def fleet(self) -> tuple[dict[str, list[str]], dict[str, float]]:
+        """The fleet's own record: change kinds per incident, and when each incident's first write arrived."""
+        state = (await self.http.get(f"{self.stack.fleet_url}/demo/state", timeout=60)).json()
+        arrivals = (await self.http.get(f"{self.stack.fleet_url}/demo/requests", timeout=60)).json()["writes"]
+        first: dict[str, float] = {}
+        for write in arrivals:
+            key = write.get("idempotency_key") or ""
+            if key.endswith("/do"):  # INCIDENT/RUN/STEP/do: the step itself, not an undo
+                first.setdefault(key.split("/", 1)[0], write["at"])
+        return writes_by_incident(state), first
+
+
+# -- the phases -------------------------------------------------------------------------------
+
+
+@dataclass
+class Config:
+    incidents: int = 100
+    throughput: int = 200
+    held: tuple[int, ...] = (1_000, 10_000)
+    concurrency: int = 10
+    warmup: int = 3
+    cache: int = 1000  # the worker's workflow cache (worker.py's FIREBREAK_WORKFLOW_CACHE; the SDK's default)
+
+
+@dataclass
+class Results:
+    opened: dict[str, list[Opened]] = field(default_factory=lambda: {"firebreak": [], "bare": []})
+    timelines: dict[str, dict[str, Timeline]] = field(default_factory=dict)
+    engine_s: dict[str, list[float]] = field(default_factory=dict)
+    to_write_s: dict[str, list[float]] = field(default_factory=dict)
+    sent_to_write_s: dict[str, list[float]] = field(default_factory=dict)  # from the bench's call, its clock
+    throughput: dict[str, float] = field(default_factory=dict)
+    cpu: dict[str, dict[str, float]] = field(default_factory=dict)  # side -> component -> CPU seconds
+    held: list[dict[str, Any]] = field(default_factory=list)
+    parts: list[dict[str, float]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    replayed: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def note(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+async def warm_up(p: Pipeline, cfg: Config, _r: Results) -> None:
+    """Both workers' sandboxes, connections and caches warm, on incidents outside every figure."""
+    for side in ("firebreak", "bare"):
+        done = await asyncio.gather(*[p.whole(side, "warm") for _ in range(cfg.warmup)])
+        bad = [d for d in done if d[1] != "resolved"]
+        if bad:
+            raise RuntimeError(f"warm-up {side}: {bad}")
+
+
+async def propose_and_approve(p: Pipeline, cfg: Config, r: Results) -> None:
+    """Figures 1, 2 and 5, in rounds: ``concurrency`` incidents a side opened one call at a time, the
+    sides interleaved (each call sees the same load), then every one waits; the same for approvals."""
+    rounds = -(-cfg.incidents // cfg.concurrency)
+    for k in range(rounds):
+        size = min(cfg.concurrency, cfg.incidents - k * cfg.concurrency)
+        opened: dict[str, list[Opened]] = {"firebreak": [], "bare": []}
+        for j in range(size):
+            pair = ("firebreak", "bare") if (j + k) % 2 == 0 else ("bare", "firebreak")
+            for side in pair:
+                opened[side].append(await (p.open_firebreak("lat") if side == "firebreak" else p.open_bare("lat")))
+        for side, ones in opened.items():
+            r.opened[side] += ones
+        await asyncio.gather(*[p.wait_awaiting(side, [o.incident_id for o in ones], timeout=120)
+                               for side, ones in opened.items()])
+    for side in r.opened:  # what closed before its approval is a problem already, and has nothing to approve
+        r.opened[side] = [o for o in r.opened[side] if o.incident_id not in p.closed_early]
+    note(f"proposed: {cfg.incidents} a side; approving")
+    for k in range(rounds):
+        batch = {side: [o.incident_id for o in r.opened[side][k * cfg.concurrency:(k + 1) * cfg.concurrency]]
+                 for side in ("firebreak", "bare")}
+        plans = {i: await p.plan_hash(i) for i in batch["firebreak"]}  # read first, as an approver's CLI does
+        calls = []
+        for j, (fb, bare) in enumerate(zip(batch["firebreak"], batch["bare"])):
+            pair = [p.approve_firebreak(fb, plans[fb]), p.approve_bare(bare, update=False)]
+            calls += pair if (j + k) % 2 == 0 else pair[::-1]
+        for call in calls:  # one at a time, interleaved, without waiting for the incidents to finish
+            await call
+        for side, ids in batch.items():
+            endings = await asyncio.gather(*[p.result(side, i) for i in ids])
+            r.problems += [f"{side} {i}: ended {e}" for i, e in zip(ids, endings) if e != "resolved"]
+
+
+async def throughput(p: Pipeline, cfg: Config, r: Results) -> None:
+    """Figure 3: complete incidents per second, ``concurrency`` drivers a side, alternating halves."""
+    seconds = {"firebreak": 0.0, "bare": 0.0}
+    half = cfg.throughput // 2
+    for side in ("firebreak", "bare", "bare", "firebreak"):
+        queue = list(range(half))
+        cpu_before = p.stack.cpu_seconds()
+        started = time.perf_counter()
+
+        async def driver() -> list[tuple[str, str]]:
+            done = []
+            while queue:
+                queue.pop()
+                done.append(await p.whole(side, "tput"))
+            return done
+
+        batches = await asyncio.gather(*[driver() for _ in range(cfg.concurrency)])
+        seconds[side] += time.perf_counter() - started
+        spent = r.cpu.setdefault(side, {})
+        for name, value in p.stack.cpu_seconds().items():
+            spent[name] = spent.get(name, 0.0) + value - cpu_before.get(name, value)
+        r.problems += [f"{side} {i}: ended {e}" for b in batches for i, e in b if e != "resolved"]
+    r.throughput = {side: 2 * half / s for side, s in seconds.items()}
+
+
+async def held_open(p: Pipeline, cfg: Config, r: Results) -> None:
+    """Figure 4: open incidents awaiting approval, worker RSS, and approve-to-write evicted vs cached."""
+    opened: dict[str, list[str]] = {"firebreak": [], "bare": []}
+    for count in cfg.held:
+        for side in ("firebreak", "bare"):
+            more = count - len(opened[side])
+            opener = p.open_firebreak if side == "firebreak" else p.open_bare
+            started = time.perf_counter()
+            # In chunks, each awaiting approval before the next: a steady arrival, not a flood (a flood of
+            # mints starves the broker; see the report).
+            for k in range(0, more, cfg.concurrency):
+                fresh = await asyncio.gather(*[opener("held") for _ in range(min(cfg.concurrency, more - k))])
+                ids = [o.incident_id for o in fresh]
+                closed = await p.wait_awaiting(side, ids, timeout=300, poll=0.5)
+                opened[side] += [i for i in ids if i not in closed]
+            note(f"held {side}: {count} awaiting approval ({more / (time.perf_counter() - started):.1f}/s)")
+        await asyncio.sleep(2)  # let the workers settle before reading their memory
+        row: dict[str, Any] = {"count": count, "rss_mb": {"firebreak": p.stack.rss_mb("worker"),
+                                                           "bare": p.stack.rss_mb("bare-worker")}}
+        for side in ("firebreak", "bare"):
+            # The oldest is evicted only once more than the cache holds were opened after it.
+            for label, workflow_id in (("evicted" if count > cfg.cache else "oldest", opened[side].pop(0)),
+                                       ("cached", opened[side].pop())):
+                if side == "firebreak":
+                    await p.approve_firebreak(workflow_id)
+                else:
+                    await p.approve_bare(workflow_id, update=False)
+                ending = await p.result(side, workflow_id)
+                if ending != "resolved":
+                    r.problems.append(f"held {side} {workflow_id}: ended {ending}")
+                row.setdefault("ids", {})[(side, label)] = workflow_id
+        r.held.append(row)
+
+
+# -- the figures ------------------------------------------------------------------------------
+
+
+async def replay_check(p: Pipeline, r: Results, workflow_class: type) -> None:
+    """Every measured incident replays on the worker's code: its commands are deterministic, patches included.
+
+    ``workflow_class`` was imported when the worker started; the sandbox still reads its module's source
+    again, so a tree edited under a running bench can fail here (said as such, not as a replay failure).
+    """
+    from temporalio.worker import Replayer
+
+    histories = [await p.firebreak.get_workflow_handle(o.incident_id).fetch_history() for o in r.opened["firebreak"]]
+
+    async def each() -> AsyncIterator[WorkflowHistory]:
+        for history in histories:
+            yield history
+
+    try:
+        replayed = await Replayer(workflows=[workflow_class], data_converter=p.firebreak.data_converter
+                                  ).replay_workflows(each(), raise_on_replay_failure=False)
+    except Exception as exc:  # noqa: BLE001 - the replayer could not even load the workflow
+        r.problems.append(f"replay check could not run (workflow code changed under the bench?): {exc!r}"[:500])
+        return
+    r.problems += [f"{run_id}: does not replay: {failure}" for run_id, failure in replayed.replay_failures.items()]
+    r.replayed = len(histories)
+
+
+async def analyse(p: Pipeline, receiver: SpanReceiver, r: Results) -> None:
+    await asyncio.sleep(1.5)  # the workers' last span batches
+    writes, first_write = await p.fleet()
+    fb = [o.incident_id for o in r.opened["firebreak"]]
+    r.timelines["firebreak"] = await p.timelines("firebreak", fb)
+    r.timelines["bare"] = await p.timelines("bare", [o.incident_id for o in r.opened["bare"]])
+    spans = receiver.by_workflow(set(fb))
+    for side in ("firebreak", "bare"):
+        engine, to_write, sent_to_write = [], [], []
+        for o in r.opened[side]:
+            tl = r.timelines[side][o.incident_id]
+            if tl.awaiting is None:
+                r.problems.append(f"{side} {o.incident_id}: no awaiting_approval in its history")
+                continue
+            query = 0.0
+            if side == "firebreak":
+                reads = [c for c in credentials(spans.get(o.incident_id, [])) if c.activity_id in
+                         {a.activity_id for a in tl.activities if a.type == "investigate"}]
+                query = max((c.use for c in reads), default=0.0)
+            engine.append(tl.awaiting - o.accepted_at - query)
+            sent = p.approval_sent.get(o.incident_id)
+            if side == "firebreak" and tl.update_accepted and o.incident_id in first_write:
+                to_write.append(first_write[o.incident_id] - tl.update_accepted)
+                if sent:
+                    sent_to_write.append(first_write[o.incident_id] - sent)
+            elif side == "bare" and "approve" in tl.signaled:
+                begun = tl.first_started_after(tl.signaled["approve"])
+                if begun:
+                    to_write.append(begun - tl.signaled["approve"])
+                    if sent:
+                        sent_to_write.append(begun - sent)
+        r.engine_s[side], r.to_write_s[side], r.sent_to_write_s[side] = engine, to_write, sent_to_write
+    for o in r.opened["firebreak"]:
+        tl = r.timelines["firebreak"][o.incident_id]
+        r.parts.append(breakdown(tl, spans.get(o.incident_id, []), o.accepted_at, o.call_s,
+                                 first_write.get(o.incident_id)))
+    # Held incidents: approve-to-write per side and label.
+    for row in r.held:
+        row["to_write"] = {}
+        for (side, label), workflow_id in row.get("ids", {}).items():
+            tl = (await p.timelines(side, [workflow_id]))[workflow_id]
+            if side == "firebreak":
+                value = (first_write[workflow_id] - tl.update_accepted
+                         if tl.update_accepted and workflow_id in first_write else float("nan"))
+            else:
+                begun = tl.first_started_after(tl.signaled.get("approve", float("inf")))
+                value = begun - tl.signaled["approve"] if begun else float("nan")
+            row["to_write"][(side, label)] = value
+    # The fleet's record: exactly one write for each approved incident, none for any other.
+    for incident_id in p.opened:
+        kinds = writes.get(incident_id, [])
+        want = ["rollback"] if incident_id in p.approved else []
+        if kinds != want:
+            r.problems.append(f"{incident_id}: the fleet recorded writes {kinds}, expected {want}")
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms" if seconds == seconds else "-"
+
+
+def table(r: Results, cfg: Config) -> str:
+    rows: list[tuple[str, ...]] = [("figure", "Firebreak", "bare Temporal", "Firebreak vs bare", "goal", "met")]
+    e_fb, e_bare = r.engine_s.get("firebreak", []), r.engine_s.get("bare", [])
+    ratio50 = pct(e_fb, 50) / pct(e_bare, 50) if e_bare else float("nan")
+    ratio95 = pct(e_fb, 95) / pct(e_bare, 95) if e_bare else float("nan")
+    rows.append((f"1 engine time to proposal p50 (n={len(e_fb)})", ms(pct(e_fb, 50)), ms(pct(e_bare, 50)),
+                 f"{ratio50:.2f}x", "<= 1.25x bare; p50 < 1 s",
+                 _met(ratio50 <= 1.25 and pct(e_fb, 50) < 1.0)))
+    rows.append(("  engine time to proposal p95", ms(pct(e_fb, 95)), ms(pct(e_bare, 95)), f"{ratio95:.2f}x",
+                 "<= 1.25x bare", _met(ratio95 <= 1.25)))
+    w_fb, w_bare = r.to_write_s.get("firebreak", []), r.to_write_s.get("bare", [])
+    rows.append((f"2 approval to first write p50 (n={len(w_fb)})", ms(pct(w_fb, 50)), ms(pct(w_bare, 50)),
+                 f"+{ms(pct(w_fb, 50) - pct(w_bare, 50))}", "p50 <= 100 ms", _met(pct(w_fb, 50) <= 0.1)))
+    rows.append(("  approval to first write p95", ms(pct(w_fb, 95)), ms(pct(w_bare, 95)),
+                 f"+{ms(pct(w_fb, 95) - pct(w_bare, 95))}", "", ""))
+    s_fb, s_bare = r.sent_to_write_s.get("firebreak", []), r.sent_to_write_s.get("bare", [])
+    rows.append(("  from the approval call (bench clock) p50", ms(pct(s_fb, 50)), ms(pct(s_bare, 50)),
+                 f"+{ms(pct(s_fb, 50) - pct(s_bare, 50))}", "", ""))
+    t_fb, t_bare = r.throughput.get("firebreak", 0.0), r.throughput.get("bare", 0.0)
+    ratio = t_fb / t_bare if t_bare else float("nan")
+    rows.append((f"3 throughput, incidents/s (n={cfg.throughput} a side)", f"{t_fb:.2f}/s", f"{t_bare:.2f}/s",
+                 f"{ratio:.2f}x", ">= 0.8x bare", _met(ratio >= 0.8)))
+    for row in r.held:
+        count, rss = row["count"], row["rss_mb"]
+        big = count == max(cfg.held)
+        rows.append((f"4 worker RSS, {count:,} awaiting approval", f"{rss['firebreak']:.0f} MB",
+                     f"{rss['bare']:.0f} MB", f"{rss['firebreak'] / rss['bare']:.1f}x",
+                     "< 1 GB at 10,000" if big else "", _met(rss["firebreak"] < 1024) if big else ""))
+        tw = row.get("to_write", {})
+        for label in ("evicted", "oldest", "cached"):
+            if ("firebreak", label) in tw:
+                rows.append((f"  approve to write, {label}, cache {cfg.cache:,}", ms(tw[("firebreak", label)]),
+                             ms(tw.get(("bare", label), float("nan"))), "", "reported", ""))
+    c_fb = [o.call_s for o in r.opened["firebreak"]]
+    c_bare = [o.call_s for o in r.opened["bare"]]
+    diff = pct(c_fb, 50) - pct(c_bare, 50)
+    rows.append((f"5 single-alert webhook p50 (n={len(c_fb)})", ms(pct(c_fb, 50)), ms(pct(c_bare, 50)),
+                 f"+{ms(diff)}", "within 15 ms of bare", _met(diff <= 0.015)))
+    rows.append(("  single-alert webhook p99", ms(pct(c_fb, 99)), ms(pct(c_bare, 99)),
+                 f"+{ms(pct(c_fb, 99) - pct(c_bare, 99))}", "", ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i in (0, 4) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def _met(ok: bool) -> str:
+    return "yes" if ok else "NO"
+
+
+def breakdown_table(parts: list[dict[str, float]]) -> str:
+    keys: list[str] = []
+    for p in parts:
+        keys += [k for k in p if k not in keys]
+    lines = [f"{'part (per incident; * off the critical path)':<52} {'p50':>9} {'p95':>9}  n"]
+    for k in keys:
+        values = [p[k] for p in parts if k in p]
+        lines.append(f"{k:<52} {ms(pct(values, 50)):>9} {ms(pct(values, 95)):>9}  {len(values)}")
+    return "\n".join(lines)
+
+
+def cpu_table(r: Results, per_side: int) -> str:
+    """CPU per complete incident, by component, over the throughput phase (either side's run shows the
+    other side's idle worker too)."""
+    names = sorted({n for spent in r.cpu.values() for n in spent}, key=lambda n: -r.cpu.get("firebreak", {}).get(n, 0))
+    lines = [f"{'CPU per complete incident (throughput phase)':<52} {'Firebreak':>9} {'bare':>9}"]
+    for name in names:
+        fb, bare = (r.cpu.get(side, {}).get(name, 0.0) / max(1, per_side) for side in ("firebreak", "bare"))
+        lines.append(f"{name:<52} {ms(fb):>9} {ms(bare):>9}")
+    total = [sum(r.cpu.get(side, {}).values()) / max(1, per_side) for side in ("firebreak", "bare")]
+    lines.append(f"{'all components':<52} {ms(total[0]):>9} {ms(total[1]):>9}")
+    return "\n".join(lines)
+
+
+def task_table(r: Results) -> str:
+    """Workflow tasks, scheduled to completed, per side: the first (a new run in the worker) and the rest."""
+    lines = [f"{'workflow tasks (history)':<52} {'p50':>9} {'p95':>9}  n"]
+    for side in ("firebreak", "bare"):
+        tls = list(r.timelines.get(side, {}).values())
+        first = [t.task_spans[0][1] - t.task_spans[0][0] for t in tls if t.task_spans]
+        rest = [b - a for t in tls for a, b in t.task_spans[1:]]
+        per_run = [float(t.tasks) for t in tls]
+        for name, values in (("first task", first), ("later tasks", rest)):
+            lines.append(f"{side + ': ' + name:<52} {ms(pct(values, 50)):>9} {ms(pct(values, 95)):>9}  {len(values)}")
+        lines.append(f"{side + ': tasks per run':<52} {pct(per_run, 50):>9.0f} {pct(per_run, 95):>9.0f}  {len(per_run)}")
+    return "\n".join(lines)
+
+
+def biggest(parts: list[dict[str, float]]) -> str:
+    """The costliest single part on the critical path (sums and spans of several parts left out)."""
+    leaves = {}
+    for k in {k for p in parts for k in p}:
+        if (k.endswith("*") or ": 202 to " in k or k.startswith("approval to") or "all (parallel)" in k
+                or "(sum)" in k or k.endswith(": activity") or k.startswith("intake")):
+            continue
+        leaves[k] = pct([p[k] for p in parts if k in p], 50)
+    name = max(leaves, key=lambda k: leaves[k]) if leaves else "-"
+    return f"{name.strip()} ({ms(leaves.get(name, float('nan')))} at p50)"
+
+
+# -- running it -------------------------------------------------------------------------------
+
+
+async def bench(cfg: Config, state: Path, prometheus: bool, profile_worker: Path | None = None) -> int:
+    receiver = SpanReceiver().start()
+    stack = PipelineStack(state, runbook_text(prometheus),
+                          synthetic=cfg.warmup + cfg.incidents + cfg.throughput + max(cfg.held, default=0) + 10,
+                          otlp_endpoint=receiver.endpoint, with_prometheus=prometheus,
+                          profile_worker=profile_worker.resolve() if profile_worker else None,
+                          worker_env={"FIREBREAK_WORKFLOW_CACHE": str(cfg.cache)}, bare_cache=cfg.cache)
+    r = Results()
+    clock = time.perf_counter()
+    from workflows.incident import IncidentWorkflow  # the code the worker starts with, for the replay check
+
+    try:
+        stack.start()
+        r.seconds["stack"] = time.perf_counter() - clock
+        note(f"stack up in {r.seconds['stack']:.0f}s: state {state}; Temporal {stack.temporal_address}; "
+             f"Prometheus {'yes' if prometheus else 'no'}")
+        firebreak = await connect(load_settings(state).temporal)
+        bare = await Client.connect(stack.temporal_address, data_converter=pydantic_data_converter)
+        token = stack_info(state, stack.api_url)["intake_token"]
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+        async with httpx.AsyncClient(timeout=60, limits=limits) as http:
+            p = Pipeline(stack, firebreak, bare, http, token, bare_shape(prometheus))
+            for name, phase in (("warm-up", warm_up), ("proposals and approvals", propose_and_approve),
+                                ("throughput", throughput), ("held open", held_open)):
+                if name == "held open" and not cfg.held:
+                    continue
+                started = time.perf_counter()
+                note(f"{name} ...")
+                await phase(p, cfg, r)
+                r.seconds[name] = time.perf_counter() - started
+            await analyse(p, receiver, r)
+            r.problems += [f"{i}: {phase} before the bench approved it" for i, phase in p.closed_early.items()]
+            report(r, cfg)  # the figures first: a failing check below never loses them
+            await replay_check(p, r, IncidentWorkflow)
+        for problem in r.problems[:30]:
+            print(f"CHECK FAILED: {problem}")
+        if not r.problems:
+            print(f"checks: {len(p.approved)} approved incidents resolved, each written exactly once at the fleet; "
+                  f"{len(p.opened) - len(p.approved)} left open, none written; {r.replayed} histories replay")
+        print(f"total {time.perf_counter() - clock:.0f}s")
+        return 1 if r.problems else 0
+    finally:
+        stack.stop()
+        receiver.stop()
+
+
+def report(r: Results, cfg: Config) -> None:
+    print()
+    print(table(r, cfg))
+    print()
+    print(breakdown_table(r.parts))
+    print()
+    print(task_table(r))
+    print()
+    print(cpu_table(r, 2 * (cfg.throughput // 2)))
+    print(f"\nbiggest cost on the critical path: {biggest(r.parts)}")
+    print("phases: " + ", ".join(f"{k} {v:.0f}s" for k, v in r.seconds.items()), flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--incidents", type=int, default=100, help="a side, for figures 1, 2 and 5")
+    parser.add_argument("--throughput", type=int, default=200, help="a side, for figure 3")
+    parser.add_argument("--held", default="1000,10000", help="open incidents for figure 4, comma-separated; '' skips")
+    parser.add_argument("--concurrency", type=int, default=10, help="on both sides")
+    parser.add_argument("--warmup", type=int, default=3, help="incidents a side before anything is measured")
+    parser.add_argument("--workflow-cache", type=int, default=1000, help="the workers' workflow cache size")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 20 a side, 20 for throughput, 30 and 60 held (cache 20)")
+    parser.add_argument("--no-prometheus", action="store_true", help="even if it is installed")
+    parser.add_argument("--state-dir", type=Path, default=None, help="kept afterwards (default: a temp dir, removed)")
+    parser.add_argument("--profile-worker", type=Path, default=None, help="sample the worker's stacks into this file")
+    args = parser.parse_args(argv)
+    cfg = Config(incidents=args.incidents, throughput=args.throughput, concurrency=args.concurrency,
+                 held=tuple(int(n) for n in args.held.split(",") if n.strip()), warmup=args.warmup,
+                 cache=args.workflow_cache)
+    if args.quick:
+        # A cache smaller than what is held, so that the oldest incident is evicted in a smoke run too.
+        cfg = Config(incidents=20, throughput=20, held=(30, 60), concurrency=args.concurrency, warmup=2, cache=20)
+    prometheus = has_prometheus() and not args.no_prometheus
+    if args.state_dir:
+        args.state_dir.mkdir(parents=True, exist_ok=True)
+        return asyncio.run(bench(cfg, args.state_dir, prometheus, args.profile_worker))
+    with tempfile.TemporaryDirectory(prefix="firebreak-pipeline-") as tmp:
+        return asyncio.run(bench(cfg, Path(tmp), prometheus, args.profile_worker))
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    import os
+
+    os._exit(code)  # sdk-python#300: a process that used a client can abort at interpreter shutdown
