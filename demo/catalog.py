@@ -89,6 +89,8 @@ def add_routes(app: FastAPI, verifier: Any, entities: list[dict[str, Any]] | Non
         try:
             await run_in_threadpool(verifier.verify, token, verb="catalog.read", resource=f"component/{name}")
         except TokenRejected as exc:
+            if exc.status == 503:  # cannot check revocations right now: a retry may pass
+                return _error(503, "ServiceUnavailableError", exc.reason)
             return _error(403 if exc.status == 403 else 401, "NotAllowedError", exc.reason)
         return None
 

@@ -678,6 +678,8 @@ def create_app(*, verifier: Verifier, chaos_token: str | None = None, fleet: Fle
             # verify may refresh keys over the network: keep it off the event loop.
             return await run_in_threadpool(verifier.verify, token, verb=verb, resource=f"service/{name}")
         except TokenRejected as exc:
+            if exc.status == 503:  # cannot check revocations right now: a retry may pass
+                return _error(503, "unavailable", exc.reason, {"Retry-After": "1"})
             status = 403 if exc.status == 403 else 401
             headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
             return _error(status, "forbidden" if status == 403 else "unauthorized", exc.reason, headers)

@@ -328,7 +328,7 @@ def mint_token(
 
 
 class TokenRejected(Exception):
-    """A refused token. ``status`` is 401 (not a usable token) or 403 (wrong scope).
+    """A refused token. ``status`` is 401 (not a usable token), 403 (wrong scope) or 503 (cannot be checked now).
 
     The message is the reason only; it never contains the token.
     """
@@ -663,7 +663,8 @@ class _RevocationPoller:
     def revoked(self) -> set[str]:
         with self._lock:
             if time.monotonic() - self._fresh_at > self._max_stale:
-                raise TokenRejected(401, "revocation list is stale (broker unreachable): refusing all tokens")
+                # 503, not 401: the token may be fine, the target cannot tell yet. Callers ask again.
+                raise TokenRejected(503, "revocation list is stale (broker unreachable): refusing all tokens")
             return set(self._revoked)
 
     def start(self) -> None:

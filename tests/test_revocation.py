@@ -100,6 +100,38 @@ async def test_a_revocation_sent_while_the_broker_is_down_lands_later(broker_fil
         await asyncio.to_thread(broker.stop)
 
 
+async def test_a_target_that_cannot_check_revocations_answers_503_and_takes_the_token_once_it_can(
+    broker_files: dict[str, Path]
+) -> None:
+    """Fails closed, but retryably: a broker that is slow or restarting must not fail an incident.
+    The refused attempt does not use the token up: the retry carries the same one."""
+    broker = start_broker(broker_files)
+    port = broker.port
+    client = BrokerClient(broker.url, broker.agent_token)
+    verifier = await asyncio.to_thread(TargetVerifier.from_broker, broker.url, "fleet", max_stale_s=1.0)
+    try:
+        async with client.credential(**read_fields(ttl_s=300)) as cred:
+            await asyncio.to_thread(broker.stop)
+            await asyncio.sleep(2.5)  # the revocation list is now older than max_stale_s
+            with pytest.raises(TokenRejected, match="stale") as refused:
+                verifier.verify(cred.token, verb="fleet.read", resource="service/checkout")
+            assert refused.value.status == 503
+            broker = await asyncio.to_thread(start_broker, broker_files, port)
+            for _ in range(50):  # the poller catches up within a few of its 1 s intervals
+                try:
+                    verifier.verify(cred.token, verb="fleet.read", resource="service/checkout")
+                    break
+                except TokenRejected as exc:
+                    assert exc.status == 503, exc
+                    await asyncio.sleep(0.2)
+            else:
+                raise AssertionError("the target never took the token")
+    finally:
+        verifier.close()
+        await client.aclose()
+        await asyncio.to_thread(broker.stop)
+
+
 async def test_a_revocation_that_lands_at_once_is_not_queued(broker_files: dict[str, Path]) -> None:
     broker = start_broker(broker_files)
     try:
