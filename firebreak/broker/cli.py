@@ -132,24 +132,30 @@ def _admin_token(settings: Settings) -> str | None:
     return path.read_text(encoding="ascii").strip() if path.exists() else None
 
 
-def _creds(args: argparse.Namespace, action: str, settings: Settings) -> int:
+def _admin_post(args: argparse.Namespace, settings: Settings, path: str, what: str,
+                body: dict[str, object]) -> dict[str, object] | int:
+    """POST an admin request to the broker as who runs the command: its JSON answer, or an exit code."""
     token = _admin_token(settings)
     if not token:
         print(f"no admin token: set {ADMIN_TOKEN_ENV} or run on the broker's host", file=sys.stderr)
         return 2
     url = (args.broker_url or settings.broker_url).rstrip("/")
     try:
-        response = httpx.post(
-            f"{url}/v1/{action}", json={"reason": args.reason, "by": args.by or getpass.getuser()},
-            headers={"Authorization": f"Bearer {token}"}, timeout=10
-        )
+        response = httpx.post(f"{url}{path}", json={**body, "reason": args.reason, "by": args.by or getpass.getuser()},
+                              headers={"Authorization": f"Bearer {token}"}, timeout=10)
     except httpx.HTTPError as exc:
         print(f"broker at {url} unreachable: {type(exc).__name__}", file=sys.stderr)
         return 1
     if response.status_code != 200:
-        print(f"{action} failed: HTTP {response.status_code} {response.text[:500]}", file=sys.stderr)
+        print(f"{what} failed: HTTP {response.status_code} {response.text[:500]}", file=sys.stderr)
         return 1
-    body = response.json()
+    return response.json()
+
+
+def _creds(args: argparse.Namespace, action: str, settings: Settings) -> int:
+    body = _admin_post(args, settings, f"/v1/{action}", action, {})
+    if isinstance(body, int):
+        return body
     if action == "freeze":
         print(f"broker frozen: every mint is refused; revoked {body.get('revoked', 0)} live grant(s)")
     else:
@@ -165,23 +171,10 @@ def _rotate(args: argparse.Namespace, what: str, settings: Settings) -> int:
     except ValueError as exc:
         print(f"--overlap: {exc}", file=sys.stderr)
         return 2
-    token = _admin_token(settings)
-    if not token:
-        print(f"no admin token: set {ADMIN_TOKEN_ENV} or run on the broker's host", file=sys.stderr)
-        return 2
-    url = (args.broker_url or settings.broker_url).rstrip("/")
     path = "/v1/creds/rotate" if what == "rotate" else "/v1/keys/rotate"
-    try:
-        response = httpx.post(f"{url}{path}", json={"overlap_s": overlap, "reason": args.reason,
-                                                    "by": args.by or getpass.getuser()},
-                              headers={"Authorization": f"Bearer {token}"}, timeout=10)
-    except httpx.HTTPError as exc:
-        print(f"broker at {url} unreachable: {type(exc).__name__}", file=sys.stderr)
-        return 1
-    if response.status_code != 200:
-        print(f"{what} failed: HTTP {response.status_code} {response.text[:500]}", file=sys.stderr)
-        return 1
-    body = response.json()
+    body = _admin_post(args, settings, path, what, {"overlap_s": overlap})
+    if isinstance(body, int):
+        return body
     if what == "rotate":
         # The credential itself is never printed: it is in the broker's file, 0600.
         print(f"bootstrap credential rotated: the new one is in {body['path']} (0600); workers that read that file "
