@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime, timedelta, timezone
@@ -31,7 +32,7 @@ from fastapi import FastAPI
 
 from demo.catalog import add_routes as add_catalog_routes
 from demo.fleet import FleetServer
-from demo.prom import find_binary
+from demo.prom import PrometheusProcess, find_binary, free_port
 from firebreak import signing
 from firebreak.broker.server import BrokerServer
 from firebreak.codec import PayloadAuthCodec, ensure_key_file
@@ -66,6 +67,25 @@ def unauthenticated_client(env: WorkflowEnvironment) -> Client:
     its time skipping: wait for results through ``env.client``.
     """
     return Client(env.client.service_client, namespace=env.client.namespace, data_converter=DATA_CONVERTER)
+
+
+def poll_until(predicate, timeout: float, what: str) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+@pytest.fixture
+def scraped_prometheus(tmp_path: Path, fleet: FleetServer) -> Iterator[PrometheusProcess]:
+    """Real Prometheus scraping this test's fleet, with some history before any fault, so that a
+    diagnosis can compare before and after."""
+    with PrometheusProcess(tmp_path / "prom", free_port(), fleet.target) as prom:
+        prom.wait_ready()
+        poll_until(lambda: (prom.query_value("count_over_time(up[1m])") or 0) >= 12, 60, "12 s of scrapes")
+        yield prom
 
 
 def needs(*binaries: str) -> pytest.MarkDecorator:

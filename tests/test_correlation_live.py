@@ -10,7 +10,6 @@ grant, visible in history; the escalation goes to payments' owning team.
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,8 +20,7 @@ from temporalio.client import WorkflowHistory
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer, UnsandboxedWorkflowRunner, Worker
 
-from conftest import needs
-from demo.prom import PrometheusProcess, free_port
+from conftest import needs, poll_until
 from firebreak.contracts import Hypothesis, IncidentStatus, Phase
 from firebreak.history import history_rows
 from firebreak.incidents import MEMO_KEY
@@ -41,31 +39,14 @@ CHECKOUT_ERRORS = ('sum(rate(http_requests_total{namespace="shop",service="check
 pytestmark = needs("prometheus")
 
 
-def wait_until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
-@pytest.fixture
-def prometheus(tmp_path: Path, fleet):
-    with PrometheusProcess(tmp_path / "prom", free_port(), fleet.target) as prom:
-        prom.wait_ready()
-        wait_until(lambda: (prom.query_value("count_over_time(up[1m])") or 0) >= 12, 60, "12 s of scrapes")
-        yield prom
-
-
 async def test_a_failing_dependency_is_blamed_and_rolled_back_not_the_caller(
-    dev_env: WorkflowEnvironment, settings, fleet, prometheus, approvers
+    dev_env: WorkflowEnvironment, settings, fleet, scraped_prometheus, approvers
 ):
-    settings.targets["prometheus"] = prometheus.url
+    settings.targets["prometheus"] = scraped_prometheus.url
     checkout_version = fleet.fleet.service_state("checkout")["version"]
     healthy = fleet.fleet.service_state("payments")["version"]
     bad = inject(fleet.url, "payments", "dependency")["version"]
-    await asyncio.to_thread(wait_until, lambda: (prometheus.query_value(CHECKOUT_ERRORS) or 0) > 0.05, 60,
+    await asyncio.to_thread(poll_until, lambda: (scraped_prometheus.query_value(CHECKOUT_ERRORS) or 0) > 0.05, 60,
                             "checkout 5xx > 5%")
     client = dev_env.client
     async with build_worker(client, settings):

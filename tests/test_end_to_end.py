@@ -20,8 +20,7 @@ from temporalio.client import WorkflowHistory
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer
 
-from conftest import needs
-from demo.prom import PrometheusProcess, free_port
+from conftest import needs, poll_until
 from firebreak.contracts import ApprovalOutcome, Phase
 from firebreak.history import history_rows
 from incidents import inject, make_alert, open_incident, report_of, submit, wait_for_phase
@@ -34,31 +33,13 @@ ERROR_RATIO = ('sum(rate(http_requests_total{namespace="shop",service="checkout"
 pytestmark = needs("prometheus")
 
 
-def wait_until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
-@pytest.fixture
-def prometheus(tmp_path: Path, fleet):
-    with PrometheusProcess(tmp_path / "prom", free_port(), fleet.target) as prom:
-        prom.wait_ready()
-        # Some history before the fault, so the diagnosis can compare before and after.
-        wait_until(lambda: (prom.query_value("count_over_time(up[1m])") or 0) >= 12, 60, "12 s of scrapes")
-        yield prom
-
-
 async def test_bad_deploy_is_diagnosed_rolled_back_verified_and_replays(
-    dev_env: WorkflowEnvironment, settings, fleet, prometheus, approvers
+    dev_env: WorkflowEnvironment, settings, fleet, scraped_prometheus, approvers
 ):
-    settings.targets["prometheus"] = prometheus.url
+    settings.targets["prometheus"] = scraped_prometheus.url
     healthy = fleet.fleet.service_state("checkout")["version"]
     bad = inject(fleet.url, "checkout", "bad_deploy")["version"]
-    await asyncio.to_thread(wait_until, lambda: (prometheus.query_value(ERROR_RATIO) or 0) > 0.05, 60, "5xx > 5%")
+    await asyncio.to_thread(poll_until, lambda: (scraped_prometheus.query_value(ERROR_RATIO) or 0) > 0.05, 60, "5xx > 5%")
 
     client = dev_env.client
     async with build_worker(client, settings):

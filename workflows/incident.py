@@ -398,13 +398,8 @@ class IncidentWorkflow:
 
     async def _diagnose(self, started: datetime) -> Diagnosis:
         request = DiagnoseRequest(runbook=self.incident.runbook, evidence=self.evidence, alert_started_at=started)
-        if workflow.patched("diagnose-local"):
-            # Computation on the evidence, no I/O: a local activity (its result recorded in history all the
-            # same) skips a round trip through the server and a workflow task on the way to the proposal.
-            return await workflow.execute_local_activity(
-                diagnose, request, start_to_close_timeout=timedelta(seconds=30), retry_policy=QUICK,
-                summary="rank hypotheses from the evidence",
-            )
+        # Not a local activity (which would save a round trip): a `workflow.patched` right after a local
+        # activity replayed as nondeterministic when its workflow task was split under load.
         return await workflow.execute_activity(
             diagnose,
             request,
