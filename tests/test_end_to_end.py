@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -34,7 +35,7 @@ pytestmark = needs("prometheus")
 
 
 async def test_bad_deploy_is_diagnosed_rolled_back_verified_and_replays(
-    dev_env: WorkflowEnvironment, settings, fleet, scraped_prometheus, approvers
+    dev_env: WorkflowEnvironment, settings, fleet, scraped_prometheus, approvers, tmp_path: Path
 ):
     settings.targets["prometheus"] = scraped_prometheus.url
     healthy = fleet.fleet.service_state("checkout")["version"]
@@ -89,16 +90,25 @@ async def test_bad_deploy_is_diagnosed_rolled_back_verified_and_replays(
     await replayer.replay_workflow(WorkflowHistory.from_json(handle.id, history.to_json()))
 
     # `firebreak privileges --usage` after the incident: what it used, with counts, and the never-used flagged.
+    # The session's other tests may have used every shipped privilege by now: one runbook grants a
+    # privilege nothing ever uses.
+    runbooks = tmp_path / "runbooks"
+    shutil.copytree(settings.runbooks_dir, runbooks)
+    (runbooks / "drill-unused.yaml").write_text(
+        (Path(settings.runbooks_dir) / "drill-pair.yaml").read_text()
+        .replace("name: drill-pair", "name: drill-unused").replace("DrillPair", "DrillUnused")
+        .replace("{service}.drill-pair", "{service}.drill-unused")
+        .replace('verb: fleet.scale, resource: "service/{service}"', 'verb: fleet.scale, resource: "replicaset/{service}"'))
     usage = await asyncio.to_thread(
-        privileges_usage, "--state-dir", str(settings.state_dir), "--runbooks-dir", str(settings.runbooks_dir))
+        privileges_usage, "--state-dir", str(settings.state_dir), "--runbooks-dir", str(runbooks))
     rows = {f"{r['kind']} {r['target']} {r['verb']} {r['resource']}": r for r in usage["privileges"]}
     for used in ("write fleet fleet.rollback service/{service}", "read fleet fleet.read service/{service}",
                  "read prometheus metrics.read namespace/{namespace}"):
         assert rows[used]["uses"] >= 1 and rows[used]["last_used"], (used, rows[used])
-    assert usage["never_used"] and set(usage["never_used"]) == {k for k, r in rows.items() if r["uses"] == 0}
+    assert "write fleet fleet.scale replicaset/{service}" in usage["never_used"], usage["never_used"]
+    assert set(usage["never_used"]) == {k for k, r in rows.items() if r["uses"] == 0}
     text = await asyncio.to_thread(
-        privileges_usage, "--state-dir", str(settings.state_dir), "--runbooks-dir", str(settings.runbooks_dir),
-        as_json=False)
+        privileges_usage, "--state-dir", str(settings.state_dir), "--runbooks-dir", str(runbooks), as_json=False)
     assert f"unused: {usage['never_used'][0]} (a candidate for removal)" in text
     assert any(line.split()[0].isdigit() and int(line.split()[0]) >= 1 and "fleet.rollback" in line
                for line in text.splitlines() if line.strip())

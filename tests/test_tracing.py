@@ -130,9 +130,10 @@ async def test_the_request_span_without_fastapis_own_continues_the_senders_trace
         response = await http.post("/v1/alerts", headers={"Authorization": "Bearer secret-intake-token",
                                                           "traceparent": f"00-{parent_trace}-{parent_span}-01"})
     assert response.status_code == 202
-    [span] = EXPORTER.get_finished_spans()
+    # Exactly one span in the sender's trace (work left over from earlier tests may export spans of its own).
+    [span] = [s for s in EXPORTER.get_finished_spans() if format(s.context.trace_id, "032x") == parent_trace]
     assert span.name == "POST /v1/alerts" and span.kind == SpanKind.SERVER
-    assert format(span.context.trace_id, "032x") == parent_trace and format(span.parent.span_id, "016x") == parent_span
+    assert format(span.parent.span_id, "016x") == parent_span
     assert span.attributes["http.response.status_code"] == 202
     assert "secret-intake-token" not in json.dumps(dict(span.attributes), default=str)
 
