@@ -61,12 +61,13 @@ class Rule:
         return self.hits < self.times
 
 
-class FleetProxy:
+class _Listener:
+    """A local listener on a free port in front of ``upstream_port``; subclasses serve each connection."""
+
     def __init__(self, upstream_port: int, host: str = "127.0.0.1") -> None:
         self.upstream_port = upstream_port
         self.host = host
         self.port = 0
-        self.rules: list[Rule] = []
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> int:
@@ -77,6 +78,15 @@ class FleetProxy:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+
+class FleetProxy(_Listener):
+    def __init__(self, upstream_port: int, host: str = "127.0.0.1") -> None:
+        super().__init__(upstream_port, host)
+        self.rules: list[Rule] = []
 
     def add(self, rule: Rule) -> Rule:
         self.rules.append(rule)
@@ -125,25 +135,13 @@ class FleetProxy:
             upstream_writer.close()
 
 
-class TcpSwitch:
+class TcpSwitch(_Listener):
     """A TCP pump to ``upstream_port`` that can be turned off (connections refused and cut) and on."""
 
     def __init__(self, upstream_port: int, host: str = "127.0.0.1") -> None:
-        self.upstream_port = upstream_port
-        self.host = host
-        self.port = 0
+        super().__init__(upstream_port, host)
         self.up = True
         self._open: set[asyncio.StreamWriter] = set()
-        self._server: asyncio.AbstractServer | None = None
-
-    async def start(self) -> int:
-        self._server = await asyncio.start_server(self._serve, self.host, 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self.port
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
 
     def set_up(self, up: bool) -> None:
         self.up = up

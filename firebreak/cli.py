@@ -285,18 +285,12 @@ async def _incident_status(settings: Settings, incident_id: str) -> tuple[Any, s
                 raise Refused(f"no incident {incident_id!r}")
         except httpx.HTTPError:
             pass
-    from firebreak.cli_common import not_found
-    from firebreak.incidents import WorkerDown, read_status
+    from firebreak.cli_common import reading_incident
+    from firebreak.incidents import read_status
 
     temporal = await client(settings)
-    try:
+    with reading_incident(incident_id):
         status, source = await read_status(temporal.get_workflow_handle(incident_id))
-    except WorkerDown as exc:
-        raise Refused(str(exc)) from None
-    except Exception as exc:
-        if not_found(exc):
-            raise Refused(f"no incident {incident_id!r}") from None
-        raise
     return status, f"{source}, Temporal at {settings.temporal.address}"
 
 

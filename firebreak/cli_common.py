@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from firebreak.config import Settings, load_settings
@@ -56,3 +58,18 @@ def not_found(exc: BaseException) -> bool:
     from temporalio.service import RPCError, RPCStatusCode
 
     return isinstance(exc, RPCError) and exc.status == RPCStatusCode.NOT_FOUND
+
+
+@contextmanager
+def reading_incident(incident_id: str) -> Iterator[None]:
+    """Reading an incident from Temporal: no worker, or no such incident, is a refusal that says so."""
+    from firebreak.incidents import WorkerDown
+
+    try:
+        yield
+    except WorkerDown as exc:
+        raise Refused(str(exc)) from None
+    except Exception as exc:
+        if not_found(exc):
+            raise Refused(f"no incident {incident_id!r}") from None
+        raise

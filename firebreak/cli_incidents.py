@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from typing import Any
 
-from firebreak.cli_common import Refused, Usage, client, not_found, out, settings_of
+from firebreak.cli_common import Refused, Usage, client, not_found, out, reading_incident, settings_of
 from firebreak.config import Settings
 from firebreak.contracts import IncidentStatus, Phase
 
@@ -167,11 +167,11 @@ def status_json(status: IncidentStatus) -> dict[str, Any]:
 
 
 async def _status(args: argparse.Namespace) -> int:
-    from firebreak.incidents import WorkerDown, read_status
+    from firebreak.incidents import read_status
 
     temporal = await client(settings_of(args))
     handle = temporal.get_workflow_handle(args.id)
-    try:
+    with reading_incident(args.id):
         if args.watch:
             # Follow this run, not whichever run the id names later (a closed incident can fire again).
             run_id = (await handle.describe()).run_id
@@ -185,12 +185,6 @@ async def _status(args: argparse.Namespace) -> int:
                 print(json.dumps(status_json(final), indent=2))
             return exit_code(final)
         status, source = await read_status(handle)
-    except WorkerDown as exc:
-        raise Refused(str(exc)) from None
-    except Exception as exc:
-        if not_found(exc):
-            raise Refused(f"no incident {args.id!r}") from None
-        raise
     if args.json:
         print(json.dumps(status_json(status), indent=2))
         return 0
