@@ -119,7 +119,8 @@ async def main(argv: Sequence[str] | None = None) -> None:
     export_from_env("firebreak-worker")  # only with OTEL_EXPORTER_OTLP_ENDPOINT set
     # Traced: the workflow and its activities join the trace of the request that started them.
     client = await connect(settings.temporal, temporal_interceptors())
-    worker = build_worker(client, settings, drain=DRAIN)
+    deps = ActivityDeps.from_settings(settings)
+    worker = build_worker(client, settings, deps, drain=DRAIN)
     logging.getLogger("firebreak.worker").info(
         "worker on %s namespace %s task queue %s", settings.temporal.address, settings.temporal.namespace,
         settings.temporal.task_queue,
@@ -128,6 +129,11 @@ async def main(argv: Sequence[str] | None = None) -> None:
     await run_until_stopped(worker)
     if current is not None:
         current.cancel()
+    # Revocations still on their way (reads revoke in the background) or queued for retry land before we go.
+    left = await deps.broker.settle(timeout_s=10)
+    if left:
+        logging.getLogger("firebreak.worker").warning("%d grant(s) not revoked at stop; they expire on their own: %s",
+                                                      len(left), ", ".join(left))
     logging.getLogger("firebreak.worker").info("worker stopped")
 
 

@@ -52,6 +52,9 @@ async def activity_credential(
             workflow_id=info.workflow_id, run_id=info.workflow_run_id, activity_id=info.activity_id,
             step_id=step_id, runbook=runbook, params=params or {}, plan=plan, approvals=list(approvals),
             receipts=list(receipts), undo=undo,
+            # A read's answer does not wait for its revocation (still sent at once, retried until it lands):
+            # it is on every investigation's critical path. A write's is revoked before the activity returns.
+            revoke_in_background=verb.endswith(".read") and plan is None,
         ) as credential:
             # Grant id and scope only: the token itself never reaches a log, span or error.
             span.set_attribute("firebreak.grant_id", credential.grant.grant_id)

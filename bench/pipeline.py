@@ -23,7 +23,7 @@ Also per complete incident: each component's CPU (from /proc), and workflow task
 
 Checks its own correctness: every approved incident resolved, the fleet's own record holds exactly
 one write for each of them and none for the others, and every measured history replays on the
-worker's code. Exit code 1 when a check fails. ``--profile-worker FILE`` samples the worker's stacks.
+worker's code. Exit code 1 when a check fails. ``--profile worker=FILE`` (or ``broker=FILE``) samples that process's stacks.
 """
 
 from __future__ import annotations
@@ -630,12 +630,12 @@ def biggest(parts: list[dict[str, float]]) -> str:
 # -- running it -------------------------------------------------------------------------------
 
 
-async def bench(cfg: Config, state: Path, prometheus: bool, profile_worker: Path | None = None) -> int:
+async def bench(cfg: Config, state: Path, prometheus: bool, profile: dict[str, Path] | None = None) -> int:
     receiver = SpanReceiver().start()
     stack = PipelineStack(state, runbook_text(prometheus),
                           synthetic=cfg.warmup + cfg.incidents + cfg.throughput + max(cfg.held, default=0) + 10,
                           otlp_endpoint=receiver.endpoint, with_prometheus=prometheus,
-                          profile_worker=profile_worker.resolve() if profile_worker else None,
+                          profile={name: out.resolve() for name, out in (profile or {}).items()},
                           worker_env={"FIREBREAK_WORKFLOW_CACHE": str(cfg.cache)}, bare_cache=cfg.cache)
     r = Results()
     clock = time.perf_counter()
@@ -700,7 +700,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a smoke run: 20 a side, 20 for throughput, 30 and 60 held (cache 20)")
     parser.add_argument("--no-prometheus", action="store_true", help="even if it is installed")
     parser.add_argument("--state-dir", type=Path, default=None, help="kept afterwards (default: a temp dir, removed)")
-    parser.add_argument("--profile-worker", type=Path, default=None, help="sample the worker's stacks into this file")
+    parser.add_argument("--profile", action="append", default=[], metavar="NAME=FILE",
+                        help="sample the stacks of the worker or the broker into FILE (repeatable)")
     args = parser.parse_args(argv)
     cfg = Config(incidents=args.incidents, throughput=args.throughput, concurrency=args.concurrency,
                  held=tuple(int(n) for n in args.held.split(",") if n.strip()), warmup=args.warmup,
@@ -709,11 +710,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A cache smaller than what is held, so that the oldest incident is evicted in a smoke run too.
         cfg = Config(incidents=20, throughput=20, held=(30, 60), concurrency=args.concurrency, warmup=2, cache=20)
     prometheus = has_prometheus() and not args.no_prometheus
+    profile = {}
+    for item in args.profile:
+        name, _, out = item.partition("=")
+        if name not in ("worker", "broker") or not out:
+            parser.error(f"--profile {item!r}: expected worker=FILE or broker=FILE")
+        profile[name] = Path(out)
     if args.state_dir:
         args.state_dir.mkdir(parents=True, exist_ok=True)
-        return asyncio.run(bench(cfg, args.state_dir, prometheus, args.profile_worker))
+        return asyncio.run(bench(cfg, args.state_dir, prometheus, profile))
     with tempfile.TemporaryDirectory(prefix="firebreak-pipeline-") as tmp:
-        return asyncio.run(bench(cfg, Path(tmp), prometheus, args.profile_worker))
+        return asyncio.run(bench(cfg, Path(tmp), prometheus, profile))
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ class PipelineStack:
     otlp_endpoint: str
     with_prometheus: bool = True
     worker_env: dict[str, str] = field(default_factory=dict)
-    profile_worker: Path | None = None  # sample the worker's Python stacks into this file
+    profile: dict[str, Path] = field(default_factory=dict)  # "worker"/"broker" -> sample its Python stacks into
     bare_cache: int = 1000  # the bare worker's workflow cache, the same as the worker's
     stack: Stack = field(init=False)
     ports: dict[str, int] = field(default_factory=dict)
@@ -97,7 +97,7 @@ class PipelineStack:
         ])
         broker_url = f"http://127.0.0.1:{self.ports['broker']}"
         broker = self.stack.spawn("broker", [
-            py, "-m", "firebreak.broker", "--host", "127.0.0.1", "--port", str(self.ports["broker"]),
+            py, *self._profiler("broker"), "-m", "firebreak.broker", "--host", "127.0.0.1", "--port", str(self.ports["broker"]),
             "--state-dir", str(state), "--roster", str(roster), "--runbooks-dir", str(runbooks)])
         wait_http(f"{broker_url}/healthz", proc=broker)
         fleet = self.stack.spawn("fleet", [
@@ -147,9 +147,12 @@ class PipelineStack:
         log = self.state / "logs" / "worker.log"
         if log.exists():
             log.rename(log.with_name(f"worker.{self.workers - 1}.log"))
-        profiler = [str(ROOT / "bench" / "pipeline_profile.py"), str(self.profile_worker)] if self.profile_worker else []
-        return self.stack.spawn("worker", [sys.executable, *profiler, str(ROOT / "worker.py"), "--state-dir",
+        return self.stack.spawn("worker", [sys.executable, *self._profiler("worker"), str(ROOT / "worker.py"), "--state-dir",
                                            str(self.state)], env={**_otel_env(self.otlp_endpoint), **self.worker_env})
+
+    def _profiler(self, name: str) -> list[str]:
+        out = self.profile.get(name)
+        return [str(ROOT / "bench" / "pipeline_profile.py"), str(out)] if out else []
 
     def stop_worker(self) -> None:
         process = self.stack.processes.pop("worker")

@@ -431,6 +431,33 @@ async def test_nonces_survive_a_broker_restart(env: Env) -> None:
                                     run_id="run-2"), "reuses a nonce")
 
 
+async def test_concurrent_mints_and_revokes_are_all_on_disk_when_answered(env: Env) -> None:
+    """The broker writes its state for many requests at once (group commit): each answer still waits for its
+    own change, so the files hold every grant and revocation answered, and a restart keeps them."""
+
+    async def read_then_maybe_revoke(i: int) -> tuple[str, bool]:
+        credential = await client.mint(**read_fields(activity_id=f"a{i}"))
+        if i % 2:
+            assert await client.revoke(credential.grant.grant_id)
+        return credential.grant.grant_id, bool(i % 2)
+
+    async with env.client as client:
+        results = await asyncio.gather(*(read_then_maybe_revoke(i) for i in range(40)))
+    # Read while the broker still runs: what it answered is already on disk, not just at shutdown.
+    grants = json.loads((env.state_dir / "broker" / "grants.json").read_text())
+    assert {g: grants[g]["revoked"] for g, _ in results if g in grants} == dict(results)
+    records = env.audit()
+    assert {r["grant_id"] for r in records if r["event"] == "mint"} >= {g for g, _ in results}
+    assert {r["grant_id"] for r in records if r["event"] == "revoke"} == {g for g, revoked in results if revoked}
+    assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
+    env.server.stop()
+    env.server.start()
+    listed = httpx.get(f"{env.server.url}/v1/revoked").json()["revoked"]
+    assert set(listed) == {g for g, revoked in results if revoked}
+    ok, _, message = verify_chain(env.server.audit_path)
+    assert ok, message
+
+
 async def test_write_for_a_different_workflow_id_than_approvals_refused(env: Env) -> None:
     await refused(env, write_fields(env, [env.approve("alice")], workflow_id="other.incident"),
                   "not the requesting workflow's run")

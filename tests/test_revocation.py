@@ -66,6 +66,39 @@ def audit_events(server: BrokerServer) -> list[dict[str, Any]]:
 # -- the worker's side: a revocation the broker missed ------------------------------------------------
 
 
+async def test_a_read_does_not_wait_for_its_revocation_and_a_write_does(broker_files: dict[str, Path]) -> None:
+    """Reads revoke in the background (off the investigation's critical path), still at once; settle() waits
+    for them at shutdown. A write's credential is revoked before its activity may return."""
+    server = start_broker(broker_files)
+    broker = server.broker
+    assert broker is not None
+    client = BrokerClient(server.url, server.agent_token)
+    try:
+        async with client.credential(revoke_in_background=True, **read_fields()) as read:
+            broker.lock.acquire()  # the broker cannot answer a revocation until we let go
+        try:
+            assert not broker.state.grants[read.grant_id].revoked  # returned before the broker took it
+        finally:
+            broker.lock.release()
+        assert await client.settle(10.0) == []
+        assert broker.state.grants[read.grant_id].revoked
+
+        held = client.credential(**read_fields(activity_id="4"))
+        write = await held.__aenter__()
+        broker.lock.acquire()
+        leaving = asyncio.ensure_future(held.__aexit__(None, None, None))
+        await asyncio.sleep(0.3)
+        waited = not leaving.done()
+        broker.lock.release()
+        await leaving
+        assert waited, "left before the broker answered the revocation"
+        assert broker.state.grants[write.grant_id].revoked
+    finally:
+        await client.aclose()
+        await asyncio.to_thread(server.stop)
+
+
+
 async def test_a_revocation_sent_while_the_broker_is_down_lands_later(broker_files: dict[str, Path]) -> None:
     broker = start_broker(broker_files)
     port = broker.port

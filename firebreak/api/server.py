@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from types import TracebackType
 
 import uvicorn
@@ -18,6 +17,7 @@ from firebreak.api.app import create_app
 from firebreak.api.gateway import ClientFactory
 from firebreak.api.settings import ApiSettings
 from firebreak.runbook import Runbook
+from firebreak.serving import listening_socket
 
 
 class ApiServer:
@@ -34,9 +34,7 @@ class ApiServer:
     ) -> None:
         self.app = create_app(settings, client_factory, runbooks=runbooks)
         self.host = host
-        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._socket.bind((host, port))
+        self._socket = listening_socket(host, port)
         self.port: int = self._socket.getsockname()[1]
         config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off")
         self._server = uvicorn.Server(config)

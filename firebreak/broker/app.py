@@ -93,7 +93,11 @@ class Broker:
     def __init__(self, config: BrokerConfig) -> None:
         self.config = config
         self.dir = broker_dir(config.state_dir)
-        self.state = DurableState(self.dir)
+        # One lock around every decision that reads or changes grants, nonces or
+        # the freeze flag: a mint can never slip in between "frozen?" and "issue".
+        # Nothing is written to disk under it: a request waits for its changes after letting go (_durable).
+        self.lock = threading.Lock()
+        self.state = DurableState(self.dir, self.lock)
         self.keys = SigningKeys(self.dir)
         self.credential = AgentCredential(self.dir, env_var=AGENT_TOKEN_ENV, given=config.agent_token)
         self.admin_token = read_or_create_secret(self.dir / "admin-token", ADMIN_TOKEN_ENV, config.admin_token)
@@ -103,9 +107,6 @@ class Broker:
         self.runbooks: dict[str, Runbook] = self.archive.current
         self.roster = RosterSource(config.roster_path)
         self.metrics = BrokerMetrics(config.privileges_lock)
-        # One lock around every decision that reads or changes grants, nonces or
-        # the freeze flag: a mint can never slip in between "frozen?" and "issue".
-        self.lock = threading.Lock()
         self.catalog = BrokerCatalog(config.catalog_url, self._catalog_token, self._audit_catalog_read)
 
     def _catalog_token(self, resource: str, workflow_id: str) -> str:
@@ -169,6 +170,12 @@ class Broker:
 
     def mint(self, req: MintRequest) -> MintResponse:
         verdict = self._catalog_verdict(req)
+        try:
+            return self._mint(req, verdict)
+        finally:
+            self._durable()  # the grant, nonces, plan and audit record, or the denial's record
+
+    def _mint(self, req: MintRequest, verdict: Denied | CatalogUnavailable | None) -> MintResponse:
         with self.lock:
             try:
                 try:
@@ -196,6 +203,7 @@ class Broker:
                     run_id=req.run_id,
                     step_id=req.step_id,
                     approvers=exc.approvers,
+                    sync=False,
                 )
                 # 423 Locked: the kill switch holds this, it does not refuse it; the caller waits.
                 self.metrics.denied(exc.reason)
@@ -255,6 +263,7 @@ class Broker:
                 run_id=req.run_id,
                 step_id=req.step_id,
                 approvers=decision.approvers,
+                sync=False,
             )
         return MintResponse(
             grant_id=grant_id,
@@ -331,7 +340,14 @@ class Broker:
                 check = check.model_copy(update={"reason": f"{check.reason} ({self.roster.error})"})
             if self.state.frozen:
                 check = check.model_copy(update={"held": self.state.frozen_by()})
-            return check
+        self._durable()  # the arrival is recorded before it is reported
+        return check
+
+    def _durable(self) -> None:
+        """Outside ``self.lock``: return once this request's changes (and all before them) are on disk,
+        in one write shared with whatever other requests changed meanwhile."""
+        self.state.sync()
+        self.audit.sync(self.audit.head_seq)
 
     # -- revoke, freeze --
 
@@ -339,10 +355,11 @@ class Broker:
         with self.lock:
             grant = self.state.revoke(grant_id)
             if grant is None:
-                self.audit.append("revoke", decision="unknown_grant", reason=reason, grant_id=grant_id)
-                return False
-            self._audit_revoke(grant, reason)
-            return True
+                self.audit.append("revoke", decision="unknown_grant", reason=reason, grant_id=grant_id, sync=False)
+            else:
+                self._audit_revoke(grant, reason)
+        self._durable()
+        return grant is not None
 
     def _audit_revoke(self, grant: GrantRecord, reason: str) -> None:
         self.audit.append(
@@ -357,6 +374,7 @@ class Broker:
             run_id=grant.run_id,
             step_id=grant.step_id,
             approvers=grant.approvers,
+            sync=False,
         )
 
     def freeze(self, reason: str, by: str = "") -> int:
@@ -368,14 +386,17 @@ class Broker:
                 self._audit_revoke(grant, "kill switch")
             self.audit.append(
                 "freeze", decision="frozen", subject=by or "(unnamed)",
-                reason=f"{reason or 'no reason given'}; revoked {len(live)} live grant(s)",
+                reason=f"{reason or 'no reason given'}; revoked {len(live)} live grant(s)", sync=False,
             )
-            return len(live)
+        self._durable()
+        return len(live)
 
     def thaw(self, reason: str, by: str = "") -> None:
         with self.lock:
             self.state.set_frozen(False)
-            self.audit.append("thaw", decision="thawed", subject=by or "(unnamed)", reason=reason or "no reason given")
+            self.audit.append("thaw", decision="thawed", subject=by or "(unnamed)", reason=reason or "no reason given",
+                              sync=False)
+        self._durable()
 
     def revoked(self) -> list[str]:
         with self.lock:
@@ -397,8 +418,9 @@ class Broker:
             until = datetime.fromtimestamp(old.valid_until, UTC).isoformat()
             self.audit.append("rotate", decision="credential_rotated", subject=by or "(unnamed)",
                               reason=f"bootstrap credential of {AGENT} rotated ({reason or 'no reason given'}); "
-                                     f"the old one (sha256 {old.sha256[:12]}) is accepted until {until}")
-            return {"rotated": "credential", "old_valid_until": until, "path": str(self.credential.path)}
+                                     f"the old one (sha256 {old.sha256[:12]}) is accepted until {until}", sync=False)
+        self._durable()
+        return {"rotated": "credential", "old_valid_until": until, "path": str(self.credential.path)}
 
     def rotate_signing_key(self, overlap_s: float, reason: str, by: str) -> dict[str, Any]:
         """A new token key; the old one's public half stays in the JWKS for ``overlap_s``."""
@@ -407,9 +429,11 @@ class Broker:
             until = datetime.fromtimestamp(old.published_until, UTC).isoformat()
             record = f"token signing key rotated ({reason or 'no reason given'}): {old.kid} -> {self.kid}, " \
                      f"the old key stays in the JWKS until {until}"
-            self.audit.append("rotate", decision="signing_key_rotated", subject=by or "(unnamed)", reason=record)
+            self.audit.append("rotate", decision="signing_key_rotated", subject=by or "(unnamed)", reason=record,
+                              sync=False)
             self.audit.rekey(self.key, self.kid)  # the head is signed with the old key, the rest with the new
-            return {"rotated": "signing_key", "old_kid": old.kid, "kid": self.kid, "old_published_until": until}
+        self._durable()
+        return {"rotated": "signing_key", "old_kid": old.kid, "kid": self.kid, "old_published_until": until}
 
     def identity_gauges(self) -> IdentityGauges:
         with self.lock:

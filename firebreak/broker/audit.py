@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from firebreak import signing
 from firebreak.broker import checkpoints as cp
+from firebreak.broker.group_commit import GroupCommit
 from firebreak.contracts import canonical_json
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,8 @@ def record_hash(record: dict[str, Any]) -> str:
 
 
 class AuditLog:
-    """One writer per file (the broker process); appends are serialised by a lock.
+    """One writer per file (the broker process); appends are serialised by a lock, and the fsyncs of
+    concurrent appends are grouped into one (:class:`GroupCommit`), outside that lock.
 
     With ``signing_key`` it also signs checkpoints of the head into
     ``audit.checkpoints.jsonl``: one when opened, one whenever ``checkpoint_every``
@@ -80,6 +82,7 @@ class AuditLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.checkpoints_path = cp.checkpoints_path(self.path)
         self._lock = threading.Lock()
+        self._commit = GroupCommit(self._flush)
         # Create it now, 0600, so that it exists (empty) from the first start.
         os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
         self._seq, self._last_hash = self._tail()
@@ -142,7 +145,10 @@ class AuditLog:
         run_id: str | None = None,
         step_id: str | None = None,
         approvers: list[str] | None = None,
+        sync: bool = True,
     ) -> dict[str, Any]:
+        """Append one record; with ``sync`` (the default) return once it is on disk. A caller holding a lock
+        others wait for passes ``sync=False`` and calls :meth:`sync` once it has let go."""
         with self._lock:
             record: dict[str, Any] = {
                 "seq": self._seq + 1,
@@ -166,7 +172,6 @@ class AuditLog:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             try:
                 os.write(fd, line.encode("utf-8"))
-                os.fsync(fd)
             finally:
                 os.close(fd)
             self._seq, self._last_hash = record["seq"], record["hash"]
@@ -178,7 +183,24 @@ class AuditLog:
                     # The record is written; failing the request now would help nobody. The next
                     # append retries, and until then `audit verify` reports the missing checkpoint.
                     log.exception("could not write the audit checkpoint for record %d", self._seq)
-            return record
+        if sync:
+            self.sync(record["seq"])
+        return record
+
+    def sync(self, seq: int) -> None:
+        """Return once record ``seq`` and every one before it are on disk: one fsync for all who wait."""
+        self._commit.wait(seq)
+
+    def _flush(self) -> int:
+        with self._lock:
+            seq = self._seq
+        _fsync(self.path)  # every record up to seq was written before we read it
+        return seq
+
+    @property
+    def head_seq(self) -> int:
+        """The last record appended (written; :meth:`sync` makes it durable)."""
+        return self._seq
 
     @property
     def last_checkpoint(self) -> cp.Checkpoint | None:
@@ -209,10 +231,19 @@ class AuditLog:
         last = self._last_checkpoint
         if last is not None and (last.seq, last.hash, last.every) == (self._seq, self._last_hash, self._every):
             return last
+        _fsync(self.path)  # never sign a record that a crash could still take back
         checkpoint = cp.sign(self._key, self._kid, seq=self._seq, hash=self._last_hash, every=self._every, reason=reason)
         cp.append(self.checkpoints_path, checkpoint)
         self._last_checkpoint = checkpoint
         return checkpoint
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def checkpoint_at_shutdown(audit: AuditLog) -> Callable[[Any], AbstractAsyncContextManager[None]]:

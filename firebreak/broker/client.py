@@ -167,7 +167,10 @@ class BrokerClient:
         return True
 
     @asynccontextmanager
-    async def credential(self, **fields: Any) -> AsyncIterator[IssuedCredential]:
+    async def credential(self, *, revoke_in_background: bool = False, **fields: Any) -> AsyncIterator[IssuedCredential]:
+        """``revoke_in_background``: do not wait for the broker's answer to the revocation on the way out
+        (it is sent at once, and retried until it lands, as always); what a read returns does not depend
+        on it, so the caller need not wait. A write's credential is revoked before its activity returns."""
         cred = await self.mint(**fields)
         try:
             yield cred
@@ -177,7 +180,16 @@ class BrokerClient:
             task = asyncio.ensure_future(self._revoke_quietly(cred))
             _PENDING_REVOKES.add(task)
             task.add_done_callback(_PENDING_REVOKES.discard)
-            await asyncio.shield(task)
+            if not revoke_in_background:
+                await asyncio.shield(task)
+
+    async def settle(self, timeout_s: float) -> list[str]:
+        """At shutdown: wait up to ``timeout_s`` for revocations still in flight and queued for retry;
+        the grant ids the broker did not take (they expire on their own)."""
+        pending = [t for t in _PENDING_REVOKES if t.get_loop() is asyncio.get_running_loop()]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout_s)
+        return await self.retries.drain(timeout_s)
 
     async def _revoke_quietly(self, cred: IssuedCredential) -> None:
         try:

@@ -23,14 +23,16 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from firebreak import signing
+from firebreak.broker.group_commit import GroupCommit
 
 
 def broker_dir(state_dir: str | Path) -> Path:
@@ -45,15 +47,19 @@ def _write_secret(path: Path, text: str) -> None:
         os.close(fd)
 
 
-def _atomic_json(path: Path, data: Any) -> None:
+def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.write(fd, json.dumps(data, sort_keys=True).encode("utf-8"))
+        os.write(fd, text.encode("utf-8"))
         os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
+
+
+def _atomic_json(path: Path, data: Any) -> None:
+    _atomic_write(path, json.dumps(data, sort_keys=True))
 
 
 def read_or_create_secret(path: Path, env_var: str | None = None, given: str | None = None) -> str:
@@ -135,12 +141,19 @@ def plan_key(workflow_id: str, run_id: str, plan_hash: str) -> str:
 
 
 class DurableState:
-    """Grants, nonces and the freeze flag. Not thread-safe: the app holds one lock."""
+    """Grants, nonces, approvals, plan authorizations and the freeze flag.
 
-    def __init__(self, directory: Path) -> None:
+    Not thread-safe: the broker changes it under ``lock`` (its own lock, shared here), in memory only.
+    :meth:`sync`, called once that lock is released, returns when the change is on disk: the files
+    changed since the last flush are written together (:class:`GroupCommit`), so concurrent requests
+    share one write and the lock is never held across one.
+    """
+
+    def __init__(self, directory: Path, lock: threading.Lock | None = None) -> None:
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, 0o700)
+        self._lock = lock or threading.Lock()
         self._grants_file = directory / "grants.json"
         self._nonces_file = directory / "nonces.json"
         self._frozen_file = directory / "frozen"
@@ -160,6 +173,43 @@ class DurableState:
         if self._plans_file.exists():
             self.plans = {k: PlanAuthorization(**r) for k, r in json.loads(self._plans_file.read_text()).items()}
         self.prune()
+        self._generation = 0  # changes made in memory; the commit knows how many are on disk
+        self._dirty: set[Path] = set()
+        self._commit = GroupCommit(self._flush)
+
+    # -- durability --
+
+    def _changed(self, path: Path) -> None:
+        self._generation += 1
+        self._dirty.add(path)
+
+    def sync(self) -> None:
+        """Outside the lock: return once every change made so far is on disk."""
+        self._commit.wait(self._generation)
+
+    def _flush(self) -> int:
+        with self._lock:
+            # Pruned here, once a flush, not on every change: what is pruned is past use anyway.
+            self.prune()
+            generation, dirty, self._dirty = self._generation, self._dirty, set()
+            texts = {path: json.dumps(self._contents(path), sort_keys=True) for path in dirty}
+        try:
+            for path, text in texts.items():
+                _atomic_write(path, text)
+        except BaseException:
+            with self._lock:
+                self._dirty |= dirty  # not written: the next flush writes them (with whatever changed since)
+            raise
+        return generation
+
+    def _contents(self, path: Path) -> Any:
+        if path == self._grants_file:
+            return {g: vars(r) for g, r in self.grants.items()}
+        if path == self._nonces_file:
+            return self.nonces
+        if path == self._approvals_file:
+            return {d: vars(a) for d, a in self.approvals.items()}
+        return {k: vars(p) for k, p in self.plans.items()}
 
     # -- freeze --
 
@@ -193,16 +243,15 @@ class DurableState:
         self.plans = {k: p for k, p in self.plans.items() if p.keep_until > now}
 
     def add_grant(self, grant: GrantRecord) -> None:
-        self.prune()
         self.grants[grant.grant_id] = grant
-        self._save_grants()
+        self._changed(self._grants_file)
 
     def revoke(self, grant_id: str) -> GrantRecord | None:
         grant = self.grants.get(grant_id)
         if grant is None:
             return None
         grant.revoked = True
-        self._save_grants()
+        self._changed(self._grants_file)
         return grant
 
     def live_grants(self, now: float | None = None) -> list[GrantRecord]:
@@ -212,9 +261,6 @@ class DurableState:
     def revoked_jtis(self, now: float | None = None) -> list[str]:
         now = time.time() if now is None else now
         return sorted(g.grant_id for g in self.grants.values() if g.revoked and g.exp + REVOKED_MARGIN_S > now)
-
-    def _save_grants(self) -> None:
-        _atomic_json(self._grants_file, {g: asdict(r) for g, r in self.grants.items()})
 
     # -- approval nonces --
 
@@ -226,14 +272,10 @@ class DurableState:
     def remember_nonces(self, entries: list[tuple[str, str, float]]) -> None:
         """(nonce, approval digest, approval expiry): kept until the approval expires,
         after which policy refuses it anyway."""
-        changed = False
         for nonce, digest, expires_at in entries:
             if nonce not in self.nonces:
                 self.nonces[nonce] = {"digest": digest, "expires_at": expires_at}
-                changed = True
-        if changed:
-            self.prune()
-            _atomic_json(self._nonces_file, self.nonces)
+                self._changed(self._nonces_file)
 
     # -- approvals judged once, plan authorizations --
 
@@ -244,7 +286,7 @@ class DurableState:
         """The first judgement stands: a second arrival of the same approval changes nothing."""
         if digest not in self.approvals:
             self.approvals[digest] = seen
-            _atomic_json(self._approvals_file, {d: asdict(a) for d, a in self.approvals.items()})
+            self._changed(self._approvals_file)
         return self.approvals[digest]
 
     def plan(self, key: str) -> PlanAuthorization | None:
@@ -252,5 +294,4 @@ class DurableState:
 
     def save_plan(self, plan: PlanAuthorization) -> None:
         self.plans[plan.key] = plan
-        self.prune()
-        _atomic_json(self._plans_file, {k: asdict(p) for k, p in self.plans.items()})
+        self._changed(self._plans_file)
