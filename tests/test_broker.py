@@ -444,8 +444,14 @@ async def test_concurrent_mints_and_revokes_are_all_on_disk_when_answered(env: E
     async with env.client as client:
         results = await asyncio.gather(*(read_then_maybe_revoke(i) for i in range(40)))
     # Read while the broker still runs: what it answered is already on disk, not just at shutdown.
-    grants = json.loads((env.state_dir / "broker" / "grants.json").read_text())
-    assert {g: grants[g]["revoked"] for g, _ in results if g in grants} == dict(results)
+    on_disk: dict[str, bool] = {}
+    for line in (env.state_dir / "broker" / "grants.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        if "grant" in entry:
+            on_disk[entry["grant"]["grant_id"]] = entry["grant"]["revoked"]
+        else:
+            on_disk[entry["revoked"]] = True
+    assert {g: on_disk.get(g) for g, _ in results} == dict(results)
     records = env.audit()
     assert {r["grant_id"] for r in records if r["event"] == "mint"} >= {g for g, _ in results}
     assert {r["grant_id"] for r in records if r["event"] == "revoke"} == {g for g, revoked in results if revoked}
@@ -695,3 +701,55 @@ async def test_metrics_count_mints_and_denials_by_class_for_misuse_alerts(env: E
     assert metrics["firebreak_broker_mints_outside_baseline_total"] == 0  # the shipped runbook is the baseline
     assert metrics["firebreak_broker_frozen"] == 0 and metrics["firebreak_broker_live_grants"] >= 1
     assert 0 <= metrics["firebreak_agent_credential_age_seconds"] < 600
+
+
+def test_grants_survive_a_restart_from_the_journal_and_from_the_earlier_file(tmp_path: Path) -> None:
+    """grants.jsonl is replayed at start (a line cut short by a crash is skipped, never answered); a state
+    directory from before the journal (grants.json) is read once and carried over."""
+    from firebreak.broker.state import DurableState, GrantRecord
+
+    def grant(gid: str, exp: float) -> GrantRecord:
+        return GrantRecord(grant_id=gid, exp=exp, audience="fleet", verb="fleet.read", resource="service/x",
+                           workflow_id=WF, run_id="r", step_id="s", subject="firebreak-agent", approvers=[])
+
+    directory = tmp_path / "broker"
+    later = time.time() + 600
+    state = DurableState(directory)
+    for gid in ("a", "b", "c"):
+        state.add_grant(grant(gid, later))
+    state.revoke("b")
+    state.sync()
+    with (directory / "grants.jsonl").open("a") as journal:
+        journal.write('{"revoked": "c"')  # torn: the broker never answered this revocation
+    again = DurableState(directory)
+    assert {g: r.revoked for g, r in again.grants.items()} == {"a": False, "b": True, "c": False}
+    assert again.revoked_jtis() == ["b"]
+
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "grants.json").write_text(json.dumps({"old": {**vars(grant("old", later)), "revoked": True}}))
+    carried = DurableState(legacy)
+    assert carried.revoked_jtis() == ["old"] and not (legacy / "grants.json").exists()
+    assert DurableState(legacy).revoked_jtis() == ["old"]  # and kept in the journal from then on
+
+
+def test_the_grant_journal_is_rewritten_with_the_live_grants_once_it_has_grown(tmp_path: Path) -> None:
+    from firebreak.broker.state import DurableState, GrantRecord
+
+    def grant(gid: str, exp: float) -> GrantRecord:
+        return GrantRecord(grant_id=gid, exp=exp, audience="fleet", verb="fleet.read", resource="service/x",
+                           workflow_id=WF, run_id="r", step_id="s", subject="firebreak-agent", approvers=[])
+
+    directory = tmp_path / "broker"
+    state = DurableState(directory)
+    gone = time.time() - 3600  # expired long ago: pruned, never to be listed again
+    for i in range(1100):
+        state.add_grant(grant(f"old-{i}", gone))
+    state.sync()
+    journal = directory / "grants.jsonl"
+    assert len(journal.read_text().splitlines()) == 1100  # appended
+    time.sleep(1.1)  # the next flush prunes
+    state.add_grant(grant("live", time.time() + 600))
+    state.sync()
+    assert [json.loads(line)["grant"]["grant_id"] for line in journal.read_text().splitlines()] == ["live"]
+    assert list(DurableState(directory).grants) == ["live"]

@@ -8,7 +8,9 @@ agent-credential.json  when it was issued; SHA-256 and overlap end of rotated-ou
 admin-token       for freeze/thaw (0600) unless FIREBREAK_BROKER_ADMIN_TOKEN
 audit.jsonl       hash-chained audit log
 frozen            present while the kill switch is on (survives restarts)
-grants.json       live grants (jti, expiry, revoked?) so a freeze after a restart still revokes
+grants.jsonl      grants (jti, expiry, revoked?) so a freeze after a restart still revokes: one line
+                  appended per mint and per revocation, rewritten with the live ones when it grows
+                  (grants.json, the earlier form, is read once and replaced)
 nonces.json       approval nonces seen, with the digest of the approval that carried each
 approvals.json    each approval's verdict and the instant the broker first saw it (judged once)
 plans.json        plan authorizations per (workflow, run, plan hash): who approved which
@@ -56,6 +58,15 @@ def _atomic_write(path: Path, text: str) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
+
+
+def _append(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        os.write(fd, text.encode("utf-8"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _atomic_json(path: Path, data: Any) -> None:
@@ -154,7 +165,8 @@ class DurableState:
         self.dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, 0o700)
         self._lock = lock or threading.Lock()
-        self._grants_file = directory / "grants.json"
+        self._legacy_grants_file = directory / "grants.json"
+        self._grants_file = directory / "grants.jsonl"
         self._nonces_file = directory / "nonces.json"
         self._frozen_file = directory / "frozen"
         self._approvals_file = directory / "approvals.json"
@@ -163,9 +175,7 @@ class DurableState:
         self.nonces: dict[str, dict[str, Any]] = {}
         self.approvals: dict[str, ApprovalSeen] = {}
         self.plans: dict[str, PlanAuthorization] = {}
-        if self._grants_file.exists():
-            for gid, rec in json.loads(self._grants_file.read_text()).items():
-                self.grants[gid] = GrantRecord(**rec)
+        self.grants = self._read_grants()
         if self._nonces_file.exists():
             self.nonces = json.loads(self._nonces_file.read_text())
         if self._approvals_file.exists():
@@ -173,9 +183,15 @@ class DurableState:
         if self._plans_file.exists():
             self.plans = {k: PlanAuthorization(**r) for k, r in json.loads(self._plans_file.read_text()).items()}
         self.prune()
+        self._pruned_at = time.monotonic()
         self._generation = 0  # changes made in memory; the commit knows how many are on disk
         self._dirty: set[Path] = set()
         self._commit = GroupCommit(self._flush)
+        # Grant changes not yet appended; the journal starts as the live grants only.
+        self._journal_pending: list[str] = []
+        self._journal_lines = len(self.grants)
+        _atomic_write(self._grants_file, self._journal_text())
+        self._legacy_grants_file.unlink(missing_ok=True)
 
     # -- durability --
 
@@ -189,22 +205,58 @@ class DurableState:
 
     def _flush(self) -> int:
         with self._lock:
-            # Pruned here, once a flush, not on every change: what is pruned is past use anyway.
-            self.prune()
+            if time.monotonic() - self._pruned_at >= 1.0:  # what is pruned is past use anyway: no hurry
+                self.prune()
+                self._pruned_at = time.monotonic()
             generation, dirty, self._dirty = self._generation, self._dirty, set()
-            texts = {path: json.dumps(self._contents(path), sort_keys=True) for path in dirty}
+            texts = {path: json.dumps(self._contents(path), sort_keys=True) for path in dirty - {self._grants_file}}
+            journal = self._take_journal() if self._grants_file in dirty else None
         try:
+            if journal is not None:
+                rewrite, text = journal
+                (_atomic_write if rewrite else _append)(self._grants_file, text)
             for path, text in texts.items():
                 _atomic_write(path, text)
         except BaseException:
             with self._lock:
                 self._dirty |= dirty  # not written: the next flush writes them (with whatever changed since)
+                if journal is not None:
+                    # A torn append could swallow the next line: the next flush rewrites the journal whole.
+                    self._journal_lines = 1 << 62
             raise
         return generation
 
+    def _take_journal(self) -> tuple[bool, str]:
+        """Under the lock: (rewrite?, text). Appends until the journal holds many more lines than there are
+        grants (each grant is a line, its revocation another), then one rewrite with the live grants."""
+        pending, self._journal_pending = self._journal_pending, []
+        if self._journal_lines + len(pending) > 2 * len(self.grants) + 1000:
+            self._journal_lines = len(self.grants)
+            return True, self._journal_text()
+        self._journal_lines += len(pending)
+        return False, "".join(pending)
+
+    def _journal_text(self) -> str:
+        return "".join(json.dumps({"grant": vars(g)}, sort_keys=True) + "\n" for g in self.grants.values())
+
+    def _read_grants(self) -> dict[str, GrantRecord]:
+        grants: dict[str, GrantRecord] = {}
+        if self._legacy_grants_file.exists():
+            grants = {g: GrantRecord(**r) for g, r in json.loads(self._legacy_grants_file.read_text()).items()}
+        if self._grants_file.exists():
+            for line in self._grants_file.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue  # a write cut short by a crash: never answered, so nothing was promised
+                if "grant" in entry:
+                    grant = GrantRecord(**entry["grant"])
+                    grants[grant.grant_id] = grant
+                elif entry.get("revoked") in grants:
+                    grants[entry["revoked"]].revoked = True
+        return grants
+
     def _contents(self, path: Path) -> Any:
-        if path == self._grants_file:
-            return {g: vars(r) for g, r in self.grants.items()}
         if path == self._nonces_file:
             return self.nonces
         if path == self._approvals_file:
@@ -244,6 +296,7 @@ class DurableState:
 
     def add_grant(self, grant: GrantRecord) -> None:
         self.grants[grant.grant_id] = grant
+        self._journal_pending.append(json.dumps({"grant": vars(grant)}, sort_keys=True) + "\n")
         self._changed(self._grants_file)
 
     def revoke(self, grant_id: str) -> GrantRecord | None:
@@ -251,6 +304,7 @@ class DurableState:
         if grant is None:
             return None
         grant.revoked = True
+        self._journal_pending.append(json.dumps({"revoked": grant_id}) + "\n")
         self._changed(self._grants_file)
         return grant
 
