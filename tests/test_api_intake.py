@@ -274,6 +274,8 @@ async def test_resolved_before_approval_closes_auto_resolved_and_a_refire_opens_
     assert resolved.status_code == 202 and resolved.json()["incidents"][0]["run_id"] == first_run
     closed = await wait_status(http, api, incident, lambda s: s["phase"] == "auto_resolved")
     assert closed["steps"] == [] and closed["alerts_received"] == 2 and closed["firing"] == []
+    # The phase is set just before the run closes: wait for the close itself.
+    await temporal.client.get_workflow_handle(incident, run_id=first_run).result()
 
     # Resolved again, with nothing open: accepted, skipped, no new run.
     late = await http.post(f"{api.url}/v1/alerts/alertmanager", headers=bearer(),
