@@ -683,7 +683,7 @@ async def bench(cfg: Config, state: Path, prometheus: bool, profile: dict[str, P
             print(f"CHECK FAILED: {problem}")
         if len(r.problems) > SHOWN_PROBLEMS:
             print(f"CHECK FAILED: {len(r.problems) - SHOWN_PROBLEMS} more problems ({len(r.problems)} in all), "
-                  f"of which {sum('before the bench approved it' in x for x in r.problems)} closed before approval")
+                  f"of which {len(p.closed_early)} closed before approval")
         if not r.problems:
             print(f"checks: {len(p.approved)} approved incidents resolved, each written exactly once at the fleet; "
                   f"{len(p.opened) - len(p.approved)} left open, none written; {r.replayed} histories replay")
