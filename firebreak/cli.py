@@ -290,7 +290,7 @@ async def _incident_status(settings: Settings, incident_id: str) -> tuple[Any, s
 
     temporal = await client(settings)
     with reading_incident(incident_id):
-        status, source = await read_status(temporal.get_workflow_handle(incident_id))
+        status, source = await read_status(temporal.get_workflow_handle(incident_id), settings.worker_wait)
     return status, f"{source}, Temporal at {settings.temporal.address}"
 
 
@@ -339,7 +339,7 @@ async def _submit(settings: Settings, incident_id: str, signed: Any) -> Any:
     print(f"note: the API at {settings.api_url} is unreachable; sending to Temporal directly", file=sys.stderr)
     temporal = await client(settings)
     try:
-        return await submit_approval(temporal.get_workflow_handle(incident_id), signed)
+        return await submit_approval(temporal.get_workflow_handle(incident_id), signed, settings.worker_wait)
     except WorkflowUpdateFailedError as exc:
         raise Refused(f"refused: {exc.cause.message if exc.cause else exc}") from None
 
@@ -384,8 +384,9 @@ async def _decide(args: argparse.Namespace, decision: str) -> int:
     )
     outcome = await _submit(settings, args.id, signing.sign_approval(approval, key))
     if outcome is None:
-        _print(f"{decision} by {approver} recorded: no worker is answering right now (is it down?); it will be "
-               "judged as soon as a worker picks the incident up. Follow it with `firebreak status`.")
+        _print(f"{decision} by {approver} recorded: no worker is answering right now (down, or too busy to "
+               "answer in time); it will be judged as soon as a worker picks the incident up. Follow it "
+               "with `firebreak status`.")
     else:
         if outcome.held:
             _print(f"note: the incident is held: {outcome.held}")

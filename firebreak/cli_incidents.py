@@ -116,7 +116,8 @@ async def _inbox(args: argparse.Namespace) -> int:
     query = Filters(phase=Phase.awaiting_approval, open=True).query()
     async for wf in temporal.list_workflows(query, limit=200):
         try:
-            statuses.append((await read_status(temporal.get_workflow_handle(wf.id, run_id=wf.run_id)))[0])
+            handle = temporal.get_workflow_handle(wf.id, run_id=wf.run_id)
+            statuses.append((await read_status(handle, settings.worker_wait))[0])
         except WorkerDown:
             continue  # nothing proposed yet: nothing to approve
     items = inbox_items(statuses, name, groups)
@@ -169,7 +170,8 @@ def status_json(status: IncidentStatus) -> dict[str, Any]:
 async def _status(args: argparse.Namespace) -> int:
     from firebreak.incidents import read_status
 
-    temporal = await client(settings_of(args))
+    settings = settings_of(args)
+    temporal = await client(settings)
     handle = temporal.get_workflow_handle(args.id)
     with reading_incident(args.id):
         if args.watch:
@@ -178,13 +180,13 @@ async def _status(args: argparse.Namespace) -> int:
             handle = temporal.get_workflow_handle(args.id, run_id=run_id)
 
             async def read() -> IncidentStatus:
-                return (await read_status(handle))[0]
+                return (await read_status(handle, settings.worker_wait))[0]
 
             final = await follow_to_end(read, args.interval)
             if args.json:
                 print(json.dumps(status_json(final), indent=2))
             return exit_code(final)
-        status, source = await read_status(handle)
+        status, source = await read_status(handle, settings.worker_wait)
     if args.json:
         print(json.dumps(status_json(status), indent=2))
         return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,15 @@ class Settings(BaseModel):
     # How long a source that is down or restarting is asked again before the investigation records it
     # as a gap. The workflow's own budget (a minute) caps it; 0 makes an unreachable source a gap at once.
     source_retry_s: float = Field(default=60.0, ge=0)
+    # How long a `firebreak` command waits for the incident's worker to answer a status query or an
+    # approval before it reads the memo instead, or records the approval as a signal to be judged
+    # later. A busy worker and a down one look alike from outside: raise it for a slow link to
+    # Temporal or a worker under load. (The API waits 2 s, inside its own Temporal timeout.)
+    worker_wait_s: float = Field(default=2.0, gt=0)
+
+    @property
+    def worker_wait(self) -> timedelta:
+        return timedelta(seconds=self.worker_wait_s)
 
     @property
     def stack_file(self) -> Path:
@@ -122,6 +132,7 @@ _ENV = {
     "FIREBREAK_AGENT_OWNER": ("identity", "owner"),
     "FIREBREAK_ENVIRONMENT": ("identity", "environment"),
     "FIREBREAK_CREDENTIAL_MAX_AGE": ("identity", "credential_max_age"),
+    "FIREBREAK_WORKER_WAIT_S": ("worker_wait_s",),
 }
 
 

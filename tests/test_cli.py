@@ -150,3 +150,30 @@ async def test_approve_right_after_the_worker_went_down_answers_at_once_and_coun
             report = await report_of(handle)
     assert report.phase == Phase.resolved, report.outcome
     assert [(a.approver, a.counted, a.via) for a in report.status.approvals] == [("alice", True, "signal")]
+
+
+async def test_status_waits_worker_wait_s_for_a_worker_then_says_none_answered(
+    dev_env: WorkflowEnvironment, settings, cli_state: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+):
+    import time
+
+    # Opened with no worker at all: nothing answers the query, and there is no memo to fall back on.
+    handle = await open_incident(dev_env.client, settings, make_alert("DrillPair"))
+    monkeypatch.setenv("FIREBREAK_WORKER_WAIT_S", "3")
+    started = time.monotonic()
+    code = await _run(["status", handle.id, "--state-dir", str(cli_state)])
+    elapsed = time.monotonic() - started
+    assert code == 1 and 3 <= elapsed < 15, (code, elapsed)
+    assert f"no worker answered for {handle.id} within 3s" in capsys.readouterr().err
+    await handle.terminate("test over")
+
+
+def test_worker_wait_s_must_be_positive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from pydantic import ValidationError
+
+    from firebreak.config import load_settings
+
+    monkeypatch.setenv("FIREBREAK_WORKER_WAIT_S", "0")
+    with pytest.raises(ValidationError, match="worker_wait_s"):
+        load_settings(tmp_path)

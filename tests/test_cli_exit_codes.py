@@ -9,12 +9,18 @@ workflow refuses, exit 1).
 The 500 run as forked children of one warm interpreter, each through the console script's entry
 point (tests/cli_zygote.py says why, and that the same harness without the fix sees the aborts); a
 further batch runs the installed console script itself, start-up included.
+
+Every run waits up to a minute for the worker's answer (``FIREBREAK_WORKER_WAIT_S``). With the
+default 2 s, a CI machine with two cores under these runs once took longer over a query, so bob's
+approval was recorded as a signal for later (exit 0, as documented, and refused later); that path has
+its own test in test_cli.py. Here every approve must be answered, and refused.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
@@ -33,6 +39,7 @@ RUNS = 500
 EXECED = 30  # through the installed script: about 0.6 s of CPU each, mostly Python start-up and imports
 PARALLEL = 4
 ZYGOTE = Path(__file__).resolve().parent / "cli_zygote.py"
+ENV = {**os.environ, "FIREBREAK_WORKER_WAIT_S": "60"}
 
 
 async def test_500_runs_on_a_live_stack_exit_only_with_documented_codes(
@@ -54,7 +61,7 @@ async def test_500_runs_on_a_live_stack_exit_only_with_documented_codes(
         # In a thread: the worker on this event loop answers the runs meanwhile.
         forked = await asyncio.to_thread(
             subprocess.run, [sys.executable, str(ZYGOTE), str(PARALLEL), str(tmp_path)],
-            input=json.dumps([argv for argv, _ in plan]), capture_output=True, text=True, timeout=600)
+            input=json.dumps([argv for argv, _ in plan]), capture_output=True, text=True, timeout=600, env=ENV)
         assert forked.returncode == 0, forked.stderr[-2000:]
         codes: list[int] = json.loads(forked.stdout)
         forked_s = time.monotonic() - started
@@ -77,12 +84,14 @@ async def test_500_runs_on_a_live_stack_exit_only_with_documented_codes(
              if code != commands[i % len(commands)][1]]
     assert not wrong, wrong[:3]
     assert still["phase"] == "awaiting_approval"
+    assert still["approvals"] and not any(a["counted"] for a in still["approvals"])
+    assert {a["approver"] for a in still["approvals"]} == {"bob"}
 
 
 async def _exec(argv: list[str], gate: asyncio.Semaphore) -> tuple[int, str]:
     async with gate:
         proc = await asyncio.create_subprocess_exec(
             str(BIN / "firebreak"), *argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE)
+            stderr=subprocess.PIPE, env=ENV)
         _, err = await proc.communicate()
     return proc.returncode if proc.returncode is not None else -1, err.decode()
