@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+from temporalio.api.enums.v1 import PendingActivityState, PendingWorkflowTaskState
 from temporalio.client import Client, WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 
@@ -232,6 +233,25 @@ class Pipeline:
             return f"outcome unreadable: {type(exc).__name__}"
         return str(memo.get("outcome") or "no outcome recorded")[:200]
 
+    async def stuck(self, side: str, workflow_id: str) -> str:
+        """What an incident that is late to propose is still doing: its phase, and what it waits on."""
+        if side != "firebreak":
+            return "bare"
+        try:
+            described = await self.firebreak.get_workflow_handle(workflow_id).describe()
+        except Exception as exc:  # noqa: BLE001 - the reason is a nicety; the failure is reported regardless
+            return f"undescribable: {type(exc).__name__}"
+        raw = described.raw_description
+        waits = [f"{a.activity_type.name} {PendingActivityState.Name(a.state).rsplit('_', 1)[-1].lower()}, "
+                 f"attempt {a.attempt}" + (f" ({a.last_failure.message[:80]})" if a.last_failure.message else "")
+                 for a in raw.pending_activities]
+        if raw.HasField("pending_workflow_task"):
+            task = raw.pending_workflow_task
+            waits.append(f"workflow task {PendingWorkflowTaskState.Name(task.state).rsplit('_', 1)[-1].lower()} "
+                         f"since {task.original_scheduled_time.ToDatetime():%H:%M:%S}, attempt {task.attempt}")
+        phase = described.typed_search_attributes.get(PHASE) or "no phase yet"
+        return f"still {phase}; waiting on: {'; '.join(waits) or 'nothing pending'}"
+
     async def wait_awaiting(self, side: str, ids: list[str], timeout: float, poll: float = 0.2) -> list[str]:
         """Until each awaits approval; returns those that closed first instead (recorded as problems)."""
         pending, deadline = list(ids), time.monotonic() + timeout
@@ -243,7 +263,7 @@ class Pipeline:
             pending = [i for i, p in zip(pending, phases) if p != "awaiting_approval" and i not in self.closed_early]
             if pending and time.monotonic() > deadline:
                 for i in pending:  # stuck: a problem to report, and nothing to approve
-                    self.closed_early[i] = f"not awaiting approval after {timeout:.0f}s"
+                    self.closed_early[i] = f"not awaiting approval after {timeout:.0f}s ({await self.stuck(side, i)})"
                 break
             if pending:
                 await asyncio.sleep(poll)
