@@ -58,6 +58,12 @@ DRAIN = timedelta(seconds=float(os.environ.get("FIREBREAK_WORKER_DRAIN_S", "20")
 # Runs kept in memory between their tasks (the SDK's default); an evicted run replays its history on its
 # next task. bench/pipeline.py measures what that costs an approval, and the memory the cache holds.
 WORKFLOW_CACHE = int(os.environ.get("FIREBREAK_WORKFLOW_CACHE", "1000"))
+# Workflow tasks run at once. They all run Python under one GIL, so more at once is no faster, only later
+# each. At the SDK's default (100), escalation timers coming due for thousands of evicted incidents
+# shared one core a hundred ways: tasks passed their 10 s timeout, were retried (more work), and new
+# incidents' first tasks waited minutes behind them (bench/pipeline.py, 10,000 held). A few at a time
+# finish in time; the rest wait at the server, where waiting costs nothing.
+WORKFLOW_TASK_SLOTS = int(os.environ.get("FIREBREAK_WORKFLOW_TASK_SLOTS", "10"))
 
 
 def build_worker(client: Client, settings: Settings, deps: ActivityDeps | None = None, *,
@@ -70,6 +76,7 @@ def build_worker(client: Client, settings: Settings, deps: ActivityDeps | None =
         activities=activities_for(deps),
         graceful_shutdown_timeout=drain,
         max_cached_workflows=WORKFLOW_CACHE,
+        max_concurrent_workflow_tasks=WORKFLOW_TASK_SLOTS,
         deployment_config=deployment_config(settings.temporal),  # None: unversioned
     )
 

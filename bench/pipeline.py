@@ -365,6 +365,7 @@ class Results:
     parts: list[dict[str, float]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     replayed: int = 0
+    slow_tasks: dict[str, int] = field(default_factory=dict)  # side -> workflow tasks its worker warned were over 5 s
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -647,6 +648,7 @@ def task_table(r: Results) -> str:
         for name, values in (("first task", first), ("later tasks", rest)):
             lines.append(f"{side + ': ' + name:<52} {ms(pct(values, 50)):>9} {ms(pct(values, 95)):>9}  {len(values)}")
         lines.append(f"{side + ': tasks per run':<52} {pct(per_run, 50):>9.0f} {pct(per_run, 95):>9.0f}  {len(per_run)}")
+        lines.append(f"{side + ': tasks over 5 s, all phases (its log)':<52} {r.slow_tasks.get(side, 0):>9}")
     return "\n".join(lines)
 
 
@@ -696,6 +698,7 @@ async def bench(cfg: Config, state: Path, prometheus: bool, profile: dict[str, P
                 await phase(p, cfg, r)
                 r.seconds[name] = time.perf_counter() - started
             await analyse(p, receiver, r)
+            r.slow_tasks = stack.slow_workflow_tasks()
             r.problems += [f"{i}: {phase} before the bench approved it" for i, phase in p.closed_early.items()]
             report(r, cfg)  # the figures first: a failing check below never loses them
             await replay_check(p, r, IncidentWorkflow)

@@ -96,6 +96,8 @@ async def main() -> None:
     parser.add_argument("--address", required=True)
     parser.add_argument("--task-queue", required=True)
     parser.add_argument("--workflow-cache", type=int, default=1000, help="max_cached_workflows, as the worker's")
+    parser.add_argument("--workflow-task-slots", type=int, default=None,
+                        help="max_concurrent_workflow_tasks, as the worker's (default: the SDK's)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # here, not at import: the sandbox re-imports this
@@ -105,7 +107,7 @@ async def main() -> None:
     client = await Client.connect(args.address, data_converter=pydantic_data_converter,
                                   interceptors=temporal_interceptors())
     worker = Worker(client, task_queue=args.task_queue, workflows=[BareIncident], activities=[noop],
-                    max_cached_workflows=args.workflow_cache)
+                    max_cached_workflows=args.workflow_cache, max_concurrent_workflow_tasks=args.workflow_task_slots)
     logging.getLogger("bare").info("worker on %s task queue %s", args.address, args.task_queue)
     await worker.run()
 

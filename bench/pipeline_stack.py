@@ -28,6 +28,7 @@ from firebreak.roster import entry_yaml
 from firebreak.runbook import default_runbook_dir
 from firebreak.stack import Stack, ensure_demo_roster, temporal_binary, wait_http, wait_port
 from firebreak.temporal import SEARCH_ATTRIBUTES
+from worker import WORKFLOW_TASK_SLOTS
 
 ROOT = Path(__file__).resolve().parent.parent
 TASK_QUEUE = "firebreak-pipeline"
@@ -51,6 +52,7 @@ class PipelineStack:
     worker_env: dict[str, str] = field(default_factory=dict)
     profile: dict[str, Path] = field(default_factory=dict)  # "worker"/"broker" -> sample its Python stacks into
     bare_cache: int = 1000  # the bare worker's workflow cache, the same as the worker's
+    bare_task_slots: int = WORKFLOW_TASK_SLOTS  # workflow tasks at once, as worker.py's
     stack: Stack = field(init=False)
     ports: dict[str, int] = field(default_factory=dict)
     prometheus: PrometheusProcess | None = None
@@ -126,7 +128,8 @@ class PipelineStack:
         self.spawn_worker()
         self.stack.spawn("bare-worker", [py, str(ROOT / "bench" / "pipeline_bare.py"), "--address",
                                          self.temporal_address, "--task-queue", BARE_QUEUE,
-                                         "--workflow-cache", str(self.bare_cache)],
+                                         "--workflow-cache", str(self.bare_cache),
+                                         "--workflow-task-slots", str(self.bare_task_slots)],
                          env=_otel_env(self.otlp_endpoint))
         wait_http(f"{self.api_url}/healthz", proc=api)
         for name in ("worker", "bare-worker"):
@@ -173,6 +176,14 @@ class PipelineStack:
                 return
             time.sleep(0.1)
         raise TimeoutError(f"{name} not ready after {timeout:.0f}s; see {log}")
+
+    def slow_workflow_tasks(self) -> dict[str, int]:
+        """Per side, the workflow tasks its worker's SDK warned ran over 5 s (TMPRL1104, in its log): a worker
+        past what it can hold, whose tasks near their 10 s timeout."""
+        logs = {"firebreak": sorted((self.state / "logs").glob("worker*.log")),
+                "bare": [self.state / "logs" / "bare-worker.log"]}
+        return {side: sum(path.read_text(errors="replace").count("TMPRL1104") for path in paths if path.exists())
+                for side, paths in logs.items()}
 
     def rss_mb(self, name: str) -> float:
         """Resident memory of a child process, from /proc."""

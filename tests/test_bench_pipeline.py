@@ -23,6 +23,9 @@ def test_a_short_pipeline_bench_runs_and_checks_itself(tmp_path: Path) -> None:
                    "4 worker RSS, 6 awaiting", "4 worker RSS, 10 awaiting", "5 single-alert webhook"):
         assert figure in out, out[-4000:]
     assert "biggest cost on the critical path:" in out
+    # A worker past its capacity shows in its own log: each side's slow workflow tasks are counted.
+    for side in ("firebreak", "bare"):
+        assert re.search(rf"{side}: tasks over 5 s, all phases \(its log\) +\d+\n", out), out[-4000:]
     # Its correctness checks: the approved ones resolved, each written once at the fleet, the rest never.
     checks = re.search(r"checks: (\d+) approved incidents resolved, each written exactly once at the fleet; "
                        r"(\d+) left open, none written; (\d+) histories replay", out)
