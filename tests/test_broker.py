@@ -445,11 +445,11 @@ async def test_concurrent_mints_and_revokes_are_all_on_disk_when_answered(env: E
         results = await asyncio.gather(*(read_then_maybe_revoke(i) for i in range(40)))
     # Read while the broker still runs: what it answered is already on disk, not just at shutdown.
     on_disk: dict[str, bool] = {}
-    for line in (env.state_dir / "broker" / "grants.jsonl").read_text().splitlines():
+    for line in (env.state_dir / "broker" / "state.jsonl").read_text().splitlines():
         entry = json.loads(line)
         if "grant" in entry:
             on_disk[entry["grant"]["grant_id"]] = entry["grant"]["revoked"]
-        else:
+        elif "revoked" in entry:
             on_disk[entry["revoked"]] = True
     assert {g: on_disk.get(g) for g, _ in results} == dict(results)
     records = env.audit()
@@ -703,23 +703,34 @@ async def test_metrics_count_mints_and_denials_by_class_for_misuse_alerts(env: E
     assert 0 <= metrics["firebreak_agent_credential_age_seconds"] < 600
 
 
-def test_grants_survive_a_restart_from_the_journal_and_from_the_earlier_file(tmp_path: Path) -> None:
-    """grants.jsonl is replayed at start (a line cut short by a crash is skipped, never answered); a state
-    directory from before the journal (grants.json) is read once and carried over."""
-    from firebreak.broker.state import DurableState, GrantRecord
+def _grant(gid: str, exp: float) -> Any:
+    from firebreak.broker.state import GrantRecord
 
-    def grant(gid: str, exp: float) -> GrantRecord:
-        return GrantRecord(grant_id=gid, exp=exp, audience="fleet", verb="fleet.read", resource="service/x",
-                           workflow_id=WF, run_id="r", step_id="s", subject="firebreak-agent", approvers=[])
+    return GrantRecord(grant_id=gid, exp=exp, audience="fleet", verb="fleet.read", resource="service/x",
+                       workflow_id=WF, run_id="r", step_id="s", subject="firebreak-agent", approvers=[])
+
+
+def _plan(key: str, keep_until: float, minted: dict[str, str]) -> Any:
+    from firebreak.broker.state import PlanAuthorization
+
+    return PlanAuthorization(workflow_id=WF, run_id="r", plan_hash=key, created_at=0.0, expires_at=keep_until,
+                             keep_until=keep_until, approved_steps=["s1"], approvers={"s1": ["alice"]},
+                             digests=["d"], requesters=["mallory"], minted=minted)
+
+
+def test_grants_survive_a_restart_from_the_journal_and_from_the_earlier_files(tmp_path: Path) -> None:
+    """state.jsonl is replayed at start (a line cut short by a crash is skipped, never answered); a state
+    directory from before it (grants.json, grants.jsonl) is read once and carried over."""
+    from firebreak.broker.state import DurableState
 
     directory = tmp_path / "broker"
     later = time.time() + 600
     state = DurableState(directory)
     for gid in ("a", "b", "c"):
-        state.add_grant(grant(gid, later))
+        state.add_grant(_grant(gid, later))
     state.revoke("b")
     state.sync()
-    with (directory / "grants.jsonl").open("a") as journal:
+    with (directory / "state.jsonl").open("a") as journal:
         journal.write('{"revoked": "c"')  # torn: the broker never answered this revocation
     again = DurableState(directory)
     assert {g: r.revoked for g, r in again.grants.items()} == {"a": False, "b": True, "c": False}
@@ -727,29 +738,92 @@ def test_grants_survive_a_restart_from_the_journal_and_from_the_earlier_file(tmp
 
     legacy = tmp_path / "legacy"
     legacy.mkdir()
-    (legacy / "grants.json").write_text(json.dumps({"old": {**vars(grant("old", later)), "revoked": True}}))
+    (legacy / "grants.json").write_text(json.dumps({"old": {**vars(_grant("old", later)), "revoked": True}}))
+    (legacy / "grants.jsonl").write_text(json.dumps({"grant": vars(_grant("newer", later))}) + "\n"
+                                         + json.dumps({"revoked": "newer"}) + "\n")
     carried = DurableState(legacy)
-    assert carried.revoked_jtis() == ["old"] and not (legacy / "grants.json").exists()
-    assert DurableState(legacy).revoked_jtis() == ["old"]  # and kept in the journal from then on
+    assert carried.revoked_jtis() == ["newer", "old"]
+    assert not (legacy / "grants.json").exists() and not (legacy / "grants.jsonl").exists()
+    assert DurableState(legacy).revoked_jtis() == ["newer", "old"]  # and kept in the journal from then on
 
 
-def test_the_grant_journal_is_rewritten_with_the_live_grants_once_it_has_grown(tmp_path: Path) -> None:
-    from firebreak.broker.state import DurableState, GrantRecord
+def test_nonces_approvals_and_plans_survive_a_restart_from_the_journal_and_from_the_earlier_files(
+        tmp_path: Path) -> None:
+    """Each change is a line of the one journal; the last line of a plan stands; the first judgement of an
+    approval stands; the files of the version before the journal are read once and carried over."""
+    from firebreak.broker.state import ApprovalSeen, DurableState
 
-    def grant(gid: str, exp: float) -> GrantRecord:
-        return GrantRecord(grant_id=gid, exp=exp, audience="fleet", verb="fleet.read", resource="service/x",
-                           workflow_id=WF, run_id="r", step_id="s", subject="firebreak-agent", approvers=[])
+    later = time.time() + 600
+    seen = ApprovalSeen(received_at=1.0, workflow_id=WF, valid=True, reason="", groups=["oncall"],
+                        keep_until=later)
+    directory = tmp_path / "broker"
+    state = DurableState(directory)
+    state.remember_nonces([("n1", "d1", later)])
+    state.remember_approval("d1", seen)
+    state.remember_approval("d1", ApprovalSeen(**{**vars(seen), "valid": False}))  # judged once: ignored
+    state.save_plan(_plan("p", later, {}))
+    state.save_plan(_plan("p", later, {"s1/do": "activity-7"}))
+    state.sync()
+    lines = [json.loads(line) for line in (directory / "state.jsonl").read_text().splitlines()]
+    assert [next(iter(k for k in ("nonce", "approval", "plan") if k in e)) for e in lines] == [
+        "nonce", "approval", "plan", "plan"]  # appended, one line per change: nothing rewritten
+    again = DurableState(directory)
+    assert again.nonce_conflict("n1", "other") and not again.nonce_conflict("n1", "d1")
+    assert again.approval_seen("d1") == seen
+    assert again.plan(f"{WF}/r/p").minted == {"s1/do": "activity-7"}
+
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "nonces.json").write_text(json.dumps({"n2": {"digest": "d2", "expires_at": later}}))
+    (legacy / "approvals.json").write_text(json.dumps({"d2": vars(seen)}))
+    (legacy / "plans.json").write_text(json.dumps({f"{WF}/r/q": vars(_plan("q", later, {"s1/do": "a"}))}))
+    carried = DurableState(legacy)
+    assert carried.nonce_conflict("n2", "other") and carried.approval_seen("d2") == seen
+    assert carried.plan(f"{WF}/r/q").minted == {"s1/do": "a"}
+    assert not any((legacy / name).exists() for name in ("nonces.json", "approvals.json", "plans.json"))
+    restarted = DurableState(legacy)  # and kept in the journal from then on
+    assert restarted.nonce_conflict("n2", "other") and restarted.plan(f"{WF}/r/q") is not None
+
+
+def test_the_journal_is_rewritten_with_the_live_records_once_it_has_grown(tmp_path: Path) -> None:
+    from firebreak.broker.state import DurableState
 
     directory = tmp_path / "broker"
     state = DurableState(directory)
     gone = time.time() - 3600  # expired long ago: pruned, never to be listed again
     for i in range(1100):
-        state.add_grant(grant(f"old-{i}", gone))
+        state.add_grant(_grant(f"old-{i}", gone))
     state.sync()
-    journal = directory / "grants.jsonl"
+    journal = directory / "state.jsonl"
     assert len(journal.read_text().splitlines()) == 1100  # appended
     time.sleep(1.1)  # the next flush prunes
-    state.add_grant(grant("live", time.time() + 600))
+    state.add_grant(_grant("live", time.time() + 600))
     state.sync()
     assert [json.loads(line)["grant"]["grant_id"] for line in journal.read_text().splitlines()] == ["live"]
     assert list(DurableState(directory).grants) == ["live"]
+
+
+def test_a_failed_append_is_not_lost_the_next_flush_rewrites_the_journal(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A disk error fails the requests waiting on that flush (none is answered as if on disk); the next
+    flush writes the journal whole from memory, the change that failed included."""
+    from firebreak.broker import state as state_module
+    from firebreak.broker.state import DurableState
+
+    directory = tmp_path / "broker"
+    state = DurableState(directory)
+    later = time.time() + 600
+    real_append = state_module._append
+
+    def full_disk(path: Path, text: str) -> None:
+        real_append(path, text[: len(text) // 2])  # torn on its way down
+        raise OSError("disk full")
+
+    monkeypatch.setattr(state_module, "_append", full_disk)
+    state.add_grant(_grant("lost?", later))
+    with pytest.raises(OSError, match="disk full"):
+        state.sync()
+    monkeypatch.setattr(state_module, "_append", real_append)
+    state.add_grant(_grant("next", later))
+    state.sync()
+    assert sorted(DurableState(directory).grants) == ["lost?", "next"]

@@ -8,13 +8,14 @@ agent-credential.json  when it was issued; SHA-256 and overlap end of rotated-ou
 admin-token       for freeze/thaw (0600) unless FIREBREAK_BROKER_ADMIN_TOKEN
 audit.jsonl       hash-chained audit log
 frozen            present while the kill switch is on (survives restarts)
-grants.jsonl      grants (jti, expiry, revoked?) so a freeze after a restart still revokes: one line
-                  appended per mint and per revocation, rewritten with the live ones when it grows
-                  (grants.json, the earlier form, is read once and replaced)
-nonces.json       approval nonces seen, with the digest of the approval that carried each
-approvals.json    each approval's verdict and the instant the broker first saw it (judged once)
-plans.json        plan authorizations per (workflow, run, plan hash): who approved which
-                  steps, until when, and which step and undo each activity minted (once)
+state.jsonl       the journal of everything else a restart must keep, one JSON line per change: grants
+                  (jti, expiry; revoked?) so a freeze after a restart still revokes, approval nonces with
+                  the digest of the approval that carried each, each approval's verdict and the instant
+                  the broker first saw it (judged once), and plan authorizations per (workflow, run, plan
+                  hash): who approved which steps, until when, and which step and undo each activity
+                  minted (once). Rewritten with the live records when it grows. The earlier forms
+                  (grants.jsonl, grants.json, nonces.json, approvals.json, plans.json) are read once and
+                  replaced.
 ```
 
 Nothing here holds a token: grants are known by their id (the jti).
@@ -154,9 +155,10 @@ class DurableState:
     """Grants, nonces, approvals, plan authorizations and the freeze flag.
 
     Not thread-safe: the broker changes it under ``lock`` (its own lock, shared here), in memory only.
-    :meth:`sync`, called once that lock is released, returns when the change is on disk: the files
-    changed since the last flush are written together (:class:`GroupCommit`), so concurrent requests
-    share one write and the lock is never held across one.
+    :meth:`sync`, called once that lock is released, returns when the change is on disk. Every change is
+    a line appended to one journal, so a flush is one append and one fsync however many requests and
+    kinds of record it carries, and costs the same with ten records kept as with ten thousand
+    (:class:`GroupCommit` shares it between concurrent requests; the lock is never held across it).
     """
 
     def __init__(self, directory: Path, lock: threading.Lock | None = None) -> None:
@@ -164,39 +166,31 @@ class DurableState:
         self.dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, 0o700)
         self._lock = lock or threading.Lock()
-        self._legacy_grants_file = directory / "grants.json"
-        self._grants_file = directory / "grants.jsonl"
-        self._nonces_file = directory / "nonces.json"
+        self._journal_file = directory / "state.jsonl"
         self._frozen_file = directory / "frozen"
-        self._approvals_file = directory / "approvals.json"
-        self._plans_file = directory / "plans.json"
         self.grants: dict[str, GrantRecord] = {}
         self.nonces: dict[str, dict[str, Any]] = {}
         self.approvals: dict[str, ApprovalSeen] = {}
         self.plans: dict[str, PlanAuthorization] = {}
-        self.grants = self._read_grants()
-        if self._nonces_file.exists():
-            self.nonces = json.loads(self._nonces_file.read_text())
-        if self._approvals_file.exists():
-            self.approvals = {d: ApprovalSeen(**r) for d, r in json.loads(self._approvals_file.read_text()).items()}
-        if self._plans_file.exists():
-            self.plans = {k: PlanAuthorization(**r) for k, r in json.loads(self._plans_file.read_text()).items()}
+        legacy = self._read_legacy()
+        self._replay(self._journal_file)
         self.prune()
         self._pruned_at = time.monotonic()
         self._generation = 0  # changes made in memory; the commit knows how many are on disk
-        self._dirty: set[Path] = set()
         self._commit = GroupCommit(self._flush)
-        # Grant changes not yet appended; the journal starts as the live grants only.
+        # Lines not yet appended; the journal starts as the live records only.
         self._journal_pending: list[str] = []
-        self._journal_lines = len(self.grants)
-        _atomic_write(self._grants_file, self._journal_text())
-        self._legacy_grants_file.unlink(missing_ok=True)
+        self._journal_lines = self._live_count()
+        _atomic_write(self._journal_file, self._journal_text())
+        for path in legacy:  # carried into the journal, which is on disk: read once, never again
+            path.unlink(missing_ok=True)
 
     # -- durability --
 
-    def _changed(self, path: Path) -> None:
+    def _record(self, entry: dict[str, Any]) -> None:
+        """Under the lock: one change, in memory now, in the journal at the next flush."""
+        self._journal_pending.append(json.dumps(entry, sort_keys=True) + "\n")
         self._generation += 1
-        self._dirty.add(path)
 
     def sync(self) -> None:
         """Outside the lock: return once every change made so far is on disk."""
@@ -207,60 +201,84 @@ class DurableState:
             if time.monotonic() - self._pruned_at >= 1.0:  # what is pruned is past use anyway: no hurry
                 self.prune()
                 self._pruned_at = time.monotonic()
-            generation, dirty, self._dirty = self._generation, self._dirty, set()
-            texts = {path: json.dumps(self._contents(path), sort_keys=True) for path in dirty - {self._grants_file}}
-            journal = self._take_journal() if self._grants_file in dirty else None
+            generation = self._generation
+            rewrite, text = self._take_journal()
+        if not rewrite and not text:
+            return generation
         try:
-            if journal is not None:
-                rewrite, text = journal
-                (_atomic_write if rewrite else _append)(self._grants_file, text)
-            for path, text in texts.items():
-                _atomic_write(path, text)
+            (_atomic_write if rewrite else _append)(self._journal_file, text)
         except BaseException:
             with self._lock:
-                self._dirty |= dirty  # not written: the next flush writes them (with whatever changed since)
-                if journal is not None:
-                    # A torn append could swallow the next line: the next flush rewrites the journal whole.
-                    self._journal_lines = 1 << 62
+                # Not written, and a torn append could swallow the next line: the next flush rewrites the
+                # journal whole, from memory, which holds every change (those since included).
+                self._journal_lines = 1 << 62
             raise
         return generation
 
     def _take_journal(self) -> tuple[bool, str]:
         """Under the lock: (rewrite?, text). Appends until the journal holds many more lines than there are
-        grants (each grant is a line, its revocation another), then one rewrite with the live grants."""
+        live records, then one rewrite with the live records."""
         pending, self._journal_pending = self._journal_pending, []
-        if self._journal_lines + len(pending) > 2 * len(self.grants) + 1000:
-            self._journal_lines = len(self.grants)
+        live = self._live_count()
+        if self._journal_lines + len(pending) > 2 * live + 1000:
+            self._journal_lines = live
             return True, self._journal_text()
         self._journal_lines += len(pending)
         return False, "".join(pending)
 
+    def _live_count(self) -> int:
+        return len(self.grants) + len(self.nonces) + len(self.approvals) + len(self.plans)
+
     def _journal_text(self) -> str:
-        return "".join(json.dumps({"grant": vars(g)}, sort_keys=True) + "\n" for g in self.grants.values())
+        entries = [{"grant": vars(g)} for g in self.grants.values()]
+        entries += [{"nonce": n, **v} for n, v in self.nonces.items()]
+        entries += [{"approval": d, **vars(a)} for d, a in self.approvals.items()]
+        entries += [{"plan": vars(p)} for p in self.plans.values()]
+        return "".join(json.dumps(e, sort_keys=True) + "\n" for e in entries)
 
-    def _read_grants(self) -> dict[str, GrantRecord]:
-        grants: dict[str, GrantRecord] = {}
-        if self._legacy_grants_file.exists():
-            grants = {g: GrantRecord(**r) for g, r in json.loads(self._legacy_grants_file.read_text()).items()}
-        if self._grants_file.exists():
-            for line in self._grants_file.read_text().splitlines():
-                try:
-                    entry = json.loads(line)
-                except ValueError:
-                    continue  # a write cut short by a crash: never answered, so nothing was promised
-                if "grant" in entry:
-                    grant = GrantRecord(**entry["grant"])
-                    grants[grant.grant_id] = grant
-                elif entry.get("revoked") in grants:
-                    grants[entry["revoked"]].revoked = True
-        return grants
+    def _replay(self, path: Path) -> None:
+        """Apply a journal's lines in order (a plan's later line replaces its earlier one)."""
+        if not path.exists():
+            return
+        for line in path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue  # a write cut short by a crash: never answered, so nothing was promised
+            if "grant" in entry:
+                grant = GrantRecord(**entry["grant"])
+                self.grants[grant.grant_id] = grant
+            elif "revoked" in entry:
+                if entry["revoked"] in self.grants:
+                    self.grants[entry["revoked"]].revoked = True
+            elif "nonce" in entry:
+                self.nonces[entry["nonce"]] = {"digest": entry["digest"], "expires_at": entry["expires_at"]}
+            elif "approval" in entry:
+                digest = entry.pop("approval")
+                self.approvals.setdefault(digest, ApprovalSeen(**entry))
+            elif "plan" in entry:
+                plan = PlanAuthorization(**entry["plan"])
+                self.plans[plan.key] = plan
 
-    def _contents(self, path: Path) -> Any:
-        if path == self._nonces_file:
-            return self.nonces
-        if path == self._approvals_file:
-            return {d: vars(a) for d, a in self.approvals.items()}
-        return {k: vars(p) for k, p in self.plans.items()}
+    def _read_legacy(self) -> list[Path]:
+        """The files of earlier versions, folded into memory; returns those found."""
+        found: list[Path] = []
+        old_grants = self.dir / "grants.json"
+        if old_grants.exists():
+            self.grants.update({g: GrantRecord(**r) for g, r in json.loads(old_grants.read_text()).items()})
+            found.append(old_grants)
+        if (self.dir / "grants.jsonl").exists():
+            self._replay(self.dir / "grants.jsonl")
+            found.append(self.dir / "grants.jsonl")
+        for name, load in (
+            ("nonces.json", lambda data: self.nonces.update(data)),
+            ("approvals.json", lambda data: self.approvals.update({d: ApprovalSeen(**r) for d, r in data.items()})),
+            ("plans.json", lambda data: self.plans.update({k: PlanAuthorization(**r) for k, r in data.items()})),
+        ):
+            if (self.dir / name).exists():
+                load(json.loads((self.dir / name).read_text()))
+                found.append(self.dir / name)
+        return found
 
     # -- freeze --
 
@@ -295,16 +313,14 @@ class DurableState:
 
     def add_grant(self, grant: GrantRecord) -> None:
         self.grants[grant.grant_id] = grant
-        self._journal_pending.append(json.dumps({"grant": vars(grant)}, sort_keys=True) + "\n")
-        self._changed(self._grants_file)
+        self._record({"grant": vars(grant)})
 
     def revoke(self, grant_id: str) -> GrantRecord | None:
         grant = self.grants.get(grant_id)
         if grant is None:
             return None
         grant.revoked = True
-        self._journal_pending.append(json.dumps({"revoked": grant_id}) + "\n")
-        self._changed(self._grants_file)
+        self._record({"revoked": grant_id})
         return grant
 
     def live_grants(self, now: float | None = None) -> list[GrantRecord]:
@@ -328,7 +344,7 @@ class DurableState:
         for nonce, digest, expires_at in entries:
             if nonce not in self.nonces:
                 self.nonces[nonce] = {"digest": digest, "expires_at": expires_at}
-                self._changed(self._nonces_file)
+                self._record({"nonce": nonce, **self.nonces[nonce]})
 
     # -- approvals judged once, plan authorizations --
 
@@ -339,7 +355,7 @@ class DurableState:
         """The first judgement stands: a second arrival of the same approval changes nothing."""
         if digest not in self.approvals:
             self.approvals[digest] = seen
-            self._changed(self._approvals_file)
+            self._record({"approval": digest, **vars(seen)})
         return self.approvals[digest]
 
     def plan(self, key: str) -> PlanAuthorization | None:
@@ -347,4 +363,4 @@ class DurableState:
 
     def save_plan(self, plan: PlanAuthorization) -> None:
         self.plans[plan.key] = plan
-        self._changed(self._plans_file)
+        self._record({"plan": vars(plan)})  # the whole record again: on replay the last line stands
