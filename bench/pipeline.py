@@ -644,18 +644,18 @@ def goal3_budget(r: Results, per_side: int) -> list[str]:
     """Goal 3 as CPU: when both sides keep the machine busy, throughput goes as 1 / CPU per incident, so
     0.8x bare allows bare's CPU / 0.8. What bare has no counterpart of is spent before Temporal and the
     worker do anything."""
-    bare = {n: v / max(1, per_side) for n, v in r.cpu.get("bare", {}).items()}
-    fb = {n: v / max(1, per_side) for n, v in r.cpu.get("firebreak", {}).items()}
+    bare, fb = ({n: v / max(1, per_side) for n, v in r.cpu.get(side, {}).items()} for side in ("bare", "firebreak"))
     if not bare or not fb:
         return []
-    allowed = sum(bare.values()) / 0.8
     engine = ("temporal", "worker", "bare-worker")
-    extra = sum(v for n, v in fb.items() if n not in engine)
-    return ["", f"goal 3 as CPU: 0.8x bare allows {ms(allowed)} per incident (bare's {ms(sum(bare.values()))} / 0.8);",
-            f"  components bare has no counterpart of ({', '.join(n for n in fb if n not in engine)}) spend {ms(extra)},",
+    others = [n for n in fb if n not in engine]
+    bare_all = sum(bare.values())
+    allowed, extra = bare_all / 0.8, sum(fb[n] for n in others)
+    return ["", f"goal 3 as CPU: 0.8x bare allows {ms(allowed)} per incident (bare's {ms(bare_all)} / 0.8);",
+            f"  components bare has no counterpart of ({', '.join(others)}) spend {ms(extra)},",
             f"  which leaves {ms(allowed - extra)} for Temporal and the worker, where bare's spend"
-            f" {ms(sum(v for n, v in bare.items() if n in engine))} on as many no-op activities"
-            f" (Firebreak's: {ms(sum(v for n, v in fb.items() if n in engine))})"]
+            f" {ms(sum(bare.get(n, 0.0) for n in engine))} on as many no-op activities"
+            f" (Firebreak's: {ms(sum(fb.get(n, 0.0) for n in engine))})"]
 
 
 def task_table(r: Results) -> str:
