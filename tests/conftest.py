@@ -42,10 +42,38 @@ from firebreak.runbook import default_runbook_dir
 from firebreak.serving import ThreadedServer
 from firebreak.stack import DEMO_PEOPLE, ensure_demo_roster
 from firebreak.temporal import DATA_CONVERTER, SEARCH_ATTRIBUTES, data_converter
+from tiers import TIERS, tier_of, unit_guard
 
 BIN = Path(sys.executable).parent
 TESTS = Path(__file__).resolve().parent
 CLOSED_PORT_URL = "http://127.0.0.1:9"  # discard port: nothing listens, a source that is down
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for tier in TIERS:
+        config.addinivalue_line("markers", f"{tier}: a test in the {tier} tier (see tests/tiers.py)")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if not any(item.get_closest_marker(tier) for tier in TIERS):
+            item.add_marker(tier_of(getattr(item, "fixturenames", ())))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item):  # noqa: ANN201
+    if item.get_closest_marker("unit"):
+        with unit_guard():
+            return (yield)
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item):  # noqa: ANN201
+    if item.get_closest_marker("unit"):
+        with unit_guard():
+            return (yield)
+    return (yield)
 
 
 def _session_payload_key() -> Path:

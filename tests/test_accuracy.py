@@ -86,6 +86,7 @@ def test_the_report_counts_a_wrong_top_a_missing_incident_and_a_false_escalation
     assert "1/4 trials right; incidents opened 3/4; false escalations 1" in text
 
 
+@pytest.mark.e2e
 @needs("prometheus", "alertmanager")
 def test_every_quick_trial_on_the_real_pipeline_is_right(tmp_path: Path) -> None:
     out = tmp_path / "accuracy.json"

@@ -10,6 +10,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+import pytest
 import httpx
 
 from api_harness import alertmanager_body, labels
@@ -26,6 +27,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.integration
 def test_service_generates_its_secrets_once_and_stack_info_reports_what_it_accepts(tmp_path: Path) -> None:
     port, temporal_port = _free_port(), _free_port()
     # Temporal is not running: the service must start anyway and say so.

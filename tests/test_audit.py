@@ -399,6 +399,7 @@ def one_runbook(tmp_path: Path) -> Path:
     return directory
 
 
+@pytest.mark.integration
 def test_stopping_the_broker_server_checkpoints_the_head(tmp_path: Path, one_runbook: Path) -> None:
     server = BrokerServer(tmp_path / "state", runbooks_dir=one_runbook).start()
     try:

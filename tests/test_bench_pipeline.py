@@ -6,10 +6,13 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+import pytest
+
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.e2e
 def test_a_short_pipeline_bench_runs_and_checks_itself(tmp_path: Path) -> None:
     run = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "pipeline.py"), "--incidents", "4", "--throughput", "4",

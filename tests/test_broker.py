@@ -642,6 +642,7 @@ async def test_jwks_and_state_files(env: Env) -> None:
         assert (broker / name).stat().st_mode & 0o777 == 0o600, name
 
 
+@pytest.mark.integration
 def test_python_m_firebreak_broker_serves(tmp_path: Path) -> None:
     import socket
     import subprocess

@@ -27,6 +27,7 @@ def _count(output: str, label: str) -> int:
     return int(found.group(1)) if found else 0
 
 
+@pytest.mark.e2e
 @needs("prometheus")
 def test_quick_chaos_run_changes_no_ending_and_no_write(tmp_path: Path) -> None:
     run = subprocess.run([sys.executable, str(ROOT / "bench" / "chaos.py"), "--quick", "--state-dir", str(tmp_path)],

@@ -642,6 +642,7 @@ async def test_plaintext_messages_are_refused_and_do_not_wedge_the_incident(
     assert not any(e.HasField("workflow_execution_update_accepted_event_attributes") for e in history.events)
 
 
+@pytest.mark.integration
 async def test_codec_server_command_serves_decode_and_prints_no_secret(tmp_path: Path) -> None:
     key_file = ensure_key_file(tmp_path / "codec-key")
     token_file = tmp_path / "codec-token"

@@ -173,6 +173,7 @@ async def _listed(capsys: pytest.CaptureFixture[str], cli_state: Path, incident_
     raise AssertionError(f"{incident_id} not listed as expected; last row {row}")
 
 
+@pytest.mark.integration
 def test_version_stack_down_bad_alert_file_and_closed_pipe(tmp_path: Path):
     version = cli("--version")
     assert version.returncode == 0 and version.stdout.startswith("firebreak 0.1.0 (temporalio 1.35.0)")

@@ -49,6 +49,7 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str, interval:
 # -- configs -------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_alert_rules_keep_the_incident_labels() -> None:
     rules = yaml.safe_load(ALERT_RULES.read_text())["groups"][0]["rules"]
     by_name = {r["alert"]: r for r in rules}
@@ -64,6 +65,7 @@ def test_alert_rules_keep_the_incident_labels() -> None:
         assert check.returncode == 0, check.stdout + check.stderr
 
 
+@pytest.mark.e2e
 def test_configs_render_structurally(tmp_path: Path) -> None:
     token = 'tok"en: {with} yaml\n- specials'
     am = AlertmanagerProcess(tmp_path / "am", 1, "http://127.0.0.1:8080/v1/alerts/alertmanager", token)
@@ -89,6 +91,7 @@ def test_configs_render_structurally(tmp_path: Path) -> None:
         assert check.returncode == 0, check.stdout + check.stderr
 
 
+@pytest.mark.e2e
 def test_missing_binary_is_reported_clearly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FIREBREAK_PROMETHEUS_BIN", str(tmp_path / "nope"))
     assert find_binary("prometheus") is None

@@ -94,6 +94,7 @@ def test_metrics_show_the_identity_its_credential_age_and_every_denial_class(ser
     assert httpx.get(f"{server.url}/healthz").json()["identity"]["environment"] == "prod"
 
 
+@pytest.mark.integration
 def test_privileges_shows_the_configured_identity_in_every_format(tmp_path: Path) -> None:
     config = tmp_path / "firebreak.yaml"
     config.write_text("identity:\n  owner: sre-platform\n  environment: prod\n  credential_max_age: 1s\n")
@@ -118,6 +119,7 @@ def test_privileges_shows_the_configured_identity_in_every_format(tmp_path: Path
 # -- environment in the audience ---------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 async def test_a_prod_target_refuses_a_staging_token_with_the_reason(tmp_path: Path) -> None:
     staging = broker(tmp_path, AgentIdentity(environment="staging"), name="staging")
     prod = broker(tmp_path, AgentIdentity(environment="prod"), name="prod")
@@ -206,6 +208,7 @@ async def test_creds_rotate_keeps_both_credentials_during_the_overlap_then_refus
     assert verify_chain(server.audit_path)[0]
 
 
+@pytest.mark.integration
 def test_a_credential_from_the_environment_is_not_rotated_by_the_broker(tmp_path: Path) -> None:
     srv = BrokerServer(tmp_path / "s", roster_path=tmp_path / "r.yaml", agent_token="given-elsewhere").start()
     try:

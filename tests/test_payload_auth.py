@@ -263,6 +263,7 @@ async def test_history_payloads_carry_the_mac_and_stay_readable(dev_env: Workflo
     assert scheduled and all(MAC_METADATA in p.metadata for s in scheduled for p in s.input.payloads)
 
 
+@pytest.mark.integration
 def test_stack_up_shares_a_payload_key_and_keeps_its_files_private(tmp_path: Path) -> None:
     from firebreak.stack import Ports, down, up
 

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import httpx
 import yaml
 
@@ -46,6 +47,7 @@ def test_every_security_rule_is_labelled_for_the_security_receiver() -> None:
     assert 'reason!~"no_approval|frozen"' in found["FirebreakBrokerDenial"]["expr"]
 
 
+@pytest.mark.e2e
 @needs_prometheus
 def test_promtool_fires_each_rule_on_its_signal_and_not_on_normal_traffic(tmp_path: Path) -> None:
     """Prometheus's own rule unit tests: synthetic series, the alerts that must (and must not) fire."""
@@ -107,6 +109,7 @@ def test_promtool_fires_each_rule_on_its_signal_and_not_on_normal_traffic(tmp_pa
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.e2e
 @needs_alertmanager
 def test_security_alerts_route_to_the_security_receiver_and_never_to_the_intake(tmp_path: Path) -> None:
     amtool = shutil.which("amtool")
@@ -161,6 +164,7 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
         time.sleep(interval)
 
 
+@pytest.mark.e2e
 @needs_both
 def test_forged_and_unapproved_mints_reach_the_security_webhook_and_open_no_incident(tmp_path: Path) -> None:
     from firebreak.stack import Ports, down, up

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import socket
 
+import pytest
 from firebreak.serving import listening_socket
 
 
@@ -29,10 +30,12 @@ async def _nodelay_of_accepted(sock: socket.socket) -> int:
     return value
 
 
+@pytest.mark.integration
 async def test_connections_accepted_on_a_service_socket_have_nagle_off() -> None:
     assert await _nodelay_of_accepted(listening_socket("127.0.0.1", 0)) != 0
 
 
+@pytest.mark.integration
 async def test_a_socket_made_with_the_defaults_would_keep_nagle_on() -> None:
     # What the services used before: the reason listening_socket exists.
     plain = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

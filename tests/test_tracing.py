@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 from opentelemetry.sdk.trace import TracerProvider
@@ -138,6 +139,7 @@ async def test_the_request_span_without_fastapis_own_continues_the_senders_trace
     assert "secret-intake-token" not in json.dumps(dict(span.attributes), default=str)
 
 
+@pytest.mark.integration
 def test_spans_are_exported_over_otlp_only_when_an_endpoint_is_set(tmp_path):
     """In a fresh process, as the API and worker start: OTEL_EXPORTER_OTLP_ENDPOINT decides."""
     import subprocess

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from temporalio.testing import WorkflowEnvironment
 
 from worker import WORKFLOW_TASK_SLOTS, build_worker
@@ -21,6 +22,7 @@ async def test_the_worker_takes_at_most_its_slots_of_workflow_tasks(time_env: Wo
     assert worker.config()["max_concurrent_workflow_tasks"] == WORKFLOW_TASK_SLOTS
 
 
+@pytest.mark.integration
 def test_the_slots_are_set_by_the_environment():
     shown = subprocess.run(
         [sys.executable, "-c", "import worker; print(worker.WORKFLOW_TASK_SLOTS)"], cwd=ROOT, check=True,
