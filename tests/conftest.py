@@ -30,6 +30,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from fastapi import FastAPI
 
+from demo.backstage import BackstageProcess, backstage_installed
 from demo.catalog import add_routes as add_catalog_routes
 from demo.fleet import FleetServer
 from demo.prom import PrometheusProcess, find_binary, free_port
@@ -122,6 +123,20 @@ def needs(*binaries: str) -> pytest.MarkDecorator:
     missing = [name for name in binaries if find_binary(name) is None]
     return pytest.mark.skipif(bool(missing) and not os.environ.get("CI"),
                               reason=f"{', '.join(missing)} not installed (bash scripts/setup installs them)")
+
+
+BACKSTAGE_CATALOG = TESTS / "data" / "backstage" / "catalog.yaml"
+
+
+@pytest.fixture(scope="session")
+def backstage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackstageProcess]:
+    """The real Backstage catalog backend on PostgreSQL, loaded with tests/data/backstage/catalog.yaml.
+
+    Skipped where scripts/setup has not installed it, except in CI, where a missing one fails."""
+    if not backstage_installed() and not os.environ.get("CI"):
+        pytest.skip("Backstage is not installed (bash scripts/setup runs npm ci in demo/backstage-app)")
+    with BackstageProcess(tmp_path_factory.mktemp("backstage"), [BACKSTAGE_CATALOG]) as server:
+        yield server
 
 
 def temporal_bin() -> str:

@@ -4,7 +4,7 @@
   below fails a unit test that opens one, so a test that needs a server cannot hide in the fast tier.
 - ``workflow``: the time-skipping test server.
 - ``integration``: the dev server, the broker, the fleet or the API.
-- ``e2e``: Prometheus, Alertmanager, chromium, the chaos and accuracy runs.
+- ``e2e``: Prometheus, Alertmanager, Backstage, chromium, the chaos and accuracy runs.
 
 A test's tier is the highest its fixtures reach. A module whose tests start servers in their own
 body says so with ``pytestmark = pytest.mark.<tier>``; an explicit mark always wins.
@@ -20,7 +20,7 @@ from typing import Any
 
 TIERS = ("unit", "workflow", "integration", "e2e")
 
-E2E_FIXTURES = frozenset({"scraped_prometheus", "prometheus", "alertmanager", "ui_env"})
+E2E_FIXTURES = frozenset({"scraped_prometheus", "prometheus", "alertmanager", "ui_env", "backstage"})
 INTEGRATION_FIXTURES = frozenset({
     "dev_env", "broker", "fleet", "settings", "temporal", "api", "http", "env", "server",
     "codec_server", "encrypted_client", "watched_fleet", "watched", "broker_files", "versioned_broker",
