@@ -68,7 +68,7 @@ class BackstageProcess:
                 "listen": {"port": self.port, "host": "127.0.0.1"},
                 "database": {"client": "pg", "connection": {
                     "host": "127.0.0.1", "port": self.postgres.port, "user": self.postgres.superuser,
-                    "password": "unused-trust-on-loopback"}},
+                    "password": self.postgres.password}},
                 "auth": {"dangerouslyDisableDefaultAuthPolicy": True},
             },
             "catalog": {
@@ -83,7 +83,9 @@ class BackstageProcess:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.postgres.start()
         config = self.directory / "app-config.yaml"
-        config.write_text(yaml.safe_dump(self.config(), sort_keys=False))
+        fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds the database password
+        with os.fdopen(fd, "w") as out:
+            out.write(yaml.safe_dump(self.config(), sort_keys=False))
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
                 ["node", str(APP_DIR / "index.js"), "--config", str(config)], cwd=APP_DIR,

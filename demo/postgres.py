@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import os
 import pwd
+import secrets
 import shutil
 import subprocess
 import tempfile
@@ -33,10 +34,11 @@ def pg_bindir() -> Path | None:
 
 
 class PostgresCluster:
-    """``initdb`` + ``pg_ctl start`` in ``directory``; ``superuser`` logs in over loopback with trust.
+    """``initdb`` + ``pg_ctl start`` in ``directory``, listening on 127.0.0.1:``port``.
 
-    Trust on loopback only is enough for a private cluster that nothing else can reach, and it keeps
-    no password on disk.
+    Every login, the superuser's included, authenticates with a password (scram-sha-256), so a role's
+    password and its ``VALID UNTIL`` are enforced by PostgreSQL as on a real server. The superuser's
+    password is generated here and kept in :attr:`password` (and a 0600 file), never logged.
     """
 
     def __init__(self, directory: Path, *, port: int | None = None, superuser: str = "firebreak") -> None:
@@ -50,6 +52,13 @@ class PostgresCluster:
         self.bindir = bindir
         self.as_postgres = os.geteuid() == 0
         self.home = Path(tempfile.mkdtemp(prefix="firebreak-pg-")) if self.as_postgres else directory
+        self.password = secrets.token_urlsafe(24)
+
+    def dsn(self, user: str | None = None, password: str | None = None, dbname: str = "postgres") -> str:
+        """A libpq connection string for ``user`` (default: the superuser, with its password)."""
+        user = user or self.superuser
+        password = self.password if password is None and user == self.superuser else (password or "")
+        return f"host=127.0.0.1 port={self.port} dbname={dbname} user={user} password={password} connect_timeout=5"
 
     @property
     def data(self) -> Path:
@@ -71,7 +80,15 @@ class PostgresCluster:
             owner = pwd.getpwnam("postgres")
             os.chown(self.home, owner.pw_uid, owner.pw_gid)
         if not (self.data / "PG_VERSION").exists():
-            done = self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", self.superuser, "-E", "UTF8")
+            pwfile = self.home / "superuser.password"
+            fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(self.password + "\n")
+            if self.as_postgres:
+                owner = pwd.getpwnam("postgres")
+                os.chown(pwfile, owner.pw_uid, owner.pw_gid)
+            done = self._run("initdb", "-D", str(self.data), "-A", "scram-sha-256", "--pwfile", str(pwfile),
+                             "-U", self.superuser, "-E", "UTF8")
             if done.returncode != 0:
                 raise RuntimeError(f"initdb failed: {done.stderr.strip()[-500:]}")
         options = f"-p {self.port} -k {self.home} -c listen_addresses=127.0.0.1"
