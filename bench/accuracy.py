@@ -1,8 +1,8 @@
 """Diagnosis accuracy on the real pipeline: faults go in, incidents open by themselves.
 
-    python bench/accuracy.py                 # 21 trials of each fault kind (63 in all)
-    python bench/accuracy.py --quick         # one trial of each fault kind
-    python bench/accuracy.py --propose-only  # stop at the proposal: no approval, no remediation
+    python -m bench.accuracy                 # 21 trials of each fault kind (63 in all)
+    python -m bench.accuracy --quick         # one trial of each fault kind
+    python -m bench.accuracy --propose-only  # stop at the proposal: no approval, no remediation
 
 Starts its own stack with ``firebreak.stack.up`` in a state dir of its own, on free ports: the
 Temporal dev server, the broker, the demo fleet, Prometheus and Alertmanager with the demo rules,
@@ -48,11 +48,8 @@ import httpx
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
-from accuracy_report import EXPECTED, FAULTS, Run, Trial, incident_id, render  # noqa: E402
-
+from bench.accuracy_report import EXPECTED, FAULTS, Run, Trial, incident_id, render  # noqa: E402
 from demo.prom import free_port  # noqa: E402
 from firebreak import signing, stack  # noqa: E402
 from firebreak.config import load_settings  # noqa: E402

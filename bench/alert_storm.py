@@ -1,7 +1,7 @@
 """Alert storm: the intake API against bare Temporal, in the same run, on the same server.
 
-    python bench/alert_storm.py            # 10,000 alerts over 100 incidents
-    python bench/alert_storm.py --quick    # 1,000 alerts over 10 incidents
+    python -m bench.alert_storm            # 10,000 alerts over 100 incidents
+    python -m bench.alert_storm --quick    # 1,000 alerts over 10 incidents
 
 Starts everything itself, as child processes on free ports: the Temporal dev
 server from the venv (SQLite with WAL, no UI), the credential broker, the demo
@@ -45,7 +45,6 @@ from temporalio.client import Client
 from temporalio.common import WorkflowIDReusePolicy
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from firebreak.api import stack_info  # noqa: E402
 from firebreak.config import TemporalSettings  # noqa: E402

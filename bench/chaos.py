@@ -1,8 +1,8 @@
 """Chaos suite: remediation survives crashes and restarts, and never acts twice.
 
-    python bench/chaos.py                # 72 incidents (+6 rollbacks): >=50 worker kills, 5+ server and broker restarts
-    python bench/chaos.py --quick        # 16 incidents (+2 rollbacks): >=10 worker kills, 1+ server restart
-    python bench/chaos.py --workers 3    # three workers on one task queue, killed one at a time
+    python -m bench.chaos                # 72 incidents (+6 rollbacks): >=50 worker kills, 5+ server and broker restarts
+    python -m bench.chaos --quick        # 16 incidents (+2 rollbacks): >=10 worker kills, 1+ server restart
+    python -m bench.chaos --workers 3    # three workers on one task queue, killed one at a time
 
 Starts its own real stack on free ports (``bench/chaos_stack.py``): the Temporal dev server on a
 SQLite file in WAL mode, the broker, the demo fleet, Prometheus when installed, and ``worker.py``
@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from temporalio.api.enums.v1 import PendingActivityState  # noqa: E402
 from temporalio.client import Client, WorkflowExecutionStatus  # noqa: E402

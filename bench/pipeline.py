@@ -1,7 +1,7 @@
 """The whole incident pipeline against bare Temporal, in the same run, on the same server.
 
-    python bench/pipeline.py            # 100 incidents a side, 200 for throughput, 1,000 and 10,000 held open
-    python bench/pipeline.py --quick    # a smoke run in under 2 minutes
+    python -m bench.pipeline            # 100 incidents a side, 200 for throughput, 1,000 and 10,000 held open
+    python -m bench.pipeline --quick    # a smoke run in under 2 minutes
 
 Starts its own stack on free ports (``bench/pipeline_stack.py``): the dev server with WAL, the broker,
 the demo fleet with one synthetic service per incident, Prometheus if installed, the API, ``worker.py``
@@ -47,23 +47,20 @@ from temporalio.api.enums.v1 import PendingActivityState, PendingWorkflowTaskSta
 from temporalio.client import Client, WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 
+from bench.chaos_ledger import writes_by_incident
+from bench.pipeline_bare import WORKFLOW as BARE_WORKFLOW
+from bench.pipeline_bare import BareShape
+from bench.pipeline_history import Timeline, breakdown, credentials, timeline
+from bench.pipeline_otlp import SpanReceiver
+from bench.pipeline_stack import APPROVER, BARE_QUEUE, PipelineStack, has_prometheus
+from firebreak import signing
+from firebreak.api import stack_info
+from firebreak.config import load_settings
+from firebreak.contracts import Approval, IncidentStatus
+from firebreak.incidents import MEMO_KEY, approval_outcome, final_report
+from firebreak.temporal import PHASE, connect
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from chaos_ledger import writes_by_incident  # noqa: E402
-from pipeline_bare import WORKFLOW as BARE_WORKFLOW  # noqa: E402
-from pipeline_bare import BareShape  # noqa: E402
-from pipeline_history import Timeline, breakdown, credentials, timeline  # noqa: E402
-from pipeline_otlp import SpanReceiver  # noqa: E402
-from pipeline_stack import APPROVER, BARE_QUEUE, PipelineStack, has_prometheus  # noqa: E402
-
-from firebreak import signing  # noqa: E402
-from firebreak.api import stack_info  # noqa: E402
-from firebreak.config import load_settings  # noqa: E402
-from firebreak.contracts import Approval, IncidentStatus  # noqa: E402
-from firebreak.incidents import MEMO_KEY, approval_outcome, final_report  # noqa: E402
-from firebreak.temporal import PHASE, connect  # noqa: E402
 
 T = TypeVar("T")
 SHOWN_PROBLEMS = 30  # the first ones in full, then a count: a run with thousands of problems stays readable

@@ -1,6 +1,6 @@
 """Bare Temporal, shaped like an incident: the baseline ``bench/pipeline.py`` measures Firebreak against.
 
-    python bench/pipeline_bare.py --address HOST:PORT --task-queue QUEUE
+    python -m bench.pipeline_bare --address HOST:PORT --task-queue QUEUE
 
 A workflow with the same messages and the same number of activities as the bench's incident, each
 activity a no-op: started by signal-with-start (``alert``), N parallel "investigations", a diagnosis,
@@ -100,7 +100,6 @@ async def main() -> None:
                         help="max_concurrent_workflow_tasks, as the worker's (default: the SDK's)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # here, not at import: the sandbox re-imports this
     from firebreak.telemetry import export_from_env, temporal_interceptors
 
     export_from_env("bare-worker")  # traced as worker.py is: the same exporter, the same interceptor
@@ -114,8 +113,7 @@ async def main() -> None:
 
 if __name__ == "__main__":
     # Run from the module by its own name: the workflow sandbox re-imports a workflow's module, never __main__.
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import pipeline_bare
+    from bench import pipeline_bare
 
     asyncio.run(pipeline_bare.main())
     sys.stdout.flush()

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from temporalio.api.enums.v1 import EventType
 from temporalio.api.history.v1 import HistoryEvent
 
-from pipeline_otlp import Span
+from bench.pipeline_otlp import Span
 
 E = EventType
 

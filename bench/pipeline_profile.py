@@ -1,7 +1,7 @@
 """Run a Python script under a sampling profiler: what the worker's Python spends its CPU on.
 
-    python bench/pipeline_profile.py OUT.txt worker.py --state-dir DIR
-    python bench/pipeline_profile.py OUT.txt -m firebreak.broker --port 8080 ...
+    python -m bench.pipeline_profile OUT.txt worker.py --state-dir DIR
+    python -m bench.pipeline_profile OUT.txt -m firebreak.broker --port 8080 ...
 
 A thread samples every other thread's stack every few milliseconds (a thread waiting in select, a lock
 or a queue counts as idle) and rewrites OUT.txt every 5 s with the functions seen most, inclusive.
@@ -65,12 +65,10 @@ def main() -> None:
     if sys.argv[2] == "-m":
         module = sys.argv[3]
         sys.argv = [module, *sys.argv[4:]]
-        sys.path.insert(0, str(Path.cwd()))
         runpy.run_module(module, run_name="__main__", alter_sys=True)
     else:
         script = sys.argv[2]
         sys.argv = sys.argv[2:]
-        sys.path.insert(0, str(Path(script).resolve().parent))
         runpy.run_path(script, run_name="__main__")
 
 

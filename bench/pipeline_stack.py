@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chaos_stack import free_port
+from bench.chaos_stack import free_port
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from demo.prom import PrometheusProcess, find_binary
@@ -126,7 +126,7 @@ class PipelineStack:
         api = self.stack.spawn("api", [py, "-m", "firebreak.api", "--host", "127.0.0.1", "--port",
                                        str(self.ports["api"]), "--state-dir", str(state), "--log-level", "warning"])
         self.spawn_worker()
-        self.stack.spawn("bare-worker", [py, str(ROOT / "bench" / "pipeline_bare.py"), "--address",
+        self.stack.spawn("bare-worker", [py, "-m", "bench.pipeline_bare", "--address",
                                          self.temporal_address, "--task-queue", BARE_QUEUE,
                                          "--workflow-cache", str(self.bare_cache),
                                          "--workflow-task-slots", str(self.bare_task_slots)],
@@ -155,7 +155,7 @@ class PipelineStack:
 
     def _profiler(self, name: str) -> list[str]:
         out = self.profile.get(name)
-        return [str(ROOT / "bench" / "pipeline_profile.py"), str(out)] if out else []
+        return ["-m", "bench.pipeline_profile", str(out)] if out else []
 
     def stop_worker(self) -> None:
         process = self.stack.processes.pop("worker")

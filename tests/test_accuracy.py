@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bench.accuracy_report import FAULTS, Trial, render
 from conftest import needs
 from demo.fleet import HEALTHY_ERRORS
 from demo.prom import ALERT_RULES
@@ -24,8 +25,6 @@ from firebreak.diagnosis import range_window
 from firebreak.runbook import default_runbook_dir, load_runbooks, route
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
-from accuracy_report import FAULTS, Trial, render  # noqa: E402
 
 # Each alert rule and the evidence of the runbook it opens that says the same thing.
 PAIRS = [
@@ -91,7 +90,7 @@ def test_the_report_counts_a_wrong_top_a_missing_incident_and_a_false_escalation
 def test_every_quick_trial_on_the_real_pipeline_is_right(tmp_path: Path) -> None:
     out = tmp_path / "accuracy.json"
     result = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "accuracy.py"), "--quick", "--state-dir", str(tmp_path / "state"),
+        [sys.executable, "-m", "bench.accuracy", "--quick", "--state-dir", str(tmp_path / "state"),
          "--json", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=420,
     )

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.e2e
 def test_a_short_pipeline_bench_runs_and_checks_itself(tmp_path: Path) -> None:
     run = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "pipeline.py"), "--incidents", "4", "--throughput", "4",
+        [sys.executable, "-m", "bench.pipeline", "--incidents", "4", "--throughput", "4",
          "--held", "6,10", "--concurrency", "2", "--warmup", "1", "--state-dir", str(tmp_path / "state")],
         capture_output=True, text=True, timeout=300, cwd=ROOT,
     )

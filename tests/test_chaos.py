@@ -30,7 +30,7 @@ def _count(output: str, label: str) -> int:
 @pytest.mark.e2e
 @needs("prometheus")
 def test_quick_chaos_run_changes_no_ending_and_no_write(tmp_path: Path) -> None:
-    run = subprocess.run([sys.executable, str(ROOT / "bench" / "chaos.py"), "--quick", "--state-dir", str(tmp_path)],
+    run = subprocess.run([sys.executable, "-m", "bench.chaos", "--quick", "--state-dir", str(tmp_path)],
                          cwd=ROOT, capture_output=True, text=True, timeout=420)
     output = run.stdout + run.stderr
     report = output[-6000:]
