@@ -511,11 +511,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         return parser
     from firebreak.api.cli import register as register_api
     from firebreak.broker.cli import register as register_broker
+    from firebreak.cli_upgrade import register as register_upgrade
     from firebreak.privileges_cli import register as register_privileges
 
     register_broker(sub, load_settings)
     register_privileges(sub, load_settings)
     register_api(sub, load_settings)
+    register_upgrade(sub, common, _async)
     return parser
 
 

@@ -1,0 +1,68 @@
+"""Every patch IncidentWorkflow has, and where each is in its lifecycle.
+
+A change to workflow code that a running incident's history depends on goes behind
+``workflow.patched(ID)``, and the old branch stays until no open incident needs it. The stages
+follow Temporal's patching sample:
+
+1. ``patched``: both branches live; new runs take the new one and record the patch marker.
+2. ``deprecated``: once no open incident predates the patch (``firebreak upgrade-check`` says so),
+   the call becomes ``workflow.deprecate_patch(ID)`` and the old branch goes. A history recorded
+   before the patch stops replaying here, so it retires with the patch: its line leaves
+   ``tests/histories/SHA256SUMS``, the file goes, and :attr:`Patch.retired` says why.
+3. ``removed``: once no open incident predates the deprecation either, the call goes too.
+
+``tests/test_versions.py`` fails on a ``patched``/``deprecate_patch`` id in the workflow that is
+not listed here, and on a recorded history whose patches this table does not account for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Stage = Literal["patched", "deprecated", "removed"]
+
+
+@dataclass(frozen=True)
+class Patch:
+    id: str
+    added: str  # the commit that introduced it
+    why: str
+    stage: Stage = "patched"
+    # Recorded histories without this patch's marker. Deprecating it means showing that each still replays
+    # (a run may never reach the patch's code) or retiring it with the patch.
+    histories: tuple[str, ...] = ()
+    retired: str = ""  # when deprecated: which histories retired, and why
+
+
+_ENDINGS_6461365 = tuple(f"ending-{name}-6461365.json" for name in (
+    "auto_resolved", "expired-after-escalation", "failed-first-step", "failed-over-caps", "failed-undecided",
+    "rejected", "resolved-two-steps", "rollback_failed", "rolled_back"))
+
+PATCHES: tuple[Patch, ...] = (
+    Patch("lifecycle-v2", "2db0e59", "escalation, budgets, re-checks and patient retry policies",
+          histories=("bad-deploy-resolved.json", "bad-deploy-resolved-852f4c8.json")),
+    Patch("operator-console", "e2a0d87", "the phase search attribute, memo and current details the console reads",
+          histories=("bad-deploy-resolved.json", "bad-deploy-resolved-852f4c8.json")),
+    Patch("plan-binds-all", "2841723", "the plan hash binds every step's parameters and scope",
+          histories=("bad-deploy-resolved.json", "bad-deploy-resolved-852f4c8.json", "ending-failed-undecided-6461365.json")),
+    Patch("correlation", "d7dfba8", "the catalog walk, failing-dependency hypotheses and blast radius",
+          histories=("bad-deploy-resolved.json", "bad-deploy-resolved-852f4c8.json", *_ENDINGS_6461365)),
+    Patch("precheck-with-approval", "d7dfba8", "the alert re-read that an approval triggers before the first write",
+          histories=("bad-deploy-resolved.json", "bad-deploy-resolved-852f4c8.json", *_ENDINGS_6461365)),
+)
+
+# The oldest code whose open incidents this worker still replays: the first recorded history's.
+OLDEST_SUPPORTED = "852f4c8"
+
+
+def patch(patch_id: str) -> Patch:
+    found = next((p for p in PATCHES if p.id == patch_id), None)
+    if found is None:
+        raise KeyError(f"no patch {patch_id!r} in workflows/versions.py")
+    return found
+
+
+def live() -> list[Patch]:
+    """Patches whose old branch is still in the code: each keeps the open incidents that predate it running."""
+    return [p for p in PATCHES if p.stage == "patched"]
