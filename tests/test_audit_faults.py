@@ -179,30 +179,26 @@ def test_full_disk_never_issues_a_credential_without_its_audit_record_and_the_lo
         headers = broker.headers()
         issued: dict[int, str] = {}  # audit seq -> grant id, of every credential handed out
         revoked: list[str] = []
-        failed = 0
+        refusals: list[tuple[int, str]] = []  # (status, body) of every request that failed
 
         def mint(n: int) -> str | None:
-            nonlocal failed
             response = httpx.post(f"{broker.url}/v1/mint", json=read_mint(n), headers=headers, timeout=10)
             if response.status_code == 200:
                 body = response.json()
                 assert body["token"]
                 issued[body["audit_seq"]] = body["grant_id"]
                 return str(body["grant_id"])
-            # Fails closed: no credential in the answer, and it says why.
-            assert response.status_code == 503, response.text
-            assert "token" not in response.json() and response.json()["error"] == "storage_unavailable"
-            failed += 1
+            # Fails closed: no credential in the answer (and why, checked once the log is).
+            assert "token" not in response.text
+            refusals.append((response.status_code, response.text))
             return None
 
         def revoke(grant_id: str) -> None:
-            nonlocal failed
             response = httpx.post(f"{broker.url}/v1/revoke", json={"grant_id": grant_id}, headers=headers, timeout=10)
             if response.status_code == 200:
                 revoked.append(grant_id)
             else:
-                assert response.status_code == 503, response.text
-                failed += 1
+                refusals.append((response.status_code, response.text))
 
         for n in range(3):
             assert mint(n) is not None
@@ -214,7 +210,7 @@ def test_full_disk_never_issues_a_credential_without_its_audit_record_and_the_lo
                 revoke(live.pop())
             if grant is not None:
                 live.append(grant)
-        assert failed, "the full disk refused nothing: the test did not exercise a full disk"
+        assert refusals, "the full disk refused nothing: the test did not exercise a full disk"
         metrics = httpx.get(f"{broker.url}/metrics", timeout=10).text
         errors = [line for line in metrics.splitlines() if line.startswith("firebreak_broker_storage_errors_total")]
         assert any(not line.endswith(" 0") for line in errors), errors
@@ -243,6 +239,10 @@ def test_full_disk_never_issues_a_credential_without_its_audit_record_and_the_lo
     assert repairs, "a full disk that refused requests left no torn write to repair"
     assert all(r["decision"] == "truncated" and r["reason"] for r in repairs)
     assert any("was cut short" in r["reason"] and "ENOSPC" in r["reason"] for r in repairs), repairs
+
+    # Each refusal said plainly that it was storage, retryable.
+    assert {status for status, _ in refusals} == {503}, refusals[:3]
+    assert all(json.loads(body)["error"] == "storage_unavailable" for _, body in refusals)
 
     assert cli.main(["audit", "verify", "--state-dir", str(broker.state), "--no-history"]) == 0
     out = capsys.readouterr().out
@@ -303,6 +303,30 @@ def test_a_short_write_fails_the_append_cuts_the_bytes_and_the_next_record_carri
     assert records[1]["reason"].startswith("record 2 (mint of grant g-torn) was cut short: 4 of")
     assert "ENOSPC" in records[1]["reason"]
     assert verify_chain(path)[0]
+
+
+def test_a_torn_journal_line_is_dropped_at_start_and_the_repair_recorded_in_the_audit_chain(
+        tmp_path: Path, runbooks: Path) -> None:
+    server = BrokerServer(tmp_path / "state", runbooks_dir=runbooks).start()
+    try:
+        headers = {"Authorization": f"Bearer {server.agent_token}"}
+        grant = httpx.post(f"{server.url}/v1/mint", json=read_mint(1), headers=headers).json()["grant_id"]
+    finally:
+        server.stop()
+    journal = tmp_path / "state" / "broker" / "state.jsonl"
+    with journal.open("a") as fh:  # a revoke's line, cut short by a crash: never answered
+        fh.write('{"revoked": "' + grant[:5])
+    server.start()
+    try:
+        assert grant in {g.grant_id for g in server.broker.state.live_grants()}  # the whole lines still count
+    finally:
+        server.stop()
+    assert journal.read_text().endswith("\n") and '{"revoked"' not in journal.read_text()
+    repairs = [r for r in lines(server.audit_path) if r["event"] == "repair"]
+    assert len(repairs) == 1 and repairs[0]["reason"].startswith("state.jsonl: cut a torn last line of 18 bytes")
+    key = signing.load_private_key(tmp_path / "state" / "broker" / "signing-key.pem")
+    ok, _, message = verify_chain(server.audit_path, public_key=key)
+    assert ok and "1 repair(s) the broker recorded" in message
 
 
 # -- a tail cut after the last checkpoint --------------------------------------------------------------------
