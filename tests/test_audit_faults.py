@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -365,7 +366,8 @@ def test_a_tail_cut_after_the_last_checkpoint_is_caught_by_the_time_anchored_che
         wait_for(lambda: lines(server.checkpoints_path)[-1]["seq"] == 9, "a checkpoint of record 9")
         assert cli.main(verify) == 1
         err = capsys.readouterr().err
-        assert "signed record 9, but the log ends at record 4" in err and "cut short" in err
+        # (The checkpoint it names may be an earlier time checkpoint of records 5-8, signed between the mints.)
+        assert re.search(r"signed record [5-9], but the log ends at record 4: the log was cut short", err), err
     finally:
         server.stop()
 
@@ -384,12 +386,10 @@ def test_a_cut_back_to_an_earlier_checkpoint_with_the_later_ones_deleted_is_caug
         # Cut back to the start checkpoint (record 0) and delete every checkpoint after it, while it runs:
         server.audit_path.write_text("")
         server.checkpoints_path.write_text(json.dumps(signed[0]) + "\n")
-        assert cli.main(verify) == 0  # consistent, as far as what is left goes
-        capsys.readouterr()
         # The running broker signs its head again within seconds (a heartbeat, even with nothing new).
         wait_for(lambda: len(lines(server.checkpoints_path)) > 1, "the next time checkpoint")
         assert cli.main(verify) == 1
-        assert "signed record 6, but the log ends at record 0" in capsys.readouterr().err
+        assert "signed record 6, but the log ends at record 0: the log was cut short" in capsys.readouterr().err
     finally:
         server.stop()
 
@@ -410,7 +410,7 @@ def test_a_cut_back_to_an_earlier_checkpoint_with_the_later_ones_deleted_is_caug
     path.write_text("".join(line + "\n" for line in path.read_text().splitlines()[:5]))
     cp_path.write_text("".join(json.dumps(c) + "\n" for c in lines(cp_path) if c["seq"] <= 5))
     assert verify_chain(path, public_key=key)[0]  # right after: nothing can tell yet
-    later = datetime.fromisoformat(middle.at.replace("Z", "+00:00")) + timedelta(minutes=5)
+    later = datetime.fromisoformat(middle.at) + timedelta(minutes=5)
     ok, seq, message = verify_chain(path, public_key=key, now=later)
     assert (ok, seq) == (False, 6)
     assert "is 300 s old and not a shutdown checkpoint" in message and "later checkpoints were removed" in message
@@ -473,5 +473,5 @@ def test_storage_error_rule_fires_at_the_availability_level_with_promtool(tmp_pa
     }]}
     (tmp_path / "tests.yml").write_text(yaml.safe_dump(tests, sort_keys=False))
     result = subprocess.run([promtool, "test", "rules", "tests.yml"], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=60)
+                            timeout=60, check=False)
     assert result.returncode == 0, result.stdout + result.stderr

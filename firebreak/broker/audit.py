@@ -247,11 +247,11 @@ class AuditLog:
         )
         try:
             # O_APPEND: every write lands at the end, even if someone else opened it.
-            storage.append_bytes(self.path, data, fsync=False)
+            start = storage.append_bytes(self.path, data, fsync=False)
         except storage.StorageError as exc:
             self._failed_write_locked(exc, records)
             raise
-        self._size += len(data)
+        self._size = start + len(data)
         self._repairs.clear()
         self._cut = None
         if self._first_unsigned_at is None:
@@ -301,11 +301,9 @@ class AuditLog:
             return
         last = records[-1]
         what = last["event"] + (f" of grant {last['grant_id']}" if last["grant_id"] else "")
-        self._cut = (
-            f"record {last['seq']} ({what}) was cut short: {exc.written} of {exc.wanted} bytes written"
-            f" ({exc.why}); they were cut off and the request it recorded failed",
-            0,
-        )
+        first = (f"record {last['seq']} ({what}) was cut short: {exc.written} of {exc.wanted} bytes written"
+                 f" ({exc.why}); they were cut off and the request it recorded failed")
+        self._cut = (first, 0)
 
     def _pending_repairs(self) -> list[str]:
         notes = list(self._repairs)
@@ -608,7 +606,7 @@ TIME_GRACE_S = 30.0
 
 def _parse_at(value: str) -> datetime | None:
     try:
-        at = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        at = datetime.fromisoformat(value)  # "...Z" parses as UTC
     except ValueError:
         return None
     return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
