@@ -330,6 +330,28 @@ def test_a_torn_journal_line_is_dropped_at_start_and_the_repair_recorded_in_the_
     assert ok and "1 repair(s) the broker recorded" in message
 
 
+def test_a_record_whose_fsync_failed_is_never_reported_durable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Linux reports a writeback error once: a later fsync that succeeds does not bring the lost pages back."""
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path)
+    real_fsync = os.fsync
+
+    def failing(fd: int) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "fsync", failing)
+    with pytest.raises(OSError, match="Input/output error"):
+        log.append("mint", decision="issued", grant_id="g-lost?")
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    later = log.append("thaw", decision="thawed")  # durable: its own fsync succeeded
+    with pytest.raises(OSError, match="fsync of record 1"):
+        log.sync(1)
+    log.sync(later["seq"])
+    records = lines(path)
+    assert [r["event"] for r in records] == ["mint", "repair", "thaw"]
+    assert records[1]["reason"].startswith("an fsync of records up to 1 failed (EIO")
+
+
 # -- a tail cut after the last checkpoint --------------------------------------------------------------------
 
 

@@ -7,9 +7,13 @@ audiences, scopes and who approved.
 
 A chain cannot show that records are missing at its end, or that the whole log
 was rewritten and re-hashed. For that the broker signs checkpoints of the head
-(:mod:`firebreak.broker.checkpoints`): at start, every ``N`` records and at
-shutdown. ``verify_chain`` checks them, and can cross-check the audit sequence
-numbers that Temporal history recorded for each grant.
+(:mod:`firebreak.broker.checkpoints`): at start, every ``N`` records, at least every
+``N`` seconds and at shutdown. ``verify_chain`` checks them, and can cross-check the
+audit sequence numbers that Temporal history recorded for each grant.
+
+A record is written whole or not at all (a short write is an error, and what reached the
+file is cut off); a torn tail found at start is cut off too. Each cut is recorded in the
+chain as a ``repair`` record saying what was cut and why, which ``verify_chain`` names.
 """
 
 from __future__ import annotations
@@ -105,6 +109,7 @@ class AuditLog:
         # repair record tells them all (a full disk cuts every attempt until space returns).
         self._cut: tuple[str, int] | None = None
         self._torn = False  # bytes past self._size that a failed write left and could not cut off
+        self._fsync_failed_upto = 0  # the highest record an fsync failed for (see sync)
         self._size = 0
         self._seq, self._last_hash = self._tail()
         if checkpoint_every is not None and checkpoint_every < 1:
@@ -335,7 +340,11 @@ class AuditLog:
             self._commit_now_locked()
 
     def _commit_now_locked(self) -> None:
-        storage.fsync_path(self.path)
+        try:
+            storage.fsync_path(self.path)
+        except storage.StorageError as exc:
+            self._fsync_failed_locked(self._seq, exc)
+            raise
 
     def _storage_error(self, which: str) -> None:
         if self.on_storage_error is not None:
@@ -345,18 +354,33 @@ class AuditLog:
                 log.exception("storage error callback failed")
 
     def sync(self, seq: int) -> None:
-        """Return once record ``seq`` and every one before it are on disk: one fsync for all who wait."""
+        """Return once record ``seq`` and every one before it are on disk: one fsync for all who wait.
+
+        A record an fsync failed for is never reported durable, even after a later fsync succeeds: Linux
+        reports a writeback error once, and the pages it concerned may be gone (the request fails closed)."""
         self._commit.wait(seq)
+        if seq <= self._fsync_failed_upto:
+            raise storage.StorageError(self.path, f"fsync of record {seq} in", None)
 
     def _flush(self) -> int:
         with self._lock:
             seq = self._seq
         try:
             storage.fsync_path(self.path)  # every record up to seq was written before we read it
-        except storage.StorageError:
-            self._storage_error("audit")
+        except storage.StorageError as exc:
+            with self._lock:
+                self._fsync_failed_locked(seq, exc)
             raise
         return seq
+
+    def _fsync_failed_locked(self, seq: int, exc: storage.StorageError) -> None:
+        if seq > self._fsync_failed_upto:
+            self._fsync_failed_upto = seq
+            # On the record, and past it: callers that sync the head without appending (an approval
+            # check) wait for a record after this one, which the next append or tick writes.
+            self._repairs.append(f"an fsync of records up to {seq} failed ({exc.why}): they may not be on"
+                                 " disk, and every request waiting for them failed")
+        self._storage_error("audit")
 
     @property
     def head_seq(self) -> int:
