@@ -359,7 +359,7 @@ class AuditLog:
         A record an fsync failed for is never reported durable, even after a later fsync succeeds: Linux
         reports a writeback error once, and the pages it concerned may be gone (the request fails closed)."""
         self._commit.wait(seq)
-        if seq <= self._fsync_failed_upto:
+        if 0 < seq <= self._fsync_failed_upto:  # 0: no record yet, nothing to have lost
             raise storage.StorageError(self.path, f"fsync of record {seq} in", None)
 
     def _flush(self) -> int:
