@@ -78,8 +78,10 @@ def register(subparsers: argparse._SubParsersAction, settings_loader: SettingsLo
         help="check the audit log: hash chain, signed checkpoints, and the grants Temporal history recorded",
         description="Broken if a record was edited, removed or reordered; if a checkpoint is not signed by the "
         "broker's key, names a record past the log's end (tail cut off) or a record with another hash (log "
-        "rewritten and re-hashed); or if a grant in Temporal history names an audit record that is missing or "
-        "is not that grant's mint. Exit 0 intact, 1 broken.",
+        "rewritten and re-hashed); if unsigned records, or a newest checkpoint other than a shutdown's, are "
+        "older than the broker's checkpoint interval allows (later checkpoints removed); or if a grant in "
+        "Temporal history names an audit record that is missing or is not that grant's mint. An intact log's "
+        "verdict lists the repairs the broker recorded (torn writes it cut off). Exit 0 intact, 1 broken.",
     )
     verify.add_argument("--file", type=Path, default=None, help="default: STATE_DIR/broker/audit.jsonl")
     verify.add_argument("--checkpoints", type=Path, default=None, help="default: audit.checkpoints.jsonl beside the log")

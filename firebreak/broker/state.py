@@ -6,7 +6,7 @@ signing-keys.json public halves of rotated-out keys, each published until its ov
 agent-token       the worker's bootstrap credential (0600) unless FIREBREAK_BROKER_TOKEN
 agent-credential.json  when it was issued; SHA-256 and overlap end of rotated-out ones (agent_credential.py)
 admin-token       for freeze/thaw (0600) unless FIREBREAK_BROKER_ADMIN_TOKEN
-audit.jsonl       hash-chained audit log
+audit.jsonl       hash-chained audit log (audit.py); audit.checkpoints.jsonl its signed checkpoints
 frozen            present while the kill switch is on (survives restarts)
 state.jsonl       the journal of everything else a restart must keep, one JSON line per change: grants
                   (jti, expiry; revoked?) so a freeze after a restart still revokes, approval nonces with
@@ -18,7 +18,9 @@ state.jsonl       the journal of everything else a restart must keep, one JSON l
                   replaced.
 ```
 
-Nothing here holds a token: grants are known by their id (the jti).
+Nothing here holds a token: grants are known by their id (the jti). Every write is whole and fsynced
+or an error (:mod:`firebreak.broker.storage`); a journal line torn by a crash is dropped at start and the
+drop recorded in the audit log.
 """
 
 from __future__ import annotations
