@@ -38,7 +38,7 @@ SECURITY_RULES = Path(__file__).resolve().parents[1] / "firebreak" / "security_r
 
 
 def read_mint(n: int) -> dict[str, Any]:
-    return {"audience": "prometheus", "verb": "metrics.read", "resource": "namespace/shop", "ttl_s": 60,
+    return {"audience": "prometheus", "verb": "metrics.read", "resource": "namespace/shop", "ttl_s": 600,
             "workflow_id": "shop.checkout.error-rate", "run_id": "run-1", "activity_id": str(n),
             "step_id": "error_rate", "runbook": "bad-deploy", "params": PARAMS}
 

@@ -102,8 +102,11 @@ class AuditLog:
         self.on_storage_error = on_storage_error  # told "audit" or "checkpoints" on every failed write
         self._lock = threading.Lock()
         self._commit = GroupCommit(self._flush)
-        # Create it now, 0600, so that it exists (empty) from the first start.
+        # Create it now, 0600, so that it exists (empty) from the first start; its name durable too.
+        created = not self.path.exists()
         os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+        if created:
+            storage.fsync_dir(self.path.parent)
         self._repairs: list[str] = []  # repairs made but not yet recorded in the chain
         # The first write cut short since the last record that got through, and how many more were: one
         # repair record tells them all (a full disk cuts every attempt until space returns).
