@@ -385,7 +385,9 @@ def test_cli_history_required_but_unreachable(tmp_path: Path, capsys: pytest.Cap
     assert "history cross-check failed: Temporal at 127.0.0.1:9" in capsys.readouterr().err
     # By default an unreachable Temporal is said, not fatal.
     assert cli.main(["audit", "verify", "--state-dir", str(tmp_path)]) == 0
-    assert "history: not checked (Temporal at 127.0.0.1:9" in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert "history: not checked (Temporal at 127.0.0.1:9" in err and "Temporal could not be reached" in err
+    assert "chain intact\nnot cross-checked with Temporal history (unreachable" in out
 
 
 # -- the broker signs at shutdown ------------------------------------------------------
@@ -458,3 +460,37 @@ async def test_history_grants_from_the_dev_server(dev_env: WorkflowEnvironment) 
             break
         await asyncio.sleep(0.2)
     assert found.workflows == 1 and found.by_seq == {1: "dev-g1", 3: "dev-g3"} and not found.conflicts
+
+
+async def test_audit_verify_checks_history_by_default_when_temporal_answers(
+        dev_env: WorkflowEnvironment, tmp_path: Path, key: signing.Ed25519PrivateKey,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A log cut together with its checkpoints: only history can tell, and no flag is needed for it to."""
+    from conftest import PAYLOAD_KEY_FILE
+
+    client = dev_env.client
+    queue = f"audit-default-{uuid.uuid4().hex[:8]}"
+    async with Worker(client, task_queue=queue, workflows=[_GrantsIncident], activities=[_investigate_with_grants],
+                      workflow_runner=UnsandboxedWorkflowRunner()):
+        await client.execute_workflow(_GrantsIncident.run, id=f"audit-{queue}", task_queue=queue)
+    broker = tmp_path / "broker"
+    signing.write_private_key(broker / "signing-key.pem", key)
+    path = broker / "audit.jsonl"
+    signed_log(path, key)
+    cp_path = broker / "audit.checkpoints.jsonl"
+    write_lines(path, lines(path)[:2])  # history holds dev-g3 as record 3
+    write_lines(cp_path, [c for c in lines(cp_path) if c["seq"] <= 2])
+    verify = ["audit", "verify", "--state-dir", str(tmp_path)]
+    assert await asyncio.to_thread(cli.main, [*verify, "--no-history"]) == 0
+    capsys.readouterr()
+    monkeypatch.setenv("FIREBREAK_TEMPORAL_ADDRESS", client.service_client.config.target_host)
+    monkeypatch.setenv("FIREBREAK_PAYLOAD_KEY_FILE", str(PAYLOAD_KEY_FILE))
+    for _ in range(50):  # visibility follows the run's close by a moment
+        if (await history_grants(client, f"WorkflowType = 'IncidentWorkflow' AND TaskQueue = '{queue}'")).workflows:
+            break
+        await asyncio.sleep(0.2)
+    assert await asyncio.to_thread(cli.main, verify) == 1
+    err = capsys.readouterr().err
+    # Whichever grant it names first (the session's server holds other tests' incidents too), history caught
+    # what the chain and the checkpoints could not.
+    assert "IncidentWorkflow runs" in err and "Temporal history says" in err, err

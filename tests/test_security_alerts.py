@@ -39,7 +39,8 @@ def rules() -> dict[str, dict[str, Any]]:
 def test_every_security_rule_is_labelled_for_the_security_receiver() -> None:
     found = rules()
     assert set(found) == {"FirebreakBrokerDenial", "FirebreakWriteWithoutApprovedIncident", "FirebreakMintBurst",
-                          "FirebreakPrivilegeOutsideBaseline", "FirebreakCredentialTooOld", "FirebreakBrokerUnwatched"}
+                          "FirebreakPrivilegeOutsideBaseline", "FirebreakCredentialTooOld", "FirebreakBrokerUnwatched",
+                          "FirebreakBrokerStorageError"}
     for name, rule in found.items():
         assert rule["labels"]["firebreak_security"] == "true", name
         # No runbook keys incidents on these: they carry neither a namespace nor a service.

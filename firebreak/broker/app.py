@@ -42,6 +42,7 @@ from firebreak.broker.models import (
 )
 from firebreak.broker.rules import Decision, Denied, authorize_read, authorize_write, judge_approval
 from firebreak.broker.signing_keys import SigningKeys
+from firebreak.broker.storage import StorageError
 from firebreak.broker.state import (
     DurableState,
     GrantRecord,
@@ -108,6 +109,10 @@ class Broker:
         self.roster = RosterSource(config.roster_path)
         self.metrics = BrokerMetrics(config.privileges_lock)
         self.catalog = BrokerCatalog(config.catalog_url, self._catalog_token, self._audit_catalog_read)
+        # A failed write of the broker's files is counted (an availability alert); the request fails closed.
+        self.audit.on_storage_error = self.state.on_storage_error = self.metrics.storage_error
+        for note in self.state.repaired:  # a torn journal line dropped at start goes on the record
+            self.audit.append("repair", decision="truncated", reason=note)
 
     def _catalog_token(self, resource: str, workflow_id: str) -> str:
         """The broker's own catalog credential: one entity, a minute, its own name as subject."""
@@ -495,6 +500,12 @@ def create_app(
     async def _broker_error(_: Request, exc: BrokerHTTPError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
         return JSONResponse({"error": exc.error, "reason": exc.reason}, status_code=exc.status, headers=headers)
+
+    @app.exception_handler(StorageError)
+    async def _storage_error(_: Request, exc: StorageError) -> JSONResponse:
+        # Fail closed: the record of this request is not durable, so no credential left the broker.
+        return JSONResponse({"error": "storage_unavailable", "reason": f"the broker could not record this request"
+                             f" durably ({exc.why}); nothing was issued: try again"}, status_code=503)
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -7,8 +7,8 @@ tokens, which an attacker of the log does not hold) over one point of the chain:
 
 ```
 audit.checkpoints.jsonl   (beside audit.jsonl, 0600, append-only; one JSON object a line)
-{"at": "2025-...Z", "every": 16, "hash": "<record hash at seq>", "kid": "<key id>",
- "reason": "start" | "every" | "shutdown" | "rekey", "seq": 42, "sig": "<base64url Ed25519 signature>"}
+{"at": "2025-...Z", "every": 16, "every_s": 60.0, "hash": "<record hash at seq>", "kid": "<key id>",
+ "reason": "start" | "every" | "time" | "shutdown" | "rekey", "seq": 42, "sig": "<base64url Ed25519 signature>"}
 ```
 
 ``sig`` covers :func:`signing_payload`: the canonical JSON of every other field
@@ -17,7 +17,10 @@ signature from ever meaning anything else made with the same key (a JWT's
 signing input is base64url text and can never start with ``{``). ``seq`` 0 with
 the genesis hash is the checkpoint of an empty log. ``every`` is the interval the
 writing broker promised, so a verifier can tell how many unsigned records may
-legitimately follow the last checkpoint.
+legitimately follow the last checkpoint. ``every_s`` (absent from checkpoints of earlier versions)
+is the time the writing broker promised: it signs the head at least that often while it runs, even
+with nothing new ("time"), so the newest checkpoint of a broker that did not shut down is never much
+older than that, and no unsigned record is much older than the first unsigned one.
 """
 
 from __future__ import annotations
@@ -36,13 +39,18 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from firebreak import signing
+from firebreak.broker import storage
 from firebreak.contracts import canonical_json
 
 TYPE = "firebreak.audit.checkpoint"
 DEFAULT_EVERY = 16
 EVERY_ENV = "FIREBREAK_AUDIT_CHECKPOINT_EVERY"
-Reason = Literal["start", "every", "shutdown", "rekey"]  # rekey: the last one signed before a key rotation
+DEFAULT_SECONDS = 60.0
+SECONDS_ENV = "FIREBREAK_AUDIT_CHECKPOINT_SECONDS"
+# rekey: the last one signed before a key rotation; time: checkpoint_seconds passed since the last one.
+Reason = Literal["start", "every", "time", "shutdown", "rekey"]
 _FIELDS = frozenset({"seq", "hash", "at", "kid", "every", "reason", "sig"})
+_OPTIONAL = frozenset({"every_s"})
 
 
 def checkpoints_path(audit_path: str | Path) -> Path:
@@ -64,6 +72,19 @@ def every_from_env(default: int = DEFAULT_EVERY) -> int:
     return every
 
 
+def seconds_from_env(default: float = DEFAULT_SECONDS) -> float:
+    raw = os.environ.get(SECONDS_ENV)
+    if not raw:
+        return default
+    try:
+        seconds = float(raw)
+    except ValueError:
+        raise ValueError(f"{SECONDS_ENV}={raw!r} is not a number of seconds") from None
+    if not seconds > 0 or seconds == float("inf"):
+        raise ValueError(f"{SECONDS_ENV} must be a number of seconds above 0 (got {raw!r})")
+    return seconds
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     seq: int
@@ -73,13 +94,18 @@ class Checkpoint:
     every: int
     reason: str
     sig: str = ""
+    every_s: float | None = None  # None in checkpoints from before time-anchored checkpoints
+
+    def _fields(self) -> dict[str, object]:
+        # An earlier version's checkpoint has no every_s: its signature covers none.
+        return {k: v for k, v in asdict(self).items() if not (k == "every_s" and v is None)}
 
     def signing_payload(self) -> bytes:
-        body = {k: v for k, v in asdict(self).items() if k != "sig"}
+        body = {k: v for k, v in self._fields().items() if k != "sig"}
         return canonical_json({**body, "type": TYPE})
 
     def to_line(self) -> bytes:
-        return canonical_json(asdict(self)) + b"\n"
+        return canonical_json(self._fields()) + b"\n"
 
 
 class MalformedCheckpoint(ValueError):
@@ -92,9 +118,13 @@ def parse(raw: bytes | str) -> Checkpoint:
         data = json.loads(raw)
     except ValueError:
         raise MalformedCheckpoint("not valid JSON") from None
-    if not isinstance(data, dict) or set(data) != _FIELDS:
+    if not isinstance(data, dict) or not _FIELDS <= set(data) <= _FIELDS | _OPTIONAL:
         got = sorted(data) if isinstance(data, dict) else type(data).__name__
-        raise MalformedCheckpoint(f"wrong fields (expected {sorted(_FIELDS)}, got {got})")
+        raise MalformedCheckpoint(f"wrong fields (expected {sorted(_FIELDS)}, optionally every_s; got {got})")
+    if "every_s" in data:
+        every_s = data["every_s"]
+        if not isinstance(every_s, int | float) or isinstance(every_s, bool) or not 0 < every_s < float("inf"):
+            raise MalformedCheckpoint("every_s is not a number of seconds above 0")
     # bool is an int in Python; a true/false seq is still malformed.
     for name in ("seq", "every"):
         if not isinstance(data[name], int) or isinstance(data[name], bool):
@@ -107,9 +137,10 @@ def parse(raw: bytes | str) -> Checkpoint:
     return Checkpoint(**data)
 
 
-def sign(key: Ed25519PrivateKey, kid: str, *, seq: int, hash: str, every: int, reason: Reason) -> Checkpoint:
+def sign(key: Ed25519PrivateKey, kid: str, *, seq: int, hash: str, every: int, reason: Reason,
+         every_s: float | None = None) -> Checkpoint:
     at = datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
-    unsigned = Checkpoint(seq=seq, hash=hash, at=at, kid=kid, every=every, reason=reason)
+    unsigned = Checkpoint(seq=seq, hash=hash, at=at, kid=kid, every=every, reason=reason, every_s=every_s)
     signature = key.sign(unsigned.signing_payload())
     return Checkpoint(**{**asdict(unsigned), "sig": base64.urlsafe_b64encode(signature).rstrip(b"=").decode("ascii")})
 
@@ -152,12 +183,8 @@ def read(path: str | Path) -> list[tuple[int, Checkpoint | MalformedCheckpoint]]
 
 def append(path: str | Path, checkpoint: Checkpoint) -> None:
     """Append one line, 0600 from creation, and fsync: a checkpoint that is not on disk vouches for nothing."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        os.write(fd, checkpoint.to_line())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    # Whole or an error: a line cut short is cut off again (storage.append_bytes).
+    storage.append_bytes(Path(path), checkpoint.to_line(), fsync=True)
 
 
 def last_valid(path: str | Path, public_key: Ed25519PublicKey, kid: str) -> Checkpoint | None:

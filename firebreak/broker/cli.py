@@ -78,8 +78,10 @@ def register(subparsers: argparse._SubParsersAction, settings_loader: SettingsLo
         help="check the audit log: hash chain, signed checkpoints, and the grants Temporal history recorded",
         description="Broken if a record was edited, removed or reordered; if a checkpoint is not signed by the "
         "broker's key, names a record past the log's end (tail cut off) or a record with another hash (log "
-        "rewritten and re-hashed); or if a grant in Temporal history names an audit record that is missing or "
-        "is not that grant's mint. Exit 0 intact, 1 broken.",
+        "rewritten and re-hashed); if unsigned records, or a newest checkpoint other than a shutdown's, are "
+        "older than the broker's checkpoint interval allows (later checkpoints removed); or if a grant in "
+        "Temporal history names an audit record that is missing or is not that grant's mint. An intact log's "
+        "verdict lists the repairs the broker recorded (torn writes it cut off). Exit 0 intact, 1 broken.",
     )
     verify.add_argument("--file", type=Path, default=None, help="default: STATE_DIR/broker/audit.jsonl")
     verify.add_argument("--checkpoints", type=Path, default=None, help="default: audit.checkpoints.jsonl beside the log")
@@ -215,6 +217,10 @@ def _audit_verify(args: argparse.Namespace, settings: Settings) -> int:
     )
     if ok and history is not None and history.conflicts:
         ok, message = False, history.conflicts[0]
+    if ok and history is None and args.history == "auto":
+        # Said with the verdict, not only on stderr: "intact" here vouches for less.
+        message += ("\nnot cross-checked with Temporal history (unreachable, see above): a tail cut with its"
+                    " checkpoints is caught only by the checkpoints' age")
     print(message, file=sys.stdout if ok else sys.stderr)
     if not ok:
         if bad_seq is not None:
@@ -272,7 +278,8 @@ def _audit_history(mode: str, settings: Settings) -> tuple[HistoryGrants | None,
         reason = f"Temporal at {settings.temporal.address}: {type(exc).__name__}: {str(exc)[:300]}"
         if mode == "require":
             return None, f"history cross-check failed: {reason}"
-        print(f"history: not checked ({reason}); --history makes this an error", file=sys.stderr)
+        print(f"history: not checked ({reason}): Temporal could not be reached, so the grants it recorded were not"
+              " compared with the log; --history makes this an error", file=sys.stderr)
         return None, None
     print(f"history: {found.workflows} IncidentWorkflow runs, {len(found.by_seq)} grants with an audit seq",
           file=sys.stderr)

@@ -28,6 +28,9 @@ _CLASSES = (
 )
 
 
+STORAGE_FILES = ("audit", "checkpoints", "journal")
+
+
 def denial_class(reason: str) -> str:
     for name, words in _CLASSES:
         if any(word in reason for word in words):
@@ -66,6 +69,8 @@ class BrokerMetrics:
         self.outside_baseline = 0
         self.unapproved_writes = 0
         self.previous_credential_uses = 0
+        # Failed writes of the broker's own files (an availability alert, never a misuse one), from 0.
+        self.storage_errors: Counter[str] = Counter({name: 0 for name in STORAGE_FILES})
         self.baseline = privileges.load_lock(baseline)["privileges"] if baseline and baseline.exists() else None
 
     def minted(self, *, audience: str, verb: str, resource: str, kind: str, runbook: str) -> None:
@@ -89,6 +94,11 @@ class BrokerMetrics:
         with self._lock:
             self.previous_credential_uses += 1
 
+    def storage_error(self, file: str) -> None:
+        """A write or fsync of the audit log, its checkpoints or the state journal failed (a full disk)."""
+        with self._lock:
+            self.storage_errors[file] += 1
+
     def render(self, *, live_grants: int, frozen: bool, identity: IdentityGauges) -> str:
         out: list[str] = []
 
@@ -110,6 +120,9 @@ class BrokerMetrics:
             family("firebreak_agent_previous_credential_uses_total", "counter",
                    "Requests authenticated with an earlier bootstrap credential inside its rotation overlap.",
                    [({}, self.previous_credential_uses)])
+            family("firebreak_broker_storage_errors_total", "counter",
+                   "Failed writes of the broker's files (audit log, checkpoints, state journal); the request failed closed.",
+                   [({"file": f}, n) for f, n in sorted(self.storage_errors.items())])
         family("firebreak_broker_live_grants", "gauge", "Issued credentials not yet expired or revoked.",
                [({}, live_grants)])
         family("firebreak_broker_frozen", "gauge", "1 while the kill switch is on.", [({}, int(frozen))])

@@ -6,7 +6,7 @@ signing-keys.json public halves of rotated-out keys, each published until its ov
 agent-token       the worker's bootstrap credential (0600) unless FIREBREAK_BROKER_TOKEN
 agent-credential.json  when it was issued; SHA-256 and overlap end of rotated-out ones (agent_credential.py)
 admin-token       for freeze/thaw (0600) unless FIREBREAK_BROKER_ADMIN_TOKEN
-audit.jsonl       hash-chained audit log
+audit.jsonl       hash-chained audit log (audit.py); audit.checkpoints.jsonl its signed checkpoints
 frozen            present while the kill switch is on (survives restarts)
 state.jsonl       the journal of everything else a restart must keep, one JSON line per change: grants
                   (jti, expiry; revoked?) so a freeze after a restart still revokes, approval nonces with
@@ -18,7 +18,9 @@ state.jsonl       the journal of everything else a restart must keep, one JSON l
                   replaced.
 ```
 
-Nothing here holds a token: grants are known by their id (the jti).
+Nothing here holds a token: grants are known by their id (the jti). Every write is whole and fsynced
+or an error (:mod:`firebreak.broker.storage`); a journal line torn by a crash is dropped at start and the
+drop recorded in the audit log.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import os
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +38,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from firebreak import signing
+from firebreak.broker import storage
 from firebreak.broker.group_commit import GroupCommit
 
 
@@ -45,28 +49,43 @@ def broker_dir(state_dir: str | Path) -> Path:
 def _write_secret(path: Path, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        os.write(fd, text.encode("ascii"))
-    finally:
-        os.close(fd)
-
-
-def _write_durably(path: Path, text: str, mode: int) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | mode, 0o600)
-    try:
-        os.write(fd, text.encode("utf-8"))
-        os.fsync(fd)
+        storage.write_all(fd, text.encode("ascii"), path)
+        storage.fsync_fd(fd, path)
+    except BaseException:
+        path.unlink(missing_ok=True)  # half a secret is no secret: the next start makes a whole one
+        raise
     finally:
         os.close(fd)
 
 
 def _atomic_write(path: Path, text: str) -> None:
+    """Replace ``path`` whole or not at all; a failed write removes its temporary file (on a full disk
+    the space it holds is what the next attempt needs)."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    _write_durably(tmp, text, os.O_TRUNC)
-    os.replace(tmp, path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    except OSError as exc:
+        raise storage.StorageError(tmp, "open of", exc) from exc
+    try:
+        try:
+            storage.write_all(fd, text.encode("utf-8"), tmp)
+            storage.fsync_fd(fd, tmp)
+        finally:
+            os.close(fd)
+        try:
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise storage.StorageError(path, "rename onto", exc) from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    storage.fsync_dir(path.parent)  # the rename itself survives a crash only once the directory is on disk
 
 
 def _append(path: Path, text: str) -> None:
-    _write_durably(path, text, os.O_APPEND)
+    """Whole and fsynced, or an error with the part that reached the file cut off again (a torn line
+    left anyway, if the cut fails too, is dropped at the next start and the journal rewritten)."""
+    storage.append_bytes(path, text.encode("utf-8"), fsync=True)
 
 
 def _atomic_json(path: Path, data: Any) -> None:
@@ -172,6 +191,8 @@ class DurableState:
         self.nonces: dict[str, dict[str, Any]] = {}
         self.approvals: dict[str, ApprovalSeen] = {}
         self.plans: dict[str, PlanAuthorization] = {}
+        self.repaired: list[str] = []  # torn tails dropped at start, for the broker to put in its audit log
+        self.on_storage_error: Callable[[str], None] | None = None  # told "journal" when a flush fails
         legacy = self._read_legacy()
         self._replay(self._journal_file)
         self.prune()
@@ -207,7 +228,9 @@ class DurableState:
             return generation
         try:
             (_atomic_write if rewrite else _append)(self._journal_file, text)
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, OSError) and self.on_storage_error is not None:
+                self.on_storage_error("journal")
             with self._lock:
                 # Not written, and a torn append could swallow the next line: the next flush rewrites the
                 # journal whole, from memory, which holds every change (those since included).
@@ -237,10 +260,17 @@ class DurableState:
         return "".join(json.dumps(e, sort_keys=True) + "\n" for e in entries)
 
     def _replay(self, path: Path) -> None:
-        """Apply a journal's lines in order (a plan's later line replaces its earlier one)."""
+        """Apply a journal's lines in order (a plan's later line replaces its earlier one). A torn last line
+        (a write cut short) is dropped and described in :attr:`repaired`; the journal is rewritten whole
+        from memory right after, without it."""
         if not path.exists():
             return
-        for line in path.read_text().splitlines():
+        text = path.read_text(errors="replace")
+        if text and not text.endswith("\n"):
+            torn = text[text.rfind("\n") + 1:]
+            self.repaired.append(f"{path.name}: cut a torn last line of {len(torn.encode())} bytes (a write cut"
+                                 " short by a full disk or a crash; never answered, so nothing it held was promised)")
+        for line in text.splitlines():
             try:
                 entry = json.loads(line)
             except ValueError:
