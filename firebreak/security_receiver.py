@@ -72,14 +72,19 @@ def security_dir(state_dir: str | Path) -> Path:
 
 
 def _private_write(path: Path, data: bytes, *, append: bool = False) -> None:
+    """Append, or create whole: a new file appears complete (written aside, then renamed), so a reader
+    never sees an empty or half-written ticket."""
+    target = path if append else path.with_name(f".{path.name}.tmp")
     flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
-    fd = os.open(path, flags, 0o600)
+    fd = os.open(target, flags, 0o600)
     try:
         view = memoryview(data)
         while view:  # a short write is continued, never left torn
             view = view[os.write(fd, view):]
     finally:
         os.close(fd)
+    if not append:
+        os.replace(target, path)
 
 
 def alert_fingerprint(labels: dict[str, str]) -> str:
