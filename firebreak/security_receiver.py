@@ -106,11 +106,17 @@ def _labels(alert: dict[str, Any]) -> dict[str, str]:
     return {str(k): str(v) for k, v in (alert.get("labels") or {}).items()}
 
 
+def _line(value: Any) -> str:
+    """Free text (a label, an annotation, a silence's comment) on one line of a ticket: it cannot
+    add a heading or a state mark of its own."""
+    return " ".join(str(value).split()).replace("<!--", "< !--")
+
+
 def ticket_text(alert: dict[str, Any], received_at: str) -> str:
     labels = _labels(alert)
     status = str(alert.get("status", "firing"))
     name = labels.get("alertname", "unnamed alert")
-    detail = f" ({labels['reason']})" if labels.get("reason") else ""
+    detail = f" ({_line(labels['reason'])})" if labels.get("reason") else ""
     if labels.get("category") == "availability":
         intro = ["Availability alert: a dependency of the credential broker's checks did not answer, so it",
                  "refused what it could not check. Nobody misbehaved; restore the dependency."]
@@ -118,16 +124,16 @@ def ticket_text(alert: dict[str, Any], received_at: str) -> str:
         intro = ["Security alert on Firebreak's own agent identity. Firebreak does not remediate itself:",
                  "a person investigates (start with the broker's audit log, `firebreak audit verify`)."]
     lines = [
-        f"# [{status}] {name}{detail}",
+        f"# [{_line(status)}] {_line(name)}{detail}",
         "",
         *intro,
         "",
-        f"- severity: {labels.get('severity', '-')}",
-        f"- category: {labels.get('category', '-')}",
+        f"- severity: {_line(labels.get('severity', '-'))}",
+        f"- category: {_line(labels.get('category', '-'))}",
         "",
         "## Labels",
         "",
-        *(f"- {k}: {v}" for k, v in sorted(labels.items())),
+        *(f"- {_line(k)}: {_line(v)}" for k, v in sorted(labels.items())),
         "",
     ]
     return "\n".join(lines) + update_text(alert, received_at)
@@ -138,13 +144,13 @@ def update_text(alert: dict[str, Any], received_at: str) -> str:
     annotations = {str(k): str(v) for k, v in (alert.get("annotations") or {}).items()}
     status = str(alert.get("status", "firing"))
     return "\n".join([
-        f"## {received_at}: {status}",
+        f"## {received_at}: {_line(status)}",
         "",
-        f"- status: {status}",
-        f"- started: {alert.get('startsAt', '-')}",
-        f"- ended: {alert.get('endsAt', '-') if status == 'resolved' else '-'}",
-        f"- summary: {annotations.get('summary', '-')}",
-        f"- description: {annotations.get('description', '-')}",
+        f"- status: {_line(status)}",
+        f"- started: {_line(alert.get('startsAt', '-'))}",
+        f"- ended: {_line(alert.get('endsAt', '-')) if status == 'resolved' else '-'}",
+        f"- summary: {_line(annotations.get('summary', '-'))}",
+        f"- description: {_line(annotations.get('description', '-'))}",
         "",
         f"<!-- state: {_state(alert)} -->",
         "",
@@ -269,15 +275,15 @@ def silence_ticket(silence: dict[str, Any], muted: list[str], seen_at: str) -> s
         "- severity: critical",
         "- category: misuse",
         f"- silence: {silence.get('id')}",
-        f"- created by: {silence.get('createdBy', '-')}",
-        f"- comment: {silence.get('comment', '-')}",
-        f"- matchers: {matchers}",
+        f"- created by: {_line(silence.get('createdBy', '-'))}",
+        f"- comment: {_line(silence.get('comment', '-'))}",
+        f"- matchers: {_line(matchers)}",
         f"- mutes: {', '.join(muted)}",
         "",
-        f"## {seen_at}: {(silence.get('status') or {}).get('state', '-')}",
+        f"## {seen_at}: {_line((silence.get('status') or {}).get('state', '-'))}",
         "",
-        f"- starts: {silence.get('startsAt', '-')}",
-        f"- ends: {silence.get('endsAt', '-')}",
+        f"- starts: {_line(silence.get('startsAt', '-'))}",
+        f"- ends: {_line(silence.get('endsAt', '-'))}",
         "",
         "<!-- state: muting -->",
         "",
@@ -394,7 +400,7 @@ class Receiver:
                 self.caps.dropped[refused] += 1
                 return
             self.silences_seen += 1
-            update = f"## {seen_at}: muting again\n\n- ends: {silence.get('endsAt', '-')}\n\n<!-- state: muting -->\n"
+            update = f"## {seen_at}: muting again\n\n- ends: {_line(silence.get('endsAt', '-'))}\n\n<!-- state: muting -->\n"
             self.tickets.write(name, "muting", silence_ticket(silence, muted, seen_at), update)
 
     def end_silence(self, sid: str, seen_at: str) -> None:

@@ -201,6 +201,12 @@ def test_a_resolved_notification_appends_to_the_ticket_and_never_overwrites_it(t
         assert after.startswith(fired), "the firing record was overwritten"
         assert "# [firing] FirebreakBrokerDenial (scope)" == after.splitlines()[0]
         assert "- status: firing" in after and "- status: resolved" in after and "- ended: 2026-12-07T23:05:00Z" in after
+        # Free text stays on its line: an annotation cannot forge a heading or the ticket's state.
+        forged = {**labels, "reason": "x"}
+        client.post("/v1/security/alerts", json=notification(alert(
+            "firing", forged, annotations={"summary": "ok\n## 2026: resolved\n<!-- state: [] -->"})), headers=auth)
+        forged_text = (ticket.parent / f"SEC-{alert_fingerprint(forged)}.md").read_text()
+        assert "\n## 2026: resolved" not in forged_text and forged_text.count("<!-- state:") == 1
         listed = {t["ticket"]: t for t in client.get("/v1/security/tickets", headers=auth).json()["tickets"]}
         assert listed[name]["latest"] == "resolved" and listed[name]["updates"] == 2
     assert stat.S_IMODE(ticket.stat().st_mode) == 0o600
@@ -387,6 +393,22 @@ async def _catalog_outage(env: Env, state: Path, receiver: ThreadedServer) -> No
         misuse = [a for a in prom.alerts() if a["labels"].get("category") == "misuse"]
         assert misuse == [], misuse
         assert not any(a["labels"].get("category") == "misuse" for n in kept for a in n["alerts"])
+
+
+async def test_an_unreadable_roster_is_availability_too(tmp_path: Path) -> None:
+    with contextlib.contextmanager(_env)(tmp_path) as env:
+        (tmp_path / "roster.yaml").unlink()  # being replaced, or lost: nobody's approval can be checked
+        async with BrokerClient(env.broker.url, env.broker.agent_token) as client:
+            with pytest.raises(BrokerError) as info:
+                await client.mint(**env.write(env.plan("payments", ["checkout", "orders"])))
+        assert not isinstance(info.value, MintRefused) and info.value.status == 503
+        assert "no approval can be verified" in str(info.value)
+        metrics = scrape(env.broker.url)
+        assert metrics['firebreak_broker_unavailable_total{dependency="roster"}'] == 1
+        assert all(v == 0 for k, v in metrics.items() if k.startswith("firebreak_broker_denials_total")), metrics
+        assert metrics["firebreak_broker_unapproved_write_attempts_total"] == 0
+        deny = next(r for r in reversed(env.audit()) if r["event"] == "deny")
+        assert "no approval can be verified" in deny["reason"]  # refused and on the record all the same
 
 
 def receiver_state_tickets(receiver: ThreadedServer) -> Path:
