@@ -13,10 +13,13 @@ A value can therefore never add keys or break the YAML, whatever it contains.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import socket
 import subprocess
 import time
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 from urllib.parse import urlsplit
@@ -93,6 +96,65 @@ def _write_private(path: Path, text: str) -> None:
     os.chmod(path, 0o600)
 
 
+# How long Prometheus waits before sending a still-firing alert to Alertmanager again. Its default (1m)
+# is also how late an alert that fired while Alertmanager was down reaches it once it is back: a
+# notification that fails is not retried, the next resend is the retry. At demo speed, a few seconds.
+RESEND_DELAY = "5s"
+WEB_USER = "firebreak"
+
+
+@dataclass(frozen=True)
+class WebAuth:
+    """Basic-auth credentials of an Alertmanager's API: the user and the file holding the password (0600)."""
+
+    username: str
+    password_file: Path
+
+    def httpx(self) -> tuple[str, str]:
+        """For ``httpx``'s ``auth=``."""
+        return self.username, self.password_file.read_text().strip()
+
+
+def _bcrypt(password: str) -> str:
+    # The stdlib's crypt (libxcrypt) does bcrypt: no new dependency. Deprecated in 3.11, gone in 3.13,
+    # where the `bcrypt` package takes its place.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import crypt
+    hashed = crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=1 << 10))
+    if not hashed or not hashed.startswith("$2"):
+        raise RuntimeError("this system's crypt() cannot make a bcrypt hash")
+    return hashed
+
+
+def ensure_web_credentials(directory: str | Path, name: str = "alertmanager") -> tuple[WebAuth, Path]:
+    """Basic-auth credentials for a process's web API, made once per directory: a random password in
+    ``NAME-web.password`` and its bcrypt hash in ``NAME-web.yml`` (``--web.config.file``), both 0600.
+    Returns the credentials and the web config's path."""
+    directory = Path(directory)
+    password_file = directory / f"{name}-web.password"
+    web_config = directory / f"{name}-web.yml"
+    if not password_file.exists():
+        _write_private(password_file, secrets.token_urlsafe(24))
+    os.chmod(password_file, 0o600)
+    password = password_file.read_text().strip()
+    if not web_config.exists() or not _hash_matches(web_config, password):
+        _write_private(web_config, yaml.safe_dump({"basic_auth_users": {WEB_USER: _bcrypt(password)}}))
+    os.chmod(web_config, 0o600)
+    return WebAuth(WEB_USER, password_file), web_config
+
+
+def _hash_matches(web_config: Path, password: str) -> bool:
+    try:
+        hashed = yaml.safe_load(web_config.read_text())["basic_auth_users"][WEB_USER]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            import crypt
+        return crypt.crypt(password, hashed) == hashed
+    except (OSError, TypeError, KeyError, yaml.YAMLError):
+        return False
+
+
 class ProcessNotReady(RuntimeError):
     pass
 
@@ -109,6 +171,7 @@ class _ManagedProcess:
         self.binary = binary or find_binary(self.name)
         self.log_path = self.state_dir / f"{self.name}.log"
         self._process: subprocess.Popen[bytes] | None = None
+        self.web_auth: WebAuth | None = None  # set where the process's API requires credentials
 
     @property
     def url(self) -> str:
@@ -155,7 +218,7 @@ class _ManagedProcess:
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Poll ``/-/ready`` until 200; fail at once if the process has exited."""
         deadline = time.monotonic() + timeout
-        with httpx.Client(timeout=1.0) as client:
+        with httpx.Client(timeout=1.0, auth=self.web_auth.httpx() if self.web_auth else None) as client:
             while True:
                 if self._process is None:
                     raise ProcessNotReady(f"{self.name} was not started")
@@ -207,13 +270,18 @@ class PrometheusProcess(_ManagedProcess):
 
     def __init__(self, state_dir: str | Path, port: int, fleet_target: str, alertmanager_url: str | None = None,
                  *, binary: str | None = None, rules_file: str | Path | None = None, host: str = "127.0.0.1",
-                 broker_target: str | None = None) -> None:
+                 broker_target: str | None = None, alertmanager_auth: WebAuth | None = None,
+                 security_receiver_target: str | None = None) -> None:
         """``broker_target`` (``host:port``): also scrape the credential broker and evaluate
-        Firebreak's security rules on it."""
+        Firebreak's security rules on it. ``alertmanager_auth``: the credentials Alertmanager's API
+        requires (an :class:`AlertmanagerProcess`'s ``web_auth``). ``security_receiver_target``
+        (``host:port``): also scrape the security receiver (its dropped alerts and watched silences)."""
         super().__init__(state_dir, port, binary, host)
         self.fleet_target = fleet_target
         self.alertmanager_url = alertmanager_url
+        self.alertmanager_auth = alertmanager_auth
         self.broker_target = broker_target
+        self.security_receiver_target = security_receiver_target
         self.rules_source = Path(rules_file) if rules_file else ALERT_RULES
         self.config_path = self.state_dir / "prometheus.yml"
         self.data_dir = self.state_dir / "prometheus-data"
@@ -229,6 +297,8 @@ class PrometheusProcess(_ManagedProcess):
             security_rules = self.state_dir / "security_rules.yml"
             shutil.copyfile(SECURITY_RULES, security_rules)
             values |= {"security_rules_file": str(security_rules), "broker_target": self.broker_target}
+        if self.security_receiver_target:
+            values |= {"security_receiver_target": self.security_receiver_target}
         if self.alertmanager_url:
             parts = urlsplit(self.alertmanager_url)
             if parts.scheme not in ("http", "https") or not parts.netloc:
@@ -238,12 +308,21 @@ class PrometheusProcess(_ManagedProcess):
                 "alertmanager_target": parts.netloc,
                 "alertmanager_path_prefix": parts.path or "/",
             }
+            if self.alertmanager_auth:
+                values |= {"alertmanager_username": self.alertmanager_auth.username,
+                           "alertmanager_password_file": str(self.alertmanager_auth.password_file)}
         template = yaml.safe_load(PROMETHEUS_TEMPLATE.read_text())
         if not self.alertmanager_url:
             template.pop("alerting", None)
+        elif not self.alertmanager_auth:
+            for alertmanager in template["alerting"]["alertmanagers"]:
+                alertmanager.pop("basic_auth", None)
         if not self.broker_target:
             template["rule_files"] = [f for f in template["rule_files"] if f != "${security_rules_file}"]
             template["scrape_configs"] = [c for c in template["scrape_configs"] if c["job_name"] != "firebreak-broker"]
+        if not self.security_receiver_target:
+            template["scrape_configs"] = [c for c in template["scrape_configs"]
+                                          if c["job_name"] != "firebreak-security-receiver"]
         # Fill after pruning, so the placeholders of an absent Alertmanager need no values.
         config = fill_placeholders(template, values, PROMETHEUS_TEMPLATE.name)
         _write_private(self.config_path, yaml.safe_dump(config, sort_keys=False))
@@ -257,6 +336,10 @@ class PrometheusProcess(_ManagedProcess):
             f"--storage.tsdb.path={self.data_dir}",
             f"--web.listen-address={self.host}:{self.port}",
             "--storage.tsdb.retention.time=1d",
+            f"--rules.alert.resend-delay={RESEND_DELAY}",
+            # Neither --web.enable-admin-api (delete series, snapshot) nor --web.enable-lifecycle (reload,
+            # quit): nobody, with or without credentials, can erase the broker's counters or stop the
+            # watcher through its API. tests/test_watchers.py checks both are refused.
             "--log.level=warn",
         ]
 
@@ -285,7 +368,12 @@ class PrometheusProcess(_ManagedProcess):
 
 class AlertmanagerProcess(_ManagedProcess):
     """Alertmanager sending every alert (and its resolution) to ``webhook_url``
-    with ``Authorization: Bearer <bearer_token>``. Clustering is off, so no gossip port."""
+    with ``Authorization: Bearer <bearer_token>``. Clustering is off, so no gossip port.
+
+    Its API requires basic auth (``--web.config.file``): whoever can reach the port could otherwise
+    silence Firebreak's security alerts. The credentials are made once per state dir
+    (:func:`ensure_web_credentials`); ``web_auth`` says where the password is, for every client
+    (Prometheus's ``alerting`` config, the security receiver's silence watch, ``amtool``)."""
 
     name = "alertmanager"
 
@@ -305,6 +393,7 @@ class AlertmanagerProcess(_ManagedProcess):
         self._security_bearer_token = security_bearer_token or ""
         self.config_path = self.state_dir / "alertmanager.yml"
         self.data_dir = self.state_dir / "alertmanager-data"
+        self.web_auth, self.web_config_path = ensure_web_credentials(self.state_dir)
 
     def __repr__(self) -> str:  # never show the token
         return f"AlertmanagerProcess(url={self.url!r}, webhook_url={self.webhook_url!r})"
@@ -317,7 +406,7 @@ class AlertmanagerProcess(_ManagedProcess):
                        "security_bearer_token": self._security_bearer_token}
         else:
             for receiver in template["receivers"]:
-                if receiver["name"] == "security":
+                if receiver["name"] in ("security", "availability"):
                     receiver.pop("webhook_configs", None)
         config = fill_placeholders(template, values, ALERTMANAGER_TEMPLATE.name)
         _write_private(self.config_path, yaml.safe_dump(config, sort_keys=False))
@@ -330,11 +419,13 @@ class AlertmanagerProcess(_ManagedProcess):
             f"--config.file={self.config_path}",
             f"--storage.path={self.data_dir}",
             f"--web.listen-address={self.host}:{self.port}",
+            f"--web.config.file={self.web_config_path}",
             "--cluster.listen-address=",  # a single instance: no HA gossip port to collide on
             "--log.level=warn",
         ]
 
     def alerts(self) -> list[dict[str, Any]]:
-        response = httpx.get(f"{self.url}/api/v2/alerts", timeout=5.0)
+        assert self.web_auth is not None
+        response = httpx.get(f"{self.url}/api/v2/alerts", timeout=5.0, auth=self.web_auth.httpx())
         response.raise_for_status()
         return list(response.json())

@@ -18,6 +18,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 
@@ -26,6 +27,9 @@ from firebreak.roster import entry_yaml
 from firebreak.api import stack_info
 from firebreak.codec import PayloadAuthCodec, ensure_key_file
 from firebreak.runbook import default_runbook_dir
+
+if TYPE_CHECKING:
+    from demo.prom import WebAuth
 
 ROOT = Path(__file__).resolve().parent.parent
 SEARCH_ATTRIBUTES = ("FirebreakPhase", "FirebreakService", "FirebreakSeverity", "FirebreakRunbook")
@@ -214,8 +218,13 @@ def up(state_dir: Path, ports: Ports | None = None, *, with_prometheus: bool = T
         _private_dir(state_dir / "security")
         security_token = _secret(state_dir / "security" / "token")
         security_url = f"http://127.0.0.1:{p.security}"
+        # The receiver also watches Alertmanager's silences, with the credentials its API requires.
+        alertmanager_auth = _alertmanager_credentials(state_dir) if with_prometheus else None
+        watch = ["--alertmanager-url", f"http://127.0.0.1:{p.alertmanager}",
+                 "--alertmanager-user", alertmanager_auth.username,
+                 "--alertmanager-password-file", str(alertmanager_auth.password_file)] if alertmanager_auth else []
         security = stack.spawn("security", [py, "-m", "firebreak.security_receiver", "--host", "127.0.0.1",
-                                            "--port", str(p.security), "--state-dir", str(state_dir)])
+                                            "--port", str(p.security), "--state-dir", str(state_dir), *watch])
         wait_http(f"{security_url}/healthz", proc=security)
         fleet = stack.spawn("fleet", [py, "-m", "demo.fleet", "--host", "127.0.0.1", "--port", str(p.fleet),
                                       "--broker-url", broker_url, "--state-dir", str(state_dir / "fleet")],
@@ -249,7 +258,8 @@ def up(state_dir: Path, ports: Ports | None = None, *, with_prometheus: bool = T
         prometheus_url = alertmanager_url = None
         if with_prometheus:
             prometheus_url, alertmanager_url = _start_prometheus(
-                stack, fleet_url, api_info, broker_url, (f"{security_url}/v1/security/alerts", security_token))
+                stack, fleet_url, api_info, broker_url, (f"{security_url}/v1/security/alerts", security_token),
+                security_url.removeprefix("http://"))
         if prometheus_url is None:
             stack.notes.append("Prometheus is not installed: investigations will report the metrics source as a gap.")
             # Down for good, not restarting: the gap at once rather than after a minute of asking again.
@@ -281,6 +291,10 @@ def up(state_dir: Path, ports: Ports | None = None, *, with_prometheus: bool = T
             "requested_by": DEMO_REQUESTER,
             "chaos_token": chaos_token,
             "security_tickets": str(state_dir / "security" / "tickets"),
+            # Alertmanager's API requires basic auth: the user, and the file holding the password (0600).
+            **({"alertmanager_auth": {"username": alertmanager_auth.username,
+                                      "password_file": str(alertmanager_auth.password_file)}}
+               if alertmanager_auth and alertmanager_url else {}),
             **({"codec_token_file": str(state_dir / "codec" / "token")} if encrypt else {}),
             **{k: v for k, v in api_info.items() if k != "url"},
         }
@@ -308,16 +322,28 @@ def _start_codec(stack: Stack, key_file: Path) -> str:
     return f"http://127.0.0.1:{p.codec}"
 
 
+def _alertmanager_credentials(state_dir: Path) -> WebAuth | None:
+    """The basic-auth credentials of the stack's Alertmanager API, made once per state dir (0600), or
+    None where Prometheus or Alertmanager is not installed."""
+    from demo.prom import ensure_web_credentials, find_binary
+
+    if not find_binary("prometheus") or not find_binary("alertmanager"):
+        return None
+    return ensure_web_credentials(state_dir)[0]
+
+
 def _start_prometheus(stack: Stack, fleet_url: str, api_info: dict, broker_url: str,
-                      security: tuple[str, str]) -> tuple[str | None, str | None]:
-    """Prometheus scraping the fleet and the broker; Alertmanager sending the demo's alerts to the intake
-    and Firebreak's own security alerts to ``security`` (webhook URL, bearer token), never to the intake."""
+                      security: tuple[str, str], security_target: str) -> tuple[str | None, str | None]:
+    """Prometheus scraping the fleet, the broker and the security receiver (``security_target``,
+    host:port); Alertmanager sending the demo's alerts to the intake and Firebreak's own security alerts
+    to ``security`` (webhook URL, bearer token), never to the intake."""
     from demo.prom import AlertmanagerProcess, PrometheusProcess, find_binary
 
     if not find_binary("prometheus"):
         return None, None
     p = stack.ports
     alertmanager_url = None
+    alertmanager_auth = None
     if find_binary("prometheus-alertmanager") or find_binary("alertmanager"):
         am = AlertmanagerProcess(stack.state_dir, p.alertmanager, f"{api_info['url']}/v1/alerts/alertmanager",
                                  api_info.get("intake_token", ""), security_webhook_url=security[0],
@@ -326,10 +352,12 @@ def _start_prometheus(stack: Stack, fleet_url: str, api_info: dict, broker_url: 
         stack.processes["alertmanager"] = am.process
         am.wait_ready()
         alertmanager_url = f"http://127.0.0.1:{p.alertmanager}"
+        alertmanager_auth = am.web_auth
     else:
         stack.notes.append("Alertmanager is not installed: alerts reach Firebreak only through `firebreak alert`.")
     prom = PrometheusProcess(stack.state_dir, p.prometheus, fleet_url.removeprefix("http://"), alertmanager_url,
-                             broker_target=broker_url.removeprefix("http://"))
+                             broker_target=broker_url.removeprefix("http://"), alertmanager_auth=alertmanager_auth,
+                             security_receiver_target=security_target)
     prom.start()
     stack.processes["prometheus"] = prom.process
     prom.wait_ready()

@@ -115,7 +115,8 @@ def alertmanager(tmp_path: Path, webhook_receiver: WebhookReceiver) -> Iterator[
 
 @pytest.fixture
 def prometheus(tmp_path: Path, fleet_server: FleetServer, alertmanager: AlertmanagerProcess) -> Iterator[PrometheusProcess]:
-    process = PrometheusProcess(tmp_path / "prometheus", free_port(), fleet_server.target, alertmanager.url)
+    process = PrometheusProcess(tmp_path / "prometheus", free_port(), fleet_server.target, alertmanager.url,
+                                alertmanager_auth=alertmanager.web_auth)
     try:
         process.start()
         process.wait_ready(30)

@@ -25,7 +25,8 @@ async def test_alertmanager_webhook_opens_the_incident_with_the_deploy_on_top(
     client = dev_env.client
     async with running_api(client, settings, tmp_path / "api") as api:
         with AlertmanagerProcess(tmp_path / "am", free_port(), f"{api.url}/v1/alerts/alertmanager", TOKEN) as am, \
-                PrometheusProcess(tmp_path / "prom", free_port(), fleet.target, am.url) as prom:
+                PrometheusProcess(tmp_path / "prom", free_port(), fleet.target, am.url,
+                                  alertmanager_auth=am.web_auth) as prom:
             settings.targets["prometheus"] = prom.url  # the worker reads its targets from these settings
             deadline = time.monotonic() + 60
             while (prom.query_value("count_over_time(up[1m])") or 0) < 12 and time.monotonic() < deadline:

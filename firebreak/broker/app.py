@@ -68,6 +68,15 @@ ADMIN_TOKEN_ENV = "FIREBREAK_BROKER_ADMIN_TOKEN"
 CREDENTIAL_OVERLAP_S = 3600.0
 
 
+class DependencyUnavailable(Denied):
+    """Refused because a dependency of the check (``dependency``: catalog, roster, storage) did not
+    answer: deny by default, but retryable (503), and counted as availability, never as a denial."""
+
+    def __init__(self, dependency: str, reason: str) -> None:
+        super().__init__(reason, unavailable=True)
+        self.dependency = dependency
+
+
 class BrokerHTTPError(Exception):
     def __init__(self, status: int, error: str, reason: str) -> None:
         super().__init__(reason)
@@ -186,7 +195,7 @@ class Broker:
                 try:
                     if isinstance(verdict, CatalogUnavailable):
                         # Deny by default, but retryable: the catalog may answer on the worker's next try.
-                        raise Denied(f"cannot check against the catalog: {verdict.reason}", unavailable=True)
+                        raise DependencyUnavailable("catalog", f"cannot check against the catalog: {verdict.reason}")
                     if verdict is not None:
                         raise verdict
                     decision = self._decide(req)
@@ -211,11 +220,16 @@ class Broker:
                     sync=False,
                 )
                 # 423 Locked: the kill switch holds this, it does not refuse it; the caller waits.
-                self.metrics.denied(exc.reason)
+                # An outage is counted as availability, never as a denial: the misuse rules see only policy.
+                dependency = getattr(exc, "dependency", "other") if exc.unavailable else None
+                if dependency:
+                    self.metrics.dependency_unavailable(dependency)
+                else:
+                    self.metrics.denied(exc.reason)
                 if not req.is_read and not exc.frozen and not exc.unavailable and not self._awaiting_execution(req):
                     self.metrics.unapproved_write()
-                if exc.unavailable:
-                    raise BrokerHTTPError(503, "catalog_unavailable", exc.reason) from None
+                if dependency:
+                    raise BrokerHTTPError(503, f"{dependency}_unavailable", exc.reason) from None
                 raise BrokerHTTPError(423 if exc.frozen else 403, "frozen" if exc.frozen else "denied",
                                       exc.reason) from None
             token, claims = signing.mint_token(
@@ -301,7 +315,7 @@ class Broker:
             runbook = self._pinned_runbook(req)
             roster = self.roster.get()
             if roster is None and req.plan is not None and req.approvals:
-                raise Denied(f"no approval can be verified: {self.roster.error}")
+                raise DependencyUnavailable("roster", f"no approval can be verified: {self.roster.error}")
             decision = authorize_write(
                 req, runbook, roster, state=self.state,
                 intake_keys=load_intake_public_keys(self.config.intake_state_dir or self.config.state_dir),
@@ -504,6 +518,7 @@ def create_app(
     @app.exception_handler(StorageError)
     async def _storage_error(_: Request, exc: StorageError) -> JSONResponse:
         # Fail closed: the record of this request is not durable, so no credential left the broker.
+        broker.metrics.dependency_unavailable("storage")  # an outage of the broker's own disk, not misuse
         return JSONResponse({"error": "storage_unavailable", "reason": f"the broker could not record this request"
                              f" durably ({exc.why}); nothing was issued: try again"}, status_code=503)
 

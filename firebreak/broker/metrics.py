@@ -29,6 +29,9 @@ _CLASSES = (
 
 
 STORAGE_FILES = ("audit", "checkpoints", "journal")
+# What a check may depend on and find unavailable. A refusal for one of these is an outage, counted
+# apart from policy denials: the misuse rules never see it (firebreak/security_rules.yml).
+DEPENDENCIES = ("catalog", "roster", "storage")
 
 
 def denial_class(reason: str) -> str:
@@ -67,6 +70,7 @@ class BrokerMetrics:
         # Every class from the start, at 0: Prometheus's increase() cannot see a series' first sample rise.
         self.denials: Counter[str] = Counter({name: 0 for name, _ in _CLASSES} | {"other": 0})
         self.outside_baseline = 0
+        self.unavailable: Counter[str] = Counter({name: 0 for name in DEPENDENCIES})
         self.unapproved_writes = 0
         self.previous_credential_uses = 0
         # Failed writes of the broker's own files (an availability alert, never a misuse one), from 0.
@@ -84,6 +88,11 @@ class BrokerMetrics:
     def denied(self, reason: str) -> None:
         with self._lock:
             self.denials[denial_class(reason)] += 1
+
+    def dependency_unavailable(self, dependency: str) -> None:
+        """A mint refused because ``dependency`` could not be consulted: availability, not a denial."""
+        with self._lock:
+            self.unavailable[dependency if dependency in DEPENDENCIES else "other"] += 1
 
     def unapproved_write(self) -> None:
         """A write or undo asked for with no approved plan awaiting execution at the broker."""
@@ -112,6 +121,9 @@ class BrokerMetrics:
                    [({"audience": a, "verb": v, "kind": k, "runbook": r}, n) for (a, v, k, r), n in sorted(self.mints.items())])
             family("firebreak_broker_denials_total", "counter", "Mints refused, by reason class.",
                    [({"reason": c}, n) for c, n in sorted(self.denials.items())] or [({"reason": "other"}, 0)])
+            family("firebreak_broker_unavailable_total", "counter",
+                   "Mints refused because a dependency of the check (catalog, roster, storage) was unavailable.",
+                   [({"dependency": d}, n) for d, n in sorted(self.unavailable.items())])
             family("firebreak_broker_mints_outside_baseline_total", "counter",
                    "Mints of privileges privileges.lock.json does not hold (must stay 0).", [({}, self.outside_baseline)])
             family("firebreak_broker_unapproved_write_attempts_total", "counter",
