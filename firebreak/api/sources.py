@@ -14,6 +14,10 @@ Alertmanager (webhook ``version: "4"``), one Alert per entry of ``alerts``:
   sent; ``startsAt``; ``endsAt`` unless it is Go's zero time ``0001-01-01``.
   Required: ``version``, ``groupKey``, ``status``, ``alerts`` and, per alert,
   ``status``, ``labels`` with ``alertname``, ``startsAt``, ``fingerprint``.
+  A **resolved** alert counts only if ``fingerprint`` is its labels' fingerprint as
+  Alertmanager computes it (:func:`alertmanager_fingerprint`); otherwise it is refused
+  alone (``alerts[i].fingerprint``) and recorded: another label set carrying a firing
+  alert's fingerprint must not resolve that alert's incident.
 
 Grafana alerting webhook (``version: "1"``): the same shape as Alertmanager's,
   source ``grafana``, fingerprint = Grafana's ``fingerprint`` (opaque: it covers
@@ -45,7 +49,13 @@ PagerDuty V3 webhook, one Alert for an incident event:
 
 Firebreak's own format (``POST /v1/alerts``): a JSON list of
   :class:`firebreak.contracts.Alert` objects, exactly as that model defines
-  them (``source`` defaults to ``generic``).
+  them (``source`` defaults to ``generic``). A resolved alert's ``fingerprint``
+  must be its labels' Alertmanager fingerprint, as above.
+
+Grafana's fingerprint covers labels the webhook does not show, so it cannot be
+recomputed; Grafana deliveries are instead signed over a timestamp and never
+accepted twice (:mod:`firebreak.api.auth`). PagerDuty's are signed and
+deduplicated by the event's own id.
 """
 
 from __future__ import annotations
@@ -97,6 +107,41 @@ class Parsed:
     delivery_id: str | None = None
     ignored: str | None = None  # why a valid delivery carries nothing to route
     refused: list[Refused] = field(default_factory=list)
+    event_id: str | None = None  # PagerDuty: the event's own id, the same on every retry and every copy
+    occurred_at: datetime | None = None  # PagerDuty: when the event happened, for the freshness window
+
+
+# -- Alertmanager's fingerprint ------------------------------------------------------
+
+# prometheus/common model.LabelSet.Fingerprint (model/signature.go, labelSetToFingerprint):
+# FNV-1a 64 over the label names in byte order, each name and value followed by the byte 0xff,
+# written as 16 lowercase hex digits.
+_FNV64_OFFSET = 14695981039346656037
+_FNV64_PRIME = 1099511628211
+_SEPARATOR = b"\xff"
+
+
+def alertmanager_fingerprint(labels: dict[str, str]) -> str:
+    """The fingerprint Alertmanager gives an alert with these labels."""
+    digest = _FNV64_OFFSET
+    # Go sorts names as byte strings; UTF-8 keeps code-point order, so sorting the str is the same.
+    for name in sorted(labels):
+        for part in (name.encode("utf-8"), labels[name].encode("utf-8")):
+            for byte in part + _SEPARATOR:
+                digest = ((digest ^ byte) * _FNV64_PRIME) & 0xFFFFFFFFFFFFFFFF
+    return f"{digest:016x}"
+
+
+def _fingerprint_refusal(alert: Alert, path: str) -> Refused | None:
+    """A resolved alert whose labels do not give its fingerprint resolves nothing: refused, recorded."""
+    if alert.status != "resolved":
+        return None
+    expected = alertmanager_fingerprint(alert.labels)
+    if alert.fingerprint == expected:
+        return None
+    where = f"{path}.fingerprint" if path else "fingerprint"
+    return Refused(alert, where, f"a resolved alert's fingerprint must be its labels' fingerprint "
+                                 f"({expected}); {alert.fingerprint!r} belongs to another label set")
 
 
 class PayloadError(Exception):
@@ -163,19 +208,27 @@ def _alert(values: dict[str, Any], path: str) -> Alert:
         raise  # unreachable: _raise_invalid always raises
 
 
-def _alerts(items: list[tuple[dict[str, Any], str]]) -> tuple[list[SourceAlert], list[Refused]]:
+def _alerts(items: list[tuple[dict[str, Any], str]], *, check_fingerprint: bool = False,
+            ) -> tuple[list[SourceAlert], list[Refused]]:
     """Each alert on its own: one that fails (a label over its limit) is refused alone, the others go on.
 
     A sender like Alertmanager does not retry a 4xx, so failing the whole delivery would lose
-    the real alerts grouped with a bad one.
+    the real alerts grouped with a bad one. ``check_fingerprint``: a resolved alert must carry
+    its labels' Alertmanager fingerprint.
     """
     accepted: list[SourceAlert] = []
     refused: list[Refused] = []
     for values, path in items:
         try:
-            accepted.append(SourceAlert(_alert(values, path), path))
+            alert = _alert(values, path)
         except PayloadError as exc:
             refused.append(Refused(_kept(values), exc.field, exc.message))
+            continue
+        spoof = _fingerprint_refusal(alert, path) if check_fingerprint else None
+        if spoof is not None:
+            refused.append(spoof)
+        else:
+            accepted.append(SourceAlert(alert, path))
     return accepted, refused
 
 
@@ -285,7 +338,7 @@ def parse_alertmanager(body: bytes) -> Parsed:
             f"alerts[{i}]",
         )
         for i, wire in enumerate(hook.alerts)
-    ])
+    ], check_fingerprint=True)
     return Parsed("alertmanager", alerts, refused=refused)
 
 
@@ -382,7 +435,8 @@ def parse_pagerduty(body: bytes, webhook_id: str | None = None) -> Parsed:
     hook: PagerDutyWebhook = _validate(PagerDutyWebhook, load_json(body), "invalid PagerDuty webhook")
     event = hook.event
     if event.resource_type != "incident" or event.event_type not in PAGERDUTY_FIRING | PAGERDUTY_RESOLVED:
-        return Parsed("pagerduty", [], webhook_id, ignored=f"event type {event.event_type!r} opens or closes nothing")
+        return Parsed("pagerduty", [], webhook_id, ignored=f"event type {event.event_type!r} opens or closes nothing",
+                      event_id=event.id, occurred_at=event.occurred_at)
     if event.data is None:
         raise PayloadError("an incident event needs event.data", "event.data")
     try:
@@ -439,7 +493,8 @@ def parse_pagerduty(body: bytes, webhook_id: str | None = None) -> Parsed:
             errors.append(err)
         _raise_invalid(errors, "invalid PagerDuty incident")
         raise
-    return Parsed("pagerduty", [SourceAlert(alert, "event.data", derived)], webhook_id)
+    return Parsed("pagerduty", [SourceAlert(alert, "event.data", derived)], webhook_id, event_id=event.id,
+                  occurred_at=event.occurred_at)
 
 
 # -- Firebreak's own format --------------------------------------------------------
@@ -459,4 +514,12 @@ def parse_generic(body: bytes) -> Parsed:
     except ValidationError as exc:
         _raise_invalid(_errors(exc), "invalid alert list")
         raise
-    return Parsed("generic", [SourceAlert(a, f"[{i}]") for i, a in enumerate(alerts)])
+    accepted: list[SourceAlert] = []
+    refused: list[Refused] = []
+    for i, alert in enumerate(alerts):
+        spoof = _fingerprint_refusal(alert, f"[{i}]")
+        if spoof is not None:
+            refused.append(spoof)
+        else:
+            accepted.append(SourceAlert(alert, f"[{i}]"))
+    return Parsed("generic", accepted, refused=refused)
