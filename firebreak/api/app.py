@@ -279,7 +279,8 @@ def create_app(
                 signature, request.headers.get(settings.grafana_timestamp_header), body, settings.grafana_secrets,
                 max_skew_s=settings.grafana_max_skew_s, timestamp_header=settings.grafana_timestamp_header)
         except auth.AuthError as exc:
-            if exc.authentic:  # signed by Grafana's secret: keep what it carried, with why it was refused
+            # Signed by Grafana's secret, or sent with a good token: keep what it carried, with why it was refused.
+            if exc.authentic or authorization is not None:
                 try:
                     await intake.record_refused(parse_grafana(body), exc.field, str(exc))
                 except PayloadError:

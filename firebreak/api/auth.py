@@ -153,7 +153,8 @@ def check_grafana_signature(
     """
     ts_field = f"headers.{timestamp_header.lower()}"
     if not signature:
-        raise AuthError("missing X-Grafana-Alerting-Signature header", "headers.x-grafana-alerting-signature")
+        raise AuthError("missing X-Grafana-Alerting-Signature header: a request without a signed timestamp could "
+                        "be a replay", "headers.x-grafana-alerting-signature")
     candidate = signature.strip().lower().encode("ascii", errors="replace")
     if timestamp is None:
         authentic = _grafana_matches(candidate, body, secrets_)
