@@ -416,3 +416,75 @@ async def test_hostile_text_renders_inert_in_the_card_and_the_ticket(
     for shown in (status_markdown(hostile), plan_markdown(hostile)):
         assert_inert(shown)
         assert evil.replace("`z`", "") in unescape(shown)
+
+
+# -- issue 28: per-alert isolation and test notifications, with real payloads (tests/fixtures/README.md) ----
+
+REAL = Path(__file__).resolve().parent / "fixtures"
+PING_SECRET = "HvPtlQNKMPpHSSqJpCdndXfo7HnGXa1pnH6w5axpxLFn9aRBNBGh4e8/HlonK5mz"  # public, from the ping's source
+PING_SIGNATURE = "v1=0e83584cbab86f98c51517cf96a70c90e910532d3d2f067d58c753cc8980a05b"
+
+
+async def test_an_alert_without_alertname_is_refused_alone_and_the_good_one_opens_its_incident(
+    api: ApiServer, http: httpx.AsyncClient, temporal: WorkflowEnvironment
+) -> None:
+    body = (REAL / "alertmanager_one_alert_without_alertname.json").read_bytes()
+    response = await http.post(f"{api.url}/v1/alerts/alertmanager", content=body, headers=bearer())
+    assert response.status_code == 202, response.text
+    answer = response.json()
+    assert answer["incident_ids"] == ["shop.inventory.saturation"]
+    assert answer["counts"] == {"alerts": 2, "routed": 1, "unrouted": 0, "refused": 1}
+    [refused] = answer["refused"]
+    assert refused["field"] == "alerts[1].labels.alertname" and refused["fingerprint"] == "d266e3360084b4de"
+    await temporal.client.get_workflow_handle("shop.inventory.saturation").describe()
+    [record] = await refused_records(http, api, "d266e3360084b4de")
+    assert record["field"] == "alerts[1].labels.alertname" and record["alert"]["labels"]["pod"]
+
+
+async def test_a_grafana_alert_missing_its_fingerprint_is_refused_alone(
+    api: ApiServer, http: httpx.AsyncClient
+) -> None:
+    service = service_name()
+    good = json.loads(grafana_body(service))
+    broken = json.loads(json.dumps(good["alerts"][0]))
+    del broken["fingerprint"]
+    broken["labels"]["service"] = f"{service}-x"
+    good["alerts"].append(broken)
+    body = json.dumps(good).encode()
+    response = await http.post(f"{api.url}/v1/alerts/grafana", content=body,
+                               headers=grafana_headers(body, timestamp=now_stamp()))
+    assert response.status_code == 202, response.text
+    assert response.json()["incident_ids"] == [f"shop.{service}.error-rate"]
+    assert response.json()["counts"]["refused"] == 1
+    assert response.json()["refused"][0]["field"] == "alerts[1].fingerprint"
+
+
+async def test_grafanas_contact_point_test_gets_a_2xx_is_recorded_and_opens_nothing(
+    api: ApiServer, http: httpx.AsyncClient, temporal: WorkflowEnvironment
+) -> None:
+    body = (REAL / "grafana_contact_point_test.json").read_bytes()
+    before = [wf.id async for wf in temporal.client.list_workflows("WorkflowType = 'IncidentWorkflow'")]
+    response = await http.post(f"{api.url}/v1/alerts/grafana", content=body,
+                               headers=grafana_headers(body, timestamp=now_stamp()))
+    assert response.status_code == 202, response.text
+    assert response.json()["status"] == "test" and response.json()["incident_ids"] == []
+    listed = (await http.get(f"{api.url}/v1/unrouted", params={"kind": "test"}, headers=bearer())).json()["items"]
+    assert any(r["alert"]["fingerprint"] == "57c6d9296de2ad39" and r["source"] == "grafana" for r in listed)
+    after = [wf.id async for wf in temporal.client.list_workflows("WorkflowType = 'IncidentWorkflow'")]
+    assert sorted(after) == sorted(before)
+
+
+async def test_pagerdutys_ping_with_its_real_signature_gets_a_2xx_and_is_recorded(
+    temporal: WorkflowEnvironment, worker_settings: Settings, tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    body = (REAL / "pagerduty_v3_ping.json").read_bytes()
+    occurred = datetime.fromisoformat(json.loads(body)["event"]["occurred_at"].replace("Z", "+00:00"))
+    age = (datetime.now(timezone.utc) - occurred).total_seconds() + 86_400  # the capture's age, and no more
+    async with running_api(temporal.client, worker_settings, tmp_path, worker=False,
+                           pagerduty_secrets=[PING_SECRET], pagerduty_max_age_s=age) as api:
+        response = await http.post(f"{api.url}/v1/alerts/pagerduty", content=body,
+                                   headers={"X-PagerDuty-Signature": PING_SIGNATURE})
+        assert response.status_code == 202, response.text
+        assert response.json()["status"] == "test" and response.json()["incident_ids"] == []
+        listed = (await http.get(f"{api.url}/v1/unrouted", params={"kind": "test"}, headers=bearer())).json()
+        assert [r["reason"] for r in listed["items"]] == ["pagerduty ping"]

@@ -398,7 +398,7 @@ def create_app(
              responses={k: v for k, v in ERRORS.items() if k in (400, 401)})
     async def list_unrouted(
         limit: int = Query(default=100, ge=1, le=10_000),
-        kind: str | None = Query(default=None, pattern="^(unrouted|refused)$"),
+        kind: str | None = Query(default=None, pattern="^(unrouted|refused|test)$"),
     ) -> UnroutedList:
         items = await unrouted_log.tail(limit, kind)
         return UnroutedList(items=items, count=len(items))

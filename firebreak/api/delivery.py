@@ -52,6 +52,7 @@ from firebreak.api.gateway import TemporalGateway, TemporalUnavailable, is_unava
 from firebreak.api.retries import DeliveryLog
 from firebreak.api.sources import Parsed
 from firebreak.api.unrouted import UnroutedLog, UnroutedRecord
+from firebreak.contracts import Alert
 from firebreak.intake import Delivered, Routed, deliver_routed, route_alerts
 from firebreak.receipts import ReceiptSigner
 from firebreak.runbook import Runbook
@@ -101,7 +102,7 @@ class Counts(BaseModel):
 class Accepted(BaseModel):
     """The 202 answer: which incidents the alerts joined, and what was only recorded."""
 
-    status: Literal["accepted", "duplicate", "ignored"]
+    status: Literal["accepted", "duplicate", "ignored", "test"]
     source: str
     delivery_id: str
     incident_ids: list[str] = Field(default_factory=list)
@@ -133,6 +134,16 @@ class Intake:
 
     async def accept(self, parsed: Parsed) -> JSONResponse:
         delivery_id = parsed.delivery_id or f"{parsed.source}-{uuid.uuid4().hex}"
+        if parsed.test:
+            # Recorded, so whoever pressed "test" can see it arrived; nothing is routed or started.
+            at = datetime.now(timezone.utc)
+            alerts = [sa.alert for sa in parsed.alerts] or [
+                Alert(source=parsed.source, fingerprint=parsed.event_id or delivery_id, labels={"alertname": "Ping"})]
+            await self.unrouted.append([UnroutedRecord(at=at, kind="test", source=parsed.source, delivery_id=delivery_id,
+                                                       reason=parsed.test, alert=a) for a in alerts])
+            return accepted(Accepted(status="test", source=parsed.source, delivery_id=delivery_id,
+                                     detail=parsed.ignored or parsed.test,
+                                     counts=Counts(alerts=len(parsed.alerts))))
         if parsed.ignored:
             return accepted(Accepted(status="ignored", source=parsed.source, delivery_id=delivery_id,
                                      detail=parsed.ignored))

@@ -109,6 +109,27 @@ class Parsed:
     refused: list[Refused] = field(default_factory=list)
     event_id: str | None = None  # PagerDuty: the event's own id, the same on every retry and every copy
     occurred_at: datetime | None = None  # PagerDuty: when the event happened, for the freshness window
+    test: str | None = None  # a recognised test notification (which one): answered 2xx, recorded, opens nothing
+
+
+# -- test notifications ---------------------------------------------------------------
+
+# The alert a "test" button sends: grafana/grafana's newTestAlert (pkg/services/ngalert/notifier) for a
+# contact point, and grafana/alerting's for an Alertmanager receiver (instance "Alertmanager"). Only this
+# exact label set counts: a test that adds labels is an ordinary alert (unrouted unless a runbook wants it).
+TEST_ALERT_LABELS = ({"alertname": "TestAlert", "instance": "Grafana"},
+                     {"alertname": "TestAlert", "instance": "Alertmanager"})
+TEST_ALERT_SUMMARY = "Notification test"
+
+
+def _tested(parsed: Parsed) -> Parsed:
+    """Mark a delivery made only of test alerts: it is recorded as a test and opens nothing."""
+    alerts = [sa.alert for sa in parsed.alerts]
+    if alerts and not parsed.refused and all(
+            a.labels in TEST_ALERT_LABELS and a.annotations.get("summary") == TEST_ALERT_SUMMARY for a in alerts):
+        parsed.test = f"{parsed.source} test notification ({alerts[0].labels['instance']})"
+        parsed.ignored = f"a {parsed.test}: recorded, opens nothing"
+    return parsed
 
 
 # -- Alertmanager's fingerprint ------------------------------------------------------
@@ -232,9 +253,15 @@ def _alerts(items: list[tuple[dict[str, Any], str]], *, check_fingerprint: bool 
     return accepted, refused
 
 
-def _kept(values: dict[str, Any]) -> Alert:
+def _kept(values: Any, source: str | None = None) -> Alert:
     """What can be recorded of a refused alert: label values cut to their limit, nothing else."""
-    labels = {str(k)[:128]: str(v)[:200] for k, v in (values.get("labels") or {}).items() if isinstance(k, str)}
+    if not isinstance(values, dict):
+        values = {}
+    if source is not None:
+        values = values | {"source": source}
+    raw_labels = values.get("labels")
+    labels = {str(k)[:128]: str(v)[:200] for k, v in (raw_labels if isinstance(raw_labels, dict) else {}).items()
+              if isinstance(k, str)}
     labels = {k: v for k, v in labels.items() if k.replace("_", "a").isalnum() and not k[0].isdigit()}
     labels.setdefault("alertname", "(unknown)")
     return Alert(source=str(values.get("source", "generic"))[:64], fingerprint=str(values.get("fingerprint") or "?")[:128],
@@ -321,8 +348,55 @@ def _validate(model: type[BaseModel], data: Any, what: str) -> Any:
         _raise_invalid(_errors(exc), what)
 
 
+class _AlertmanagerEnvelope(_Wire):
+    """The group around the alerts: each alert is then validated on its own (per-alert isolation)."""
+
+    version: Literal["4"]
+    groupKey: str
+    status: Literal["firing", "resolved"]
+    alerts: list[Any] = Field(min_length=1)
+
+
+class _GrafanaEnvelope(_AlertmanagerEnvelope):
+    version: Literal["1"]  # type: ignore[assignment]
+
+
+def _each_alert(data: Any, envelope: type[_AlertmanagerEnvelope], alert_model: type[AlertmanagerAlert], source: str,
+                what: str) -> tuple[list[tuple[Any, str]], list[Refused]]:
+    """The envelope must hold (else 400 naming every bad field, the alerts' too); then each alert on its own.
+
+    An alert missing a field (``alertname``, ``fingerprint``, ``status``, ...) is refused alone and
+    recorded: Alertmanager and Grafana do not retry a 4xx, so refusing the delivery would lose the
+    good alerts grouped with it.
+    """
+    try:
+        hook = envelope.model_validate(data)
+    except ValidationError as exc:
+        errors = _errors(exc)
+        alerts = data.get("alerts") if isinstance(data, dict) else None
+        for i, raw in enumerate(alerts if isinstance(alerts, list) else []):
+            try:
+                alert_model.model_validate(raw)
+            except ValidationError as alert_exc:
+                errors += _errors(alert_exc, f"alerts[{i}]")
+        _raise_invalid(errors, what)
+        raise  # unreachable: _raise_invalid always raises
+    wires: list[tuple[Any, str]] = []
+    refused: list[Refused] = []
+    for i, raw in enumerate(hook.alerts):
+        path = f"alerts[{i}]"
+        try:
+            wires.append((alert_model.model_validate(raw), path))
+        except ValidationError as exc:
+            errors = _errors(exc, path)
+            more = f" (+{len(errors) - 1} more: {', '.join(e['field'] for e in errors[1:])})" if len(errors) > 1 else ""
+            refused.append(Refused(_kept(raw, source), errors[0]["field"], errors[0]["error"] + more))
+    return wires, refused
+
+
 def parse_alertmanager(body: bytes) -> Parsed:
-    hook: AlertmanagerWebhook = _validate(AlertmanagerWebhook, load_json(body), "invalid Alertmanager webhook")
+    wires, bad = _each_alert(load_json(body), _AlertmanagerEnvelope, AlertmanagerAlert, "alertmanager",
+                             "invalid Alertmanager webhook")
     alerts, refused = _alerts([
         (
             {
@@ -335,18 +409,17 @@ def parse_alertmanager(body: bytes) -> Parsed:
                 "ends_at": _ends(wire.endsAt),
                 "generator_url": wire.generatorURL,
             },
-            f"alerts[{i}]",
+            path,
         )
-        for i, wire in enumerate(hook.alerts)
+        for wire, path in wires
     ], check_fingerprint=True)
-    return Parsed("alertmanager", alerts, refused=refused)
+    return _tested(Parsed("alertmanager", alerts, refused=bad + refused))
 
 
 def parse_grafana(body: bytes) -> Parsed:
-    hook: GrafanaWebhook = _validate(GrafanaWebhook, load_json(body), "invalid Grafana webhook")
+    wires, bad = _each_alert(load_json(body), _GrafanaEnvelope, GrafanaAlert, "grafana", "invalid Grafana webhook")
     items: list[tuple[dict[str, Any], str]] = []
-    for i, wire in enumerate(hook.alerts):
-        path = f"alerts[{i}]"
+    for wire, path in wires:
         extras = {
             "grafana_rule_uid": wire.ruleUID,
             "grafana_dashboard_url": wire.dashboardURL,
@@ -370,7 +443,7 @@ def parse_grafana(body: bytes) -> Parsed:
             path,
         ))
     alerts, refused = _alerts(items)
-    return Parsed("grafana", alerts, refused=refused)
+    return _tested(Parsed("grafana", alerts, refused=bad + refused))
 
 
 # -- PagerDuty V3 -----------------------------------------------------------------
@@ -409,6 +482,7 @@ class PagerDutyWebhook(_Wire):
 
 PAGERDUTY_FIRING = frozenset({"incident.triggered", "incident.reopened"})
 PAGERDUTY_RESOLVED = frozenset({"incident.resolved"})
+PAGERDUTY_PING = "pagey.ping"  # sent by "Send test event" on a webhook subscription
 
 _AM_TITLE = re.compile(r"^\s*\[(?:FIRING(?::\d+)?|RESOLVED)\]\s+(\S+)")
 _CAMEL_NAME = re.compile(r"^([A-Z][a-z0-9]+(?:[A-Z][A-Za-z0-9]*)+)(?:\s|$)")
@@ -434,6 +508,9 @@ def pagerduty_fingerprint(incident: PagerDutyIncident) -> str:
 def parse_pagerduty(body: bytes, webhook_id: str | None = None) -> Parsed:
     hook: PagerDutyWebhook = _validate(PagerDutyWebhook, load_json(body), "invalid PagerDuty webhook")
     event = hook.event
+    if event.event_type == PAGERDUTY_PING:
+        return Parsed("pagerduty", [], webhook_id, ignored="a PagerDuty webhook ping: recorded, opens nothing",
+                      event_id=event.id, occurred_at=event.occurred_at, test="pagerduty ping")
     if event.resource_type != "incident" or event.event_type not in PAGERDUTY_FIRING | PAGERDUTY_RESOLVED:
         return Parsed("pagerduty", [], webhook_id, ignored=f"event type {event.event_type!r} opens or closes nothing",
                       event_id=event.id, occurred_at=event.occurred_at)
