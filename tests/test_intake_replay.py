@@ -488,3 +488,23 @@ async def test_pagerdutys_ping_with_its_real_signature_gets_a_2xx_and_is_recorde
         assert response.json()["status"] == "test" and response.json()["incident_ids"] == []
         listed = (await http.get(f"{api.url}/v1/unrouted", params={"kind": "test"}, headers=bearer())).json()
         assert [r["reason"] for r in listed["items"]] == ["pagerduty ping"]
+
+
+async def test_utf8_label_names_are_accepted_and_shown_escaped(api: ApiServer, http: httpx.AsyncClient) -> None:
+    from firebreak.api.sources import parse_alertmanager
+    from firebreak.contracts import IncidentInput
+    from firebreak.intake import route_alerts, run_details
+    from firebreak.runbook import load_runbooks
+
+    body = (REAL / "alertmanager_utf8_label_names.json").read_bytes()
+    response = await http.post(f"{api.url}/v1/alerts/alertmanager", content=body, headers=bearer())
+    assert response.status_code == 202, response.text
+    assert response.json()["counts"] == {"alerts": 2, "routed": 2, "unrouted": 0, "refused": 0}
+    # What the UI's details would show for this delivery: the names as sent, inert.
+    [group] = route_alerts(load_runbooks(api.app.state.settings.runbooks_dir),
+                           (sa.alert for sa in parse_alertmanager(body).alerts)).routed
+    details = run_details(group, IncidentInput(incident_id=group.incident_id, runbook=group.runbook,
+                                               params=group.params))
+    assert_inert(details)
+    assert "région=eu-west-1" in details and "service.name=inventory" in details
+    assert "<img src=x onerror=alert(1)>=x" in details  # inside a code span: shown, never rendered

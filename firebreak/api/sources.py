@@ -71,7 +71,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
-from firebreak.contracts import Alert
+from firebreak.contracts import LABEL_NAME, Alert
 
 # -- results and errors ---------------------------------------------------------
 
@@ -176,8 +176,15 @@ class PayloadError(Exception):
         self.status = status
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def field_path(loc: Sequence[int | str], prefix: str = "") -> str:
-    """``("alerts", 0, "labels")`` -> ``alerts[0].labels``."""
+    """``("alerts", 0, "labels")`` -> ``alerts[0].labels``.
+
+    A part may be a label name from the body: control characters are written as ``\\xNN``, so a
+    name cannot break a log line or an answer.
+    """
     out = prefix
     for part in loc:
         if isinstance(part, int):
@@ -185,7 +192,8 @@ def field_path(loc: Sequence[int | str], prefix: str = "") -> str:
         elif part == "[key]":
             continue  # pydantic's marker for a bad dict key; the key itself is the previous part
         else:
-            out += f".{part}" if out else str(part)
+            text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(part))
+            out += f".{text}" if out else text
     return out
 
 
@@ -253,19 +261,28 @@ def _alerts(items: list[tuple[dict[str, Any], str]], *, check_fingerprint: bool 
     return accepted, refused
 
 
+def _clean(value: Any, limit: int) -> str:
+    """A string that can be recorded: lone surrogates (not UTF-8) replaced, cut to ``limit``."""
+    return str(value).encode("utf-8", "replace").decode("utf-8")[:limit]
+
+
 def _kept(values: Any, source: str | None = None) -> Alert:
-    """What can be recorded of a refused alert: label values cut to their limit, nothing else."""
+    """What can be recorded of a refused alert: label values cut to their limit, nothing else.
+
+    Never raises: whatever the alert held, its refusal is recorded.
+    """
     if not isinstance(values, dict):
         values = {}
     if source is not None:
         values = values | {"source": source}
     raw_labels = values.get("labels")
-    labels = {str(k)[:128]: str(v)[:200] for k, v in (raw_labels if isinstance(raw_labels, dict) else {}).items()
+    labels = {_clean(k, 128): _clean(v, 200) for k, v in (raw_labels if isinstance(raw_labels, dict) else {}).items()
               if isinstance(k, str)}
-    labels = {k: v for k, v in labels.items() if k.replace("_", "a").isalnum() and not k[0].isdigit()}
-    labels.setdefault("alertname", "(unknown)")
-    return Alert(source=str(values.get("source", "generic"))[:64], fingerprint=str(values.get("fingerprint") or "?")[:128],
-                 labels=labels or {"alertname": "(unknown)"})
+    labels = {k: v for k, v in labels.items() if LABEL_NAME.fullmatch(k)}
+    if not labels.get("alertname"):
+        labels["alertname"] = "(unknown)"
+    return Alert(source=_clean(values.get("source", "generic"), 64) or "generic",
+                 fingerprint=_clean(values.get("fingerprint") or "?", 128) or "?", labels=labels)
 
 
 # Alert's field names, as the webhook bodies spell them.
