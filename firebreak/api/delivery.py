@@ -243,8 +243,13 @@ class Intake:
             return await self.accept(parsed)
         event_key = f"event:{parsed.event_id}"
         webhook_id = parsed.delivery_id
+        # Each id kind has its own prefix, so no X-Webhook-Id can pass for an event id; a bare id is
+        # a webhook id recorded before event ids were (kept for retries across the upgrade).
+        webhook_key = f"webhook:{webhook_id}" if webhook_id is not None else None
         async with seen.hold(event_key) as event_seen:
-            retry = webhook_id is not None and seen.seen(webhook_id)
+            legacy = webhook_id is not None and not webhook_id.startswith(("event:", "webhook:")) and seen.seen(
+                webhook_id)
+            retry = legacy or (webhook_key is not None and seen.seen(webhook_key))
             if event_seen or retry:
                 if retry:
                     return await self.duplicate(parsed, "headers.x-webhook-id",
@@ -254,8 +259,8 @@ class Intake:
             response = await self.accept(parsed)
             if response.status_code < 500:  # a 503 is retried by PagerDuty and must then be processed
                 await seen.mark(event_key)
-                if webhook_id is not None:
-                    await seen.mark(webhook_id)
+                if webhook_key is not None:
+                    await seen.mark(webhook_key)
             return response
 
     async def _deliver(self, groups: list[Routed], delivery_id: str, received_at: datetime) -> list[Delivered]:
