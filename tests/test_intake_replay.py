@@ -508,3 +508,28 @@ async def test_utf8_label_names_are_accepted_and_shown_escaped(api: ApiServer, h
     assert_inert(details)
     assert "région=eu-west-1" in details and "service.name=inventory" in details
     assert "<img src=x onerror=alert(1)>=x" in details  # inside a code span: shown, never rendered
+
+
+async def test_firebreaks_own_format_refuses_a_bad_alert_alone(api: ApiServer, http: httpx.AsyncClient) -> None:
+    service = service_name()
+    good = {"fingerprint": uuid.uuid4().hex[:16], "labels": labels("HighErrorRate", service)}
+    bad = {"labels": labels("HighErrorRate", f"{service}-b"), "status": "burning"}
+    response = await http.post(f"{api.url}/v1/alerts", content=json.dumps([bad, good]).encode(), headers=bearer())
+    assert response.status_code == 202, response.text
+    assert response.json()["incident_ids"] == [f"shop.{service}.error-rate"]
+    assert response.json()["counts"] == {"alerts": 2, "routed": 1, "unrouted": 0, "refused": 1}
+    assert response.json()["refused"][0]["field"] == "[0].fingerprint"
+    assert "+1 more" in response.json()["refused"][0]["reason"]  # the status too
+
+
+async def test_a_delivery_whose_every_alert_is_unreadable_is_refused_naming_the_field_and_recorded(
+    api: ApiServer, http: httpx.AsyncClient
+) -> None:
+    body = json.loads(alertmanager_body([{"labels": labels("HighErrorRate", service_name()), "fingerprint": "x"}]))
+    fingerprint = uuid.uuid4().hex[:16]
+    body["alerts"][0] |= {"fingerprint": fingerprint, "startsAt": "not a time"}
+    response = await http.post(f"{api.url}/v1/alerts/alertmanager", content=json.dumps(body).encode(),
+                               headers=bearer())
+    assert response.status_code == 422 and response.json()["field"] == "alerts[0].startsAt", response.text
+    [record] = await refused_records(http, api, fingerprint)
+    assert record["field"] == "alerts[0].startsAt"

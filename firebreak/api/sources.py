@@ -593,27 +593,40 @@ def parse_pagerduty(body: bytes, webhook_id: str | None = None) -> Parsed:
 
 # -- Firebreak's own format --------------------------------------------------------
 
-_ALERT_LIST = TypeAdapter(list[Alert])
+_ALERT = TypeAdapter(Alert)
 
 
 def parse_generic(body: bytes) -> Parsed:
+    """Each alert on its own, as for Alertmanager: a bad one is refused alone, the others go on.
+
+    Only when no alert of the list can be read at all is the whole body a 400 naming every bad field.
+    """
     data = load_json(body)
     if not isinstance(data, list):
         raise PayloadError("body must be a JSON list of alerts", "body")
     if not data:
         raise PayloadError("body holds no alerts", "body")
-    try:
-        # The API is strict (an unknown field is a 400 naming it), unlike the Temporal payloads it becomes.
-        alerts = _ALERT_LIST.validate_python(data, extra="forbid")
-    except ValidationError as exc:
-        _raise_invalid(_errors(exc), "invalid alert list")
-        raise
     accepted: list[SourceAlert] = []
     refused: list[Refused] = []
-    for i, alert in enumerate(alerts):
-        spoof = _fingerprint_refusal(alert, f"[{i}]")
+    errors: list[dict[str, str]] = []
+    unreadable = 0
+    for i, item in enumerate(data):
+        path = f"[{i}]"
+        try:
+            # The API is strict (an unknown field is refused, named), unlike the Temporal payloads it becomes.
+            alert = _ALERT.validate_python(item, extra="forbid")
+        except ValidationError as exc:
+            alert_errors = _errors(exc, path)
+            errors += alert_errors
+            unreadable += 1
+            more = f" (+{len(alert_errors) - 1} more)" if len(alert_errors) > 1 else ""
+            refused.append(Refused(_kept(item), alert_errors[0]["field"], alert_errors[0]["error"] + more))
+            continue
+        spoof = _fingerprint_refusal(alert, path)
         if spoof is not None:
             refused.append(spoof)
         else:
-            accepted.append(SourceAlert(alert, f"[{i}]"))
+            accepted.append(SourceAlert(alert, path))
+    if unreadable == len(data):
+        _raise_invalid(errors, "invalid alert list")
     return Parsed("generic", accepted, refused=refused)
