@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -19,7 +20,10 @@ from firebreak.catalog import CatalogWalk
 from firebreak.past_incidents import PastIncidents
 from firebreak.runbook import Investigation, Risk, Runbook, ScalarParam
 
-LabelName = Annotated[str, Field(pattern=r"^[a-zA-Z_][a-zA-Z0-9_]{0,127}$")]
+# Any UTF-8 name, as Alertmanager >= 0.27 sends them (``service.name``, ``région``), up to 128 characters
+# and without control characters. Names are only looked up, never substituted, and escaped where shown.
+LABEL_NAME = re.compile(r"^[^\x00-\x1f\x7f]{1,128}$")
+LabelName = Annotated[str, Field(pattern=LABEL_NAME.pattern)]
 LabelValue = Annotated[str, Field(max_length=1024)]
 IncidentId = Annotated[str, Field(pattern=r"^[A-Za-z0-9._:-]{1,200}$")]
 

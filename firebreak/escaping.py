@@ -76,3 +76,37 @@ def render_plain(template: str, params: Mapping[str, object]) -> str:
 def render_text(template: str, params: Mapping[str, object]) -> str:
     """For human-readable text only (titles, descriptions); never for a query or request."""
     return _render(template, params, str)
+
+
+# -- markdown shown to people (the Temporal UI's details, the incident card, tickets) -------------
+#
+# Values from alerts (annotations, labels) and from the systems an incident reads are untrusted: in
+# markdown they could become raw HTML or a link (``<a href="javascript:…">``, ``[x](javascript:…)``,
+# ``<javascript:…>``). Every such value is escaped so a CommonMark renderer shows it as the same text,
+# inert: no tag, no link, no image, no code span broken out of. Emphasis characters are escaped too,
+# so what is shown is what was sent.
+
+# CommonMark lets any ASCII punctuation be backslash-escaped. These are the ones that open raw HTML
+# (<), entities (&), links and images ([ ]), code spans (`), emphasis (* ~) and escapes themselves.
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*<>\[\]&~])")
+# An underscore opens emphasis only at a word edge (CommonMark: never inside a word like error_rate).
+_EDGE_UNDERSCORE = re.compile(r"(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])")
+
+
+def markdown_text(value: object) -> str:
+    """``value`` as inert markdown text: it renders as the same characters, never as HTML or a link."""
+    text = _MARKDOWN_SPECIAL.sub(r"\\\1", str(value))
+    return _EDGE_UNDERSCORE.sub(r"\\_", text)
+
+
+def markdown_code(value: object) -> str:
+    """``value`` as one inline code span (CommonMark: a fence longer than any backtick run inside).
+
+    Inside a code span nothing is HTML or a link; the only way out is a backtick run as long as the
+    fence, which the fence's length rules out. Line breaks become spaces (a code span is one line).
+    """
+    text = " ".join(str(value).splitlines()) or " "
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * (longest + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") or (text.startswith(" ") and text.endswith(" ")) else ""
+    return f"{fence}{pad}{text}{pad}{fence}"

@@ -17,6 +17,7 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from firebreak.contracts import Alert, AlertSignal, IncidentInput, IncidentReport
+from firebreak.escaping import markdown_code, markdown_text
 from firebreak.receipts import ReceiptSigner
 from firebreak.runbook import LabelError, Runbook, route
 
@@ -180,27 +181,38 @@ def run_summary(routed: Routed, received_at: datetime) -> str:
     """One line for the UI: what fired, on which service, since when, and the runbook.
 
     The time the alert started (else when it arrived) is what tells two runs of one incident apart.
+    Label values are escaped: the UI renders this as markdown.
     """
     first = routed.alerts[0]
     since = first.starts_at or received_at
     severity = first.labels.get("severity")
-    return (f"{first.name} on {routed.params.get('service', routed.incident_id)}"
-            + (f" ({severity})" if severity else "")
+    return (f"{markdown_text(first.name)} on {markdown_text(routed.params.get('service', routed.incident_id))}"
+            + (f" ({markdown_text(severity)})" if severity else "")
             + f" since {since.astimezone(timezone.utc):%Y-%m-%d %H:%M:%S} UTC · runbook {routed.runbook.name}"
             + f" v{routed.runbook.version}")
 
 
 def run_details(routed: Routed, incident: IncidentInput) -> str:
-    """The alert as the UI's static details (markdown): its summary, description, labels, earlier run."""
+    """The alert as the UI's static details (markdown): its summary, description, labels, earlier run.
+
+    The annotations and labels are the sender's text, so they are escaped into inert markdown (no raw
+    HTML, no link): cut first, then escaped, so a cut never splits an escape.
+    """
     first = routed.alerts[0]
-    lines = [f"**{first.annotations.get('summary') or first.name}**"]
+    lines = [f"**{markdown_text((first.annotations.get('summary') or first.name)[:1000])}**"]
     if first.annotations.get("description"):
-        lines.append(first.annotations["description"])
-    lines.append("Labels: " + ", ".join(f"`{k}={v}`" for k, v in sorted(first.labels.items())))
+        lines.append(markdown_text(first.annotations["description"][:1000]))
+    shown: list[str] = []
+    for name, value in sorted(first.labels.items()):
+        if sum(len(x) + 2 for x in shown) > 1000:
+            shown.append("…")
+            break
+        shown.append(markdown_code(f"{name}={value}"[:200]))
+    lines.append("Labels: " + ", ".join(shown))
     if len(routed.alerts) > 1:
         lines.append(f"{len(routed.alerts)} alerts in the first delivery")
     if incident.previous_run_id:
-        lines.append(f"Fired again after run `{incident.previous_run_id}` closed")
+        lines.append(f"Fired again after run {markdown_code(incident.previous_run_id)} closed")
     lines.append(f"Follow it: `firebreak status {routed.incident_id} --watch`")
-    return "\n\n".join(line[:1000] for line in lines)
+    return "\n\n".join(lines)
 

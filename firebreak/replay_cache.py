@@ -5,7 +5,7 @@ still inside its lifetime (up to 15 minutes). With a ``path``, every jti is appe
 before the request it came with is served, and read back at start, so a restart forgets nothing
 that still matters.
 
-The file is JSON lines, ``["<jti>", <exp>]``, append-only, and rewritten (atomically) with only
+The file is JSON lines, ``["<jti>", <exp>]`` (``exp`` null: discarded), append-only, and rewritten (atomically) with only
 the live entries once the dead ones outnumber them. Each append is flushed to the operating
 system, which survives the target process crashing or restarting; surviving a power loss as well
 would need an fsync per request, which a demo target does not pay for.
@@ -57,6 +57,14 @@ class ReplayCache:
                 self._compact(now, leeway)
             return True
 
+    def discard(self, jti: str) -> None:
+        """Forget ``jti``: the request it came with was not served after all (a retry must go through)."""
+        with self._lock:
+            if self._seen.pop(jti, None) is not None and self._file is not None:
+                self._file.write(json.dumps([jti, None]) + "\n")  # a tombstone, read back as "forgotten"
+                self._file.flush()
+                self._lines += 1
+
     def close(self) -> None:
         with self._lock:
             if self._file is not None:
@@ -74,6 +82,9 @@ class ReplayCache:
             self._lines += 1
             try:
                 jti, exp = json.loads(line)
+                if exp is None:  # discarded: its request was never served
+                    self._seen.pop(str(jti), None)
+                    continue
                 self._seen[str(jti)] = max(float(exp), self._seen.get(str(jti), float("-inf")))
             except (ValueError, TypeError):
                 # A line cut short by a crash mid-write; its request was never served.

@@ -33,9 +33,35 @@ GRAFANA_SECRET: str = INDEX["grafana_test_secret"]
 TOKEN = "test-intake-token-" + uuid.uuid4().hex
 
 
+def _pd_fixture_age_s() -> float:
+    occurred = [json.loads((FIXTURES / e["file"]).read_bytes())["event"]["occurred_at"]
+                for e in INDEX["fixtures"] if e["system"] == "pagerduty-v3"]
+    oldest = min(datetime.fromisoformat(o.replace("Z", "+00:00")) for o in occurred)
+    return (datetime.now(timezone.utc) - oldest).total_seconds()
+
+
+# The real PagerDuty fixtures were recorded long ago: a module that sends them as their exact bytes
+# widens the freshness window to their age (plus a day), and nothing more.
+PD_FIXTURES_MAX_AGE_S: float = _pd_fixture_age_s() + 86_400
+
+
 def fixture(name: str) -> bytes:
     """The exact bytes on the wire."""
     return (FIXTURES / name).read_bytes()
+
+
+def fresh_pagerduty(name: str, **data: Any) -> bytes:
+    """A PagerDuty fixture as a new event: its own new id, occurred now (``data`` updates ``event.data``)."""
+    body = json.loads(fixture(name))
+    body["event"]["id"] = "01" + uuid.uuid4().hex[:24].upper()
+    body["event"]["occurred_at"] = datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    body["event"]["data"].update(data)
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def now_stamp() -> str:
+    """A Grafana timestamp header value for now."""
+    return str(int(time.time()))
 
 
 def bearer(token: str = TOKEN) -> dict[str, str]:

@@ -21,12 +21,15 @@ from temporalio.testing import WorkflowEnvironment
 
 from api_harness import (
     INDEX,
+    PD_FIXTURES_MAX_AGE_S,
     alertmanager_body,
     bearer,
     fixture,
+    fresh_pagerduty,
     grafana_headers,
     incident_status,
     labels,
+    now_stamp,
     pd_headers,
     running_api,
     start_dev_server,
@@ -35,6 +38,7 @@ from api_harness import (
 from demo.fleet import FleetServer
 from firebreak import signing
 from firebreak.api import ApiServer
+from firebreak.api.sources import alertmanager_fingerprint
 from firebreak.broker.server import BrokerServer
 from conftest import worker_settings_for
 from firebreak.config import Settings
@@ -70,7 +74,9 @@ def worker_settings(state_dir: Path, runbooks_dir: Path, broker: BrokerServer, m
 @pytest.fixture(scope="module")
 async def api(temporal: WorkflowEnvironment, worker_settings: Settings,
               tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[ApiServer]:
-    async with running_api(temporal.client, worker_settings, tmp_path_factory.mktemp("api-state")) as server:
+    # The shared PagerDuty fixtures go on the wire as recorded, long ago: the window covers their age.
+    async with running_api(temporal.client, worker_settings, tmp_path_factory.mktemp("api-state"),
+                           pagerduty_max_age_s=PD_FIXTURES_MAX_AGE_S) as server:
         yield server
 
 
@@ -97,7 +103,7 @@ def _headers(entry: dict[str, Any], body: bytes) -> dict[str, str]:
     if entry["system"] == "pagerduty-v3":
         return pd_headers(body, webhook_id=f"wh-{uuid.uuid4().hex}")
     if entry["system"] == "grafana":
-        return grafana_headers(body)
+        return grafana_headers(body, timestamp=now_stamp())
     return bearer()
 
 
@@ -181,7 +187,8 @@ async def test_same_alert_fifty_times_at_once_is_one_incident_counting_fifty(
 async def test_pagerduty_retry_with_the_same_webhook_id_is_answered_once(
     api: ApiServer, http: httpx.AsyncClient
 ) -> None:
-    body = fixture("pagerduty_v3_incident_triggered.json")
+    # A new event (the fixture's own id was processed above): its retries share its X-Webhook-Id.
+    body = fresh_pagerduty("pagerduty_v3_incident_triggered.json")
     webhook_id = f"wh-{uuid.uuid4().hex}"
     first, *retries = await asyncio.gather(*[
         http.post(f"{api.url}/v1/alerts/pagerduty", content=body, headers=pd_headers(body, webhook_id))
@@ -263,7 +270,9 @@ async def test_resolved_before_approval_closes_auto_resolved_and_a_refire_opens_
     api: ApiServer, http: httpx.AsyncClient, temporal: WorkflowEnvironment
 ) -> None:
     incident = "inventory.drill-rollback"
-    alert = {"labels": labels("DrillRollback", "inventory"), "fingerprint": "0123456789abcdef"}
+    # The fingerprint Alertmanager gives these labels: only then does the resolved alert count.
+    alert = {"labels": labels("DrillRollback", "inventory"),
+             "fingerprint": alertmanager_fingerprint(labels("DrillRollback", "inventory"))}
     first = await http.post(f"{api.url}/v1/alerts/alertmanager", content=alertmanager_body([alert]), headers=bearer())
     assert first.status_code == 202
     first_run = first.json()["incidents"][0]["run_id"]

@@ -5,12 +5,18 @@ the top hypotheses with their evidence, the plan with each step's blast radius a
 and refusal (who, when, comment or reason, counted or not), each step's result and verification, the
 tickets and the outcome. It is bounded, because it is rebuilt on every change and an incident can
 collect many refused approvals.
+
+Every value interpolated here (alert labels, the systems an incident read, approvers' comments) is
+untrusted: it goes in through ``markdown_text`` (inert text) or ``markdown_code`` (a code span), so it
+renders as the same characters and never as HTML or a live link.
 """
 
 from __future__ import annotations
 
 from firebreak.contracts import NEEDS_A_HUMAN, ApprovalRecord, IncidentStatus, Phase, PlanStep, StepResult
 from firebreak.correlation import correlation_lines
+from firebreak.escaping import markdown_code as _c
+from firebreak.escaping import markdown_text as _t
 
 MAX_HYPOTHESES = 3
 MAX_FINDINGS = 5
@@ -33,27 +39,27 @@ def phase_label(phase: Phase) -> str:
 def approval_line(record: ApprovalRecord) -> str:
     """One approval or rejection, with who, when, how it came, what they said and whether it counted."""
     verb = "rejected" if record.decision == "reject" else "approved" if record.decision == "approve" else record.decision
-    steps = f" steps {', '.join(record.steps)}" if record.steps else ""
-    when = f"at {record.received_at:{_TIME}} via {record.via}"
+    steps = f" steps {_t(', '.join(record.steps))}" if record.steps else ""
+    when = f"at {record.received_at:{_TIME}} via {_t(record.via)}"
     said = ""
     if record.comment:
-        said = f'; {"reason" if record.decision == "reject" else "comment"}: "{_one_line(record.comment, 300)}"'
+        said = f'; {"reason" if record.decision == "reject" else "comment"}: "{_t(_one_line(record.comment, 300))}"'
     if record.counted:
-        why = f" ({record.reason})" if record.reason and record.reason != "counted" else ""
-        return f"✔ **{record.approver}** {verb}{steps} {when}, counted{why}{said}"
-    return f"✘ **{record.approver}** {verb}{steps} {when}: **REFUSED**: {record.reason}{said}"
+        why = f" ({_t(record.reason)})" if record.reason and record.reason != "counted" else ""
+        return f"✔ **{_t(record.approver)}** {_t(verb)}{steps} {when}, counted{why}{said}"
+    return f"✘ **{_t(record.approver)}** {_t(verb)}{steps} {when}: **REFUSED**: {_t(record.reason)}{said}"
 
 
 def status_markdown(status: IncidentStatus) -> str:
     """The incident card."""
     out = [f"### {phase_label(status.phase)}",
-           f"{status.runbook} v{status.runbook_version} on **{status.service or status.incident_id}**"
-           + (f" · severity {status.severity}" if status.severity else "")
-           + (f" · raised by {status.requested_by}" if status.requested_by else "")]
+           f"{_t(status.runbook)} v{status.runbook_version} on **{_t(status.service or status.incident_id)}**"
+           + (f" · severity {_t(status.severity)}" if status.severity else "")
+           + (f" · raised by {_t(status.requested_by)}" if status.requested_by else "")]
     if status.outcome:
-        out.append(f"**Outcome:** {status.outcome}")
+        out.append(f"**Outcome:** {_t(status.outcome)}")
     if status.held:
-        out.append(f"**Held:** {status.held}")
+        out.append(f"**Held:** {_t(status.held)}")
     if status.phase == Phase.awaiting_approval and status.escalates_at and status.expires_at:
         out.append(f"{'Escalated' if status.escalated else 'Escalates'} at {status.escalates_at:{_TIME}}; "
                    f"expires at {status.expires_at:{_TIME}}")
@@ -63,9 +69,10 @@ def status_markdown(status: IncidentStatus) -> str:
     out += _approvals(status)
     out += _results(status.steps)
     if status.tickets:
-        out += ["#### Tickets"] + [f"- {t.sink}: `{t.ref}`" for t in status.tickets]
-    notes = ([f"- gap: {g}" for g in status.gaps[:5]] + [f"- not sent: {g}" for g in status.sink_gaps[:5]]
-             + [f"- re-proposed: {r}" for r in status.reproposals] + [f"- {r}" for r in status.refused_signals[-5:]])
+        out += ["#### Tickets"] + [f"- {_t(t.sink)}: {_c(t.ref)}" for t in status.tickets]
+    notes = ([f"- gap: {_t(g)}" for g in status.gaps[:5]] + [f"- not sent: {_t(g)}" for g in status.sink_gaps[:5]]
+             + [f"- re-proposed: {_t(r)}" for r in status.reproposals]
+             + [f"- {_t(r)}" for r in status.refused_signals[-5:]])
     if notes:
         out += ["#### Notes"] + notes
     card = "\n\n".join(line for line in out if line)
@@ -78,9 +85,9 @@ def _hypotheses(status: IncidentStatus) -> list[str]:
     out = ["#### Hypotheses"]
     for hyp in status.hypotheses[:MAX_HYPOTHESES]:
         # A nested list: each finding (held or not) with its figures, under its hypothesis.
-        findings = "".join(f"\n  - {'✔' if f.held else '✘'} {_one_line(f.detail, 240)}"
+        findings = "".join(f"\n  - {'✔' if f.held else '✘'} {_t(_one_line(f.detail, 240))}"
                            for f in hyp.findings[:MAX_FINDINGS])
-        out.append(f"- **{hyp.title}** {hyp.score:.0%}{findings}")
+        out.append(f"- **{_t(hyp.title)}** {hyp.score:.0%}{findings}")
     return out
 
 
@@ -89,25 +96,25 @@ def _correlation(status: IncidentStatus) -> list[str]:
     top = status.hypotheses[0] if status.hypotheses else None
     lines = correlation_lines(top, status.service, status.evidence, status.plan)
     lines += [f"past incidents: {ev.past.summary()}" for ev in status.evidence if ev.past is not None]
-    return ["#### Correlation"] + [f"- {_one_line(line, 400)}" for line in lines] if lines else []
+    return ["#### Correlation"] + [f"- {_t(_one_line(line, 400))}" for line in lines] if lines else []
 
 
 def _step_line(step: PlanStep) -> str:
-    params = ", ".join(f"{k}={v}" for k, v in step.params.items())
+    params = _t(", ".join(f"{k}={v}" for k, v in step.params.items()))
     if step.undo is None:
         undo = "no undo declared"
     else:
-        undo_params = ", ".join(f"{k}={v}" for k, v in step.undo.params.items())
-        undo = f"undo `{step.undo.verb}`" + (f" ({undo_params})" if undo_params else "")
-    return (f"- **{step.id}** `{step.verb}` on `{step.resource}`" + (f" ({params})" if params else "")
-            + f" · risk {step.risk} · blast radius: {step.blast_radius} · {undo}")
+        undo_params = _t(", ".join(f"{k}={v}" for k, v in step.undo.params.items()))
+        undo = f"undo {_c(step.undo.verb)}" + (f" ({undo_params})" if undo_params else "")
+    return (f"- **{_t(step.id)}** {_c(step.verb)} on {_c(step.resource)}" + (f" ({params})" if params else "")
+            + f" · risk {_t(step.risk)} · blast radius: {_t(step.blast_radius)} · {undo}")
 
 
 def _plan(status: IncidentStatus) -> list[str]:
     if status.plan is None:
         return []
     out = [f"#### Plan `{(status.plan_hash or '')[:12]}`"] + [_step_line(s) for s in status.plan.steps]
-    waiting = [f"{n.step}: {n.approvers - len(n.approved_by)} more approver(s) from {', '.join(n.groups)}"
+    waiting = [f"{_t(n.step)}: {n.approvers - len(n.approved_by)} more approver(s) from {_t(', '.join(n.groups))}"
                for n in status.needed if not n.met]
     if waiting and not status.phase.closed:
         out.append("Needs " + "; ".join(waiting))
@@ -124,12 +131,12 @@ def _approvals(status: IncidentStatus) -> list[str]:
 
 
 def step_result_line(step: StepResult) -> str:
-    line = f"- **{step.step_id}** {step.status}: {_one_line(step.detail, 300)}"
+    line = f"- **{_t(step.step_id)}** {_t(step.status)}: {_t(_one_line(step.detail, 300))}"
     if step.verification:
         verdict = {True: "verified", False: "did not hold", None: "not verified"}[step.verified]
-        line += f"; {verdict}: {_one_line(step.verification, 300)}"
+        line += f"; {verdict}: {_t(_one_line(step.verification, 300))}"
     if step.rollback:
-        line += f"; rollback {step.rollback.status}: {_one_line(step.rollback.detail, 300)}"
+        line += f"; rollback {_t(step.rollback.status)}: {_t(_one_line(step.rollback.detail, 300))}"
     return line
 
 
@@ -144,13 +151,13 @@ def _one_line(text: str, limit: int) -> str:
 
 def plan_markdown(status: IncidentStatus) -> str:
     """The ticket body and `firebreak status`: the card, the evidence links and how to approve."""
-    title = f"# [{status.phase.value}] {status.incident_id}"
+    title = f"# [{status.phase.value}] {_t(status.incident_id)}"
     out = [title, "", status_markdown(status)]
     if status.plan_hash:
         out += ["", f"Plan hash: `{status.plan_hash}`"]
     links = [e.link for e in status.evidence if e.link]
     if links:
-        out += ["", "#### Evidence"] + [f"- {link}" for link in links]
+        out += ["", "#### Evidence"] + [f"- {_t(link)}" for link in links]
     if status.plan and not status.phase.closed:
         out += ["", "#### Approve", f"`firebreak approve {status.incident_id} --key PATH`"]
     return "\n".join(out)

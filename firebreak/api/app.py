@@ -3,10 +3,10 @@
 Intake, each answered 202 with the incidents the alerts joined:
 
 - ``POST /v1/alerts/alertmanager``: Alertmanager webhook v4 (bearer token);
-- ``POST /v1/alerts/pagerduty``: PagerDuty V3 webhook (``X-PagerDuty-Signature``,
-  retries with the same ``X-Webhook-Id`` answered once);
-- ``POST /v1/alerts/grafana``: Grafana alerting webhook (bearer and/or
-  ``X-Grafana-Alerting-Signature``);
+- ``POST /v1/alerts/pagerduty``: PagerDuty V3 webhook (``X-PagerDuty-Signature``;
+  each event processed once by its ``event.id``, only inside the freshness window);
+- ``POST /v1/alerts/grafana``: Grafana alerting webhook (``X-Grafana-Alerting-Signature``
+  over the timestamp header, each signed request taken once; a bearer token, if sent, must match too);
 - ``POST /v1/alerts``: Firebreak's own format, a JSON list of ``Alert`` (bearer).
 
 Read: ``GET /v1/incidents``, ``GET /v1/incidents/{id}``, ``GET /v1/unrouted``
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -43,7 +44,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from firebreak.api import auth
 from firebreak.api.approvals import ApprovalGate
-from firebreak.api.delivery import Accepted, ErrorBody, Intake, error_response
+from firebreak.api.delivery import PAGERDUTY_FUTURE_S, Accepted, ErrorBody, Intake, error_response
 from firebreak.api.gateway import ClientFactory, TemporalGateway, TemporalUnavailable
 from firebreak.api.retries import FILE_NAME as RETRIES_FILE
 from firebreak.api.retries import DeliveryLog
@@ -66,6 +67,7 @@ from firebreak.incidents import WorkerDown, read_status
 from firebreak.incidents import submit_approval as deliver_approval
 from firebreak.listing import Filters
 from firebreak.receipts import ensure_intake_key, intake_signer
+from firebreak.replay_cache import ReplayCache
 from firebreak.runbook import Runbook, load_runbooks
 from firebreak.telemetry import temporal_interceptors
 from firebreak.temporal import PHASE, RUNBOOK, SERVICE, SEVERITY
@@ -76,6 +78,8 @@ _PLAIN = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")  # ids and filter values: never
 _RUN_ID = re.compile(r"^[0-9a-fA-F-]{1,64}$")
 _WEBHOOK_ID = re.compile(r"^[\x21-\x7e]{1,200}$")
 RETRY_AFTER_S = "5"
+GRAFANA_SEEN_FILE = "grafana_signatures.jsonl"
+GRAFANA_UNBOUNDED_MEMORY_S = 7 * 24 * 3600  # how long a signature is remembered when the skew check is off
 
 
 class ApiError(Exception):
@@ -180,7 +184,10 @@ def create_app(
 
     gateway = TemporalGateway(client_factory, settings.temporal_timeout_s)
     unrouted_log = UnroutedLog(settings.api_dir / UNROUTED_FILE)
-    retries = DeliveryLog(settings.api_dir / RETRIES_FILE, settings.pagerduty_dedup_ttl_s)
+    # Event ids are remembered for at least the freshness window: inside it nothing counts twice.
+    retries = DeliveryLog(settings.api_dir / RETRIES_FILE,
+                          max(settings.pagerduty_dedup_ttl_s, settings.pagerduty_max_age_s + PAGERDUTY_FUTURE_S))
+    grafana_seen = ReplayCache(settings.api_dir / GRAFANA_SEEN_FILE)
     intake = Intake(runbooks, gateway, unrouted_log, settings.temporal.task_queue,
                     receipt=intake_signer(ensure_intake_key(settings.state_dir)))
     approvals = ApprovalGate(settings.roster or settings.state_dir / "roster.yaml")
@@ -250,19 +257,10 @@ def create_app(
         _auth(lambda: auth.check_pagerduty_signature(
             request.headers.get("x-pagerduty-signature"), body, settings.pagerduty_secrets))
         webhook_id = request.headers.get("x-webhook-id")
-        if webhook_id is None:
-            return await intake.accept(parse_pagerduty(body))
-        if not _WEBHOOK_ID.fullmatch(webhook_id):
+        if webhook_id is not None and not _WEBHOOK_ID.fullmatch(webhook_id):
             raise ApiError(400, "X-Webhook-Id must be 1-200 printable characters", "headers.x-webhook-id")
-        async with retries.hold(webhook_id) as seen:
-            if seen:
-                return JSONResponse(Accepted(status="duplicate", source="pagerduty", delivery_id=webhook_id,
-                                             detail="this X-Webhook-Id was already processed").model_dump(mode="json"),
-                                    status_code=202)
-            response = await intake.accept(parse_pagerduty(body, webhook_id))
-            if response.status_code < 500:
-                await retries.mark(webhook_id)
-            return response
+        return await intake.accept_pagerduty(parse_pagerduty(body, webhook_id), retries,
+                                             max_age_s=settings.pagerduty_max_age_s)
 
     @app.post("/v1/alerts/grafana", status_code=202, response_model=Accepted, responses=ERRORS,
               summary="Grafana alerting webhook (bearer and/or X-Grafana-Alerting-Signature)")
@@ -270,16 +268,41 @@ def create_app(
         authorization = request.headers.get("authorization")
         signature = request.headers.get("x-grafana-alerting-signature")
         if authorization is None and signature is None:
-            raise ApiError(401, "needs a bearer token or X-Grafana-Alerting-Signature", "headers.authorization",
+            raise ApiError(401, "needs X-Grafana-Alerting-Signature over a timestamp", "headers.authorization",
                            headers={"WWW-Authenticate": "Bearer"})
         if authorization is not None:
-            require_bearer(request)
+            require_bearer(request)  # optional, but a token that is sent must be right
         body = await read_body(request, settings.max_body_bytes)
-        if signature is not None:
-            _auth(lambda: auth.check_grafana_signature(
+        try:
+            # A bearer token alone, or a signature without a timestamp, could be replayed for ever: refused.
+            sent_at = auth.check_grafana_signature(
                 signature, request.headers.get(settings.grafana_timestamp_header), body, settings.grafana_secrets,
-                max_skew_s=settings.grafana_max_skew_s))
-        return await intake.accept(parse_grafana(body))
+                max_skew_s=settings.grafana_max_skew_s, timestamp_header=settings.grafana_timestamp_header)
+        except auth.AuthError as exc:
+            # Signed by Grafana's secret, or sent with a good token: keep what it carried, with why it was refused.
+            if exc.authentic or authorization is not None:
+                try:
+                    await intake.record_refused(parse_grafana(body), exc.field, str(exc))
+                except PayloadError:
+                    pass  # answered 401 all the same; nothing of it could be recorded
+            raise ApiError(401, str(exc), exc.field, headers={"WWW-Authenticate": "Bearer"}) from None
+        parsed = parse_grafana(body)
+        skew = settings.grafana_max_skew_s
+        expires = sent_at + skew if skew is not None else time.time() + GRAFANA_UNBOUNDED_MEMORY_S
+        # The signature is a MAC of timestamp and body: the same one twice is the same request twice.
+        key = f"grafana:{(signature or '').strip().lower()}"
+        if not grafana_seen.check_and_add(key, expires, time.time(), 0.0):
+            return await intake.duplicate(parsed, "headers.x-grafana-alerting-signature",
+                                          "this signed Grafana request (same timestamp, same body) was already "
+                                          "received: a replay")
+        try:
+            response = await intake.accept(parsed)
+        except BaseException:
+            grafana_seen.discard(key)  # nothing was accepted (503, 500): the sender's retry must be processed
+            raise
+        if response.status_code >= 500:
+            grafana_seen.discard(key)
+        return response
 
     @app.post("/v1/alerts", status_code=202, response_model=Accepted, responses=ERRORS,
               dependencies=[Depends(require_bearer)], summary="Firebreak's own format: a JSON list of Alert")
@@ -375,7 +398,7 @@ def create_app(
              responses={k: v for k, v in ERRORS.items() if k in (400, 401)})
     async def list_unrouted(
         limit: int = Query(default=100, ge=1, le=10_000),
-        kind: str | None = Query(default=None, pattern="^(unrouted|refused)$"),
+        kind: str | None = Query(default=None, pattern="^(unrouted|refused|test)$"),
     ) -> UnroutedList:
         items = await unrouted_log.tail(limit, kind)
         return UnroutedList(items=items, count=len(items))

@@ -23,11 +23,17 @@ SECRETS_FILE = "secrets.json"
 
 
 class AuthError(Exception):
-    """The request is not authentic: answered 401, the message names what failed, never a value."""
+    """The request is not authentic: answered 401, the message names what failed, never a value.
 
-    def __init__(self, message: str, field: str) -> None:
+    ``authentic``: the body itself was signed by a holder of the secret, but the request still
+    cannot be accepted (a Grafana request without its signed timestamp could be a replay). Such a
+    refusal is worth recording with the alerts it carried; an unauthenticated one is not.
+    """
+
+    def __init__(self, message: str, field: str, *, authentic: bool = False) -> None:
         super().__init__(message)
         self.field = field
+        self.authentic = authentic
 
 
 @dataclass(frozen=True)
@@ -122,6 +128,13 @@ def pagerduty_signature(secret: str, body: bytes) -> str:
     return "v1=" + _hmac_hex(secret.encode("utf-8"), body)
 
 
+def _grafana_matches(candidate: bytes, message: bytes, secrets_: Sequence[SecretStr]) -> bool:
+    matched = False
+    for secret in _values(secrets_):
+        matched |= hmac.compare_digest(_hmac_hex(secret, message).encode("ascii"), candidate)
+    return matched
+
+
 def check_grafana_signature(
     signature: str | None,
     timestamp: str | None,
@@ -130,28 +143,35 @@ def check_grafana_signature(
     *,
     max_skew_s: float | None,
     now: float | None = None,
-) -> None:
-    """Grafana: hex HMAC-SHA256 of the body, or of ``timestamp:body`` when a timestamp header is sent."""
+    timestamp_header: str = "X-Grafana-Alerting-Timestamp",
+) -> int:
+    """Grafana: hex HMAC-SHA256 of ``timestamp:body``; returns the signed Unix time.
+
+    The timestamp is required: a signature over the body alone never expires, so anyone who saw
+    one request could send it again for ever. Such a request is refused even when its signature
+    is good (then ``authentic`` is set, so the refusal is recorded with its alerts).
+    """
+    ts_field = f"headers.{timestamp_header.lower()}"
     if not signature:
-        raise AuthError("missing X-Grafana-Alerting-Signature header", "headers.x-grafana-alerting-signature")
-    message = body
-    if timestamp is not None:
-        try:
-            sent_at = int(timestamp.strip())
-        except ValueError:
-            raise AuthError("timestamp header is not a Unix time", "headers.timestamp") from None
-        if max_skew_s is not None and abs((now if now is not None else time.time()) - sent_at) > max_skew_s:
-            # A replayed request keeps its old timestamp: the signature covers it, so it cannot be refreshed.
-            raise AuthError("signed timestamp is too old or in the future", "headers.timestamp")
-        message = timestamp.strip().encode("ascii") + b":" + body
+        raise AuthError("missing X-Grafana-Alerting-Signature header: a request without a signed timestamp could "
+                        "be a replay", "headers.x-grafana-alerting-signature")
     candidate = signature.strip().lower().encode("ascii", errors="replace")
-    matched = False
-    for secret in _values(secrets_):
-        matched |= hmac.compare_digest(_hmac_hex(secret, message).encode("ascii"), candidate)
-    if not matched:
+    if timestamp is None:
+        authentic = _grafana_matches(candidate, body, secrets_)
+        raise AuthError(f"missing {timestamp_header} header: set the contact point's timestamp header, "
+                        "so that a signed request cannot be replayed", ts_field, authentic=authentic)
+    stamp = timestamp.strip()
+    if not stamp.isascii() or not stamp.isdigit() or len(stamp) > 12:
+        raise AuthError(f"{timestamp_header} is not a Unix time", ts_field)
+    sent_at = int(stamp)
+    if max_skew_s is not None and abs((now if now is not None else time.time()) - sent_at) > max_skew_s:
+        # A replayed request keeps its old timestamp: the signature covers it, so it cannot be refreshed.
+        raise AuthError("signed timestamp is too old or in the future", ts_field)
+    if not _grafana_matches(candidate, stamp.encode("ascii") + b":" + body, secrets_):
         raise AuthError(
-            "X-Grafana-Alerting-Signature does not match the body", "headers.x-grafana-alerting-signature"
+            "X-Grafana-Alerting-Signature does not match the timestamp and body", "headers.x-grafana-alerting-signature"
         )
+    return sent_at
 
 
 def grafana_signature(secret: str, body: bytes, timestamp: str | None = None) -> str:

@@ -22,6 +22,18 @@ grouped with it: Alertmanager does not retry a 4xx and re-sends the same group
 never arrive. A refused alert still never reaches a query, a workflow or a
 target. When EVERY alert of a delivery is refused, nothing is started and the
 answer is 422 naming the field (the refused alerts are recorded all the same).
+
+A delivery that is authentic but must not count again is refused whole, opens
+and closes nothing, and its alerts are recorded as refused with the reason:
+
+- PagerDuty: an event already processed (its own ``event.id``, whatever the
+  ``X-Webhook-Id``) is answered 202 ``duplicate``; a retry under the same
+  ``X-Webhook-Id`` is the sender's ordinary retry and is not recorded again.
+  An event whose ``occurred_at`` is outside the freshness window is 422
+  naming ``event.occurred_at``: ids are remembered for that whole window, so
+  nothing inside it is taken twice and nothing outside it at all;
+- Grafana: a signed request seen before (same timestamp, same body) is
+  answered 202 ``duplicate``.
 """
 
 from __future__ import annotations
@@ -29,7 +41,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Literal
 
 from fastapi.responses import JSONResponse
@@ -37,14 +49,17 @@ from pydantic import BaseModel, Field
 from temporalio.client import Client
 
 from firebreak.api.gateway import TemporalGateway, TemporalUnavailable, is_unavailable
+from firebreak.api.retries import DeliveryLog
 from firebreak.api.sources import Parsed
 from firebreak.api.unrouted import UnroutedLog, UnroutedRecord
+from firebreak.contracts import Alert
 from firebreak.intake import Delivered, Routed, deliver_routed, route_alerts
 from firebreak.receipts import ReceiptSigner
 from firebreak.runbook import Runbook
 
 log = logging.getLogger("firebreak.api")
 LISTED = 100  # alerts named in an answer; the rest are counted (a 500-alert group stays a small answer)
+PAGERDUTY_FUTURE_S = 300.0  # clocks differ: an event "from the future" by more than this is refused
 
 
 class FieldError(BaseModel):
@@ -87,7 +102,7 @@ class Counts(BaseModel):
 class Accepted(BaseModel):
     """The 202 answer: which incidents the alerts joined, and what was only recorded."""
 
-    status: Literal["accepted", "duplicate", "ignored"]
+    status: Literal["accepted", "duplicate", "ignored", "test"]
     source: str
     delivery_id: str
     incident_ids: list[str] = Field(default_factory=list)
@@ -119,6 +134,16 @@ class Intake:
 
     async def accept(self, parsed: Parsed) -> JSONResponse:
         delivery_id = parsed.delivery_id or f"{parsed.source}-{uuid.uuid4().hex}"
+        if parsed.test:
+            # Recorded, so whoever pressed "test" can see it arrived; nothing is routed or started.
+            at = datetime.now(timezone.utc)
+            alerts = [sa.alert for sa in parsed.alerts] or [
+                Alert(source=parsed.source, fingerprint=parsed.event_id or delivery_id, labels={"alertname": "Ping"})]
+            await self.unrouted.append([UnroutedRecord(at=at, kind="test", source=parsed.source, delivery_id=delivery_id,
+                                                       reason=parsed.test, alert=a) for a in alerts])
+            return accepted(Accepted(status="test", source=parsed.source, delivery_id=delivery_id,
+                                     detail=parsed.ignored or parsed.test,
+                                     counts=Counts(alerts=len(parsed.alerts))))
         if parsed.ignored:
             return accepted(Accepted(status="ignored", source=parsed.source, delivery_id=delivery_id,
                                      detail=parsed.ignored))
@@ -171,6 +196,72 @@ class Intake:
             counts=Counts(alerts=len(parsed.alerts) + len(parsed.refused), routed=sum(len(g.alerts) for g in routing.routed),
                           unrouted=len(unrouted), refused=len(refused)),
         ))
+
+    async def record_refused(self, parsed: Parsed, field: str, reason: str, delivery_id: str | None = None) -> list[
+            UnroutedRecord]:
+        """Every alert of a delivery refused whole (a replay, a stale event), written where refused alerts go."""
+        at = datetime.now(timezone.utc)
+        delivery = delivery_id or parsed.delivery_id or parsed.event_id
+        records = [UnroutedRecord(at=at, kind="refused", source=parsed.source, delivery_id=delivery, reason=reason,
+                                  field=field, alert=alert)
+                   for alert in [sa.alert for sa in parsed.alerts] + [r.alert for r in parsed.refused]]
+        await self.unrouted.append(records)
+        log.warning("refused delivery %s from %s: %s: %s", delivery, parsed.source, field, reason)
+        return records
+
+    async def duplicate(self, parsed: Parsed, field: str, reason: str, *, record: bool = True) -> JSONResponse:
+        """202 ``duplicate``: already processed, so this copy opens and closes nothing."""
+        records = await self.record_refused(parsed, field, reason) if record else []
+        delivery_id = parsed.delivery_id or parsed.event_id or f"{parsed.source}-{uuid.uuid4().hex}"
+        return accepted(Accepted(
+            status="duplicate", source=parsed.source, delivery_id=delivery_id, detail=reason,
+            refused=[_ref(r) for r in records[:LISTED]],
+            counts=Counts(alerts=len(parsed.alerts) + len(parsed.refused), refused=len(records)),
+        ))
+
+    async def accept_pagerduty(self, parsed: Parsed, seen: DeliveryLog, *, max_age_s: float,
+                               now: datetime | None = None) -> JSONResponse:
+        """A signed PagerDuty event: fresh, and processed once by its own ``event.id``.
+
+        The signature covers the body but no time and no delivery id, so an attacker holding one
+        signed body could send it again under any ``X-Webhook-Id``: the event's id is what counts.
+        """
+        now = now or datetime.now(timezone.utc)
+        occurred = parsed.occurred_at
+        if occurred is None or parsed.event_id is None:
+            # The parser requires both; a check that lacks its field refuses.
+            return error_response(400, "a PagerDuty event needs event.id and event.occurred_at", "event")
+        if occurred.tzinfo is None:
+            occurred = occurred.replace(tzinfo=timezone.utc)
+        age = now - occurred
+        if age > timedelta(seconds=max_age_s) or age < -timedelta(seconds=PAGERDUTY_FUTURE_S):
+            reason = (f"event {parsed.event_id} occurred at {occurred.isoformat()}, outside the freshness window "
+                      f"(at most {max_age_s:.0f}s old, {PAGERDUTY_FUTURE_S:.0f}s ahead): a replay or a stuck sender")
+            await self.record_refused(parsed, "event.occurred_at", reason)
+            return error_response(422, f"refused: event.occurred_at: {reason}", "event.occurred_at")
+        if parsed.ignored:
+            return await self.accept(parsed)
+        event_key = f"event:{parsed.event_id}"
+        webhook_id = parsed.delivery_id
+        # Each id kind has its own prefix, so no X-Webhook-Id can pass for an event id; a bare id is
+        # a webhook id recorded before event ids were (kept for retries across the upgrade).
+        webhook_key = f"webhook:{webhook_id}" if webhook_id is not None else None
+        async with seen.hold(event_key) as event_seen:
+            legacy = webhook_id is not None and not webhook_id.startswith(("event:", "webhook:")) and seen.seen(
+                webhook_id)
+            retry = legacy or (webhook_key is not None and seen.seen(webhook_key))
+            if event_seen or retry:
+                if retry:
+                    return await self.duplicate(parsed, "headers.x-webhook-id",
+                                                "this X-Webhook-Id was already processed", record=False)
+                return await self.duplicate(parsed, "event.id", f"PagerDuty event {parsed.event_id} was already "
+                                            "processed under another X-Webhook-Id: a replay or a second copy")
+            response = await self.accept(parsed)
+            if response.status_code < 500:  # a 503 is retried by PagerDuty and must then be processed
+                await seen.mark(event_key)
+                if webhook_key is not None:
+                    await seen.mark(webhook_key)
+            return response
 
     async def _deliver(self, groups: list[Routed], delivery_id: str, received_at: datetime) -> list[Delivered]:
         if not groups:

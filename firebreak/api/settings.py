@@ -56,6 +56,10 @@ class ApiSettings(BaseModel):
     )
     read_requires_token: bool = Field(default=True, description="GET /v1/incidents and /v1/unrouted need a token")
     pagerduty_dedup_ttl_s: float = Field(default=48 * 3600, description="PagerDuty retries for up to 48 h")
+    pagerduty_max_age_s: float = Field(
+        default=48 * 3600, gt=0,
+        description="refuse an event whose occurred_at is older than this; its id is remembered at least as long",
+    )
     roster: Path | None = Field(default=None, description="approvers' public keys: approvals are checked before Temporal")
 
     @property

@@ -14,6 +14,10 @@ Alertmanager (webhook ``version: "4"``), one Alert per entry of ``alerts``:
   sent; ``startsAt``; ``endsAt`` unless it is Go's zero time ``0001-01-01``.
   Required: ``version``, ``groupKey``, ``status``, ``alerts`` and, per alert,
   ``status``, ``labels`` with ``alertname``, ``startsAt``, ``fingerprint``.
+  A **resolved** alert counts only if ``fingerprint`` is its labels' fingerprint as
+  Alertmanager computes it (:func:`alertmanager_fingerprint`); otherwise it is refused
+  alone (``alerts[i].fingerprint``) and recorded: another label set carrying a firing
+  alert's fingerprint must not resolve that alert's incident.
 
 Grafana alerting webhook (``version: "1"``): the same shape as Alertmanager's,
   source ``grafana``, fingerprint = Grafana's ``fingerprint`` (opaque: it covers
@@ -45,7 +49,13 @@ PagerDuty V3 webhook, one Alert for an incident event:
 
 Firebreak's own format (``POST /v1/alerts``): a JSON list of
   :class:`firebreak.contracts.Alert` objects, exactly as that model defines
-  them (``source`` defaults to ``generic``).
+  them (``source`` defaults to ``generic``). A resolved alert's ``fingerprint``
+  must be its labels' Alertmanager fingerprint, as above.
+
+Grafana's fingerprint covers labels the webhook does not show, so it cannot be
+recomputed; Grafana deliveries are instead signed over a timestamp and never
+accepted twice (:mod:`firebreak.api.auth`). PagerDuty's are signed and
+deduplicated by the event's own id.
 """
 
 from __future__ import annotations
@@ -61,7 +71,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
-from firebreak.contracts import Alert
+from firebreak.contracts import LABEL_NAME, Alert
 
 # -- results and errors ---------------------------------------------------------
 
@@ -97,6 +107,62 @@ class Parsed:
     delivery_id: str | None = None
     ignored: str | None = None  # why a valid delivery carries nothing to route
     refused: list[Refused] = field(default_factory=list)
+    event_id: str | None = None  # PagerDuty: the event's own id, the same on every retry and every copy
+    occurred_at: datetime | None = None  # PagerDuty: when the event happened, for the freshness window
+    test: str | None = None  # a recognised test notification (which one): answered 2xx, recorded, opens nothing
+
+
+# -- test notifications ---------------------------------------------------------------
+
+# The alert a "test" button sends: grafana/grafana's newTestAlert (pkg/services/ngalert/notifier) for a
+# contact point, and grafana/alerting's for an Alertmanager receiver (instance "Alertmanager"). Only this
+# exact label set counts: a test that adds labels is an ordinary alert (unrouted unless a runbook wants it).
+TEST_ALERT_LABELS = ({"alertname": "TestAlert", "instance": "Grafana"},
+                     {"alertname": "TestAlert", "instance": "Alertmanager"})
+TEST_ALERT_SUMMARY = "Notification test"
+
+
+def _tested(parsed: Parsed) -> Parsed:
+    """Mark a delivery made only of test alerts: it is recorded as a test and opens nothing."""
+    alerts = [sa.alert for sa in parsed.alerts]
+    if alerts and not parsed.refused and all(
+            a.labels in TEST_ALERT_LABELS and a.annotations.get("summary") == TEST_ALERT_SUMMARY for a in alerts):
+        parsed.test = f"{parsed.source} test notification ({alerts[0].labels['instance']})"
+        parsed.ignored = f"a {parsed.test}: recorded, opens nothing"
+    return parsed
+
+
+# -- Alertmanager's fingerprint ------------------------------------------------------
+
+# prometheus/common model.LabelSet.Fingerprint (model/signature.go, labelSetToFingerprint):
+# FNV-1a 64 over the label names in byte order, each name and value followed by the byte 0xff,
+# written as 16 lowercase hex digits.
+_FNV64_OFFSET = 14695981039346656037
+_FNV64_PRIME = 1099511628211
+_SEPARATOR = b"\xff"
+
+
+def alertmanager_fingerprint(labels: dict[str, str]) -> str:
+    """The fingerprint Alertmanager gives an alert with these labels."""
+    digest = _FNV64_OFFSET
+    # Go sorts names as byte strings; UTF-8 keeps code-point order, so sorting the str is the same.
+    for name in sorted(labels):
+        for part in (name.encode("utf-8"), labels[name].encode("utf-8")):
+            for byte in part + _SEPARATOR:
+                digest = ((digest ^ byte) * _FNV64_PRIME) & 0xFFFFFFFFFFFFFFFF
+    return f"{digest:016x}"
+
+
+def _fingerprint_refusal(alert: Alert, path: str) -> Refused | None:
+    """A resolved alert whose labels do not give its fingerprint resolves nothing: refused, recorded."""
+    if alert.status != "resolved":
+        return None
+    expected = alertmanager_fingerprint(alert.labels)
+    if alert.fingerprint == expected:
+        return None
+    where = f"{path}.fingerprint" if path else "fingerprint"
+    return Refused(alert, where, f"a resolved alert's fingerprint must be its labels' fingerprint "
+                                 f"({expected}); {alert.fingerprint!r} belongs to another label set")
 
 
 class PayloadError(Exception):
@@ -110,8 +176,15 @@ class PayloadError(Exception):
         self.status = status
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def field_path(loc: Sequence[int | str], prefix: str = "") -> str:
-    """``("alerts", 0, "labels")`` -> ``alerts[0].labels``."""
+    """``("alerts", 0, "labels")`` -> ``alerts[0].labels``.
+
+    A part may be a label name from the body: control characters are written as ``\\xNN``, so a
+    name cannot break a log line or an answer.
+    """
     out = prefix
     for part in loc:
         if isinstance(part, int):
@@ -119,7 +192,8 @@ def field_path(loc: Sequence[int | str], prefix: str = "") -> str:
         elif part == "[key]":
             continue  # pydantic's marker for a bad dict key; the key itself is the previous part
         else:
-            out += f".{part}" if out else str(part)
+            text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(part))
+            out += f".{text}" if out else text
     return out
 
 
@@ -163,29 +237,52 @@ def _alert(values: dict[str, Any], path: str) -> Alert:
         raise  # unreachable: _raise_invalid always raises
 
 
-def _alerts(items: list[tuple[dict[str, Any], str]]) -> tuple[list[SourceAlert], list[Refused]]:
+def _alerts(items: list[tuple[dict[str, Any], str]], *, check_fingerprint: bool = False,
+            ) -> tuple[list[SourceAlert], list[Refused]]:
     """Each alert on its own: one that fails (a label over its limit) is refused alone, the others go on.
 
     A sender like Alertmanager does not retry a 4xx, so failing the whole delivery would lose
-    the real alerts grouped with a bad one.
+    the real alerts grouped with a bad one. ``check_fingerprint``: a resolved alert must carry
+    its labels' Alertmanager fingerprint.
     """
     accepted: list[SourceAlert] = []
     refused: list[Refused] = []
     for values, path in items:
         try:
-            accepted.append(SourceAlert(_alert(values, path), path))
+            alert = _alert(values, path)
         except PayloadError as exc:
             refused.append(Refused(_kept(values), exc.field, exc.message))
+            continue
+        spoof = _fingerprint_refusal(alert, path) if check_fingerprint else None
+        if spoof is not None:
+            refused.append(spoof)
+        else:
+            accepted.append(SourceAlert(alert, path))
     return accepted, refused
 
 
-def _kept(values: dict[str, Any]) -> Alert:
-    """What can be recorded of a refused alert: label values cut to their limit, nothing else."""
-    labels = {str(k)[:128]: str(v)[:200] for k, v in (values.get("labels") or {}).items() if isinstance(k, str)}
-    labels = {k: v for k, v in labels.items() if k.replace("_", "a").isalnum() and not k[0].isdigit()}
-    labels.setdefault("alertname", "(unknown)")
-    return Alert(source=str(values.get("source", "generic"))[:64], fingerprint=str(values.get("fingerprint") or "?")[:128],
-                 labels=labels or {"alertname": "(unknown)"})
+def _clean(value: Any, limit: int) -> str:
+    """A string that can be recorded: lone surrogates (not UTF-8) replaced, cut to ``limit``."""
+    return str(value).encode("utf-8", "replace").decode("utf-8")[:limit]
+
+
+def _kept(values: Any, source: str | None = None) -> Alert:
+    """What can be recorded of a refused alert: label values cut to their limit, nothing else.
+
+    Never raises: whatever the alert held, its refusal is recorded.
+    """
+    if not isinstance(values, dict):
+        values = {}
+    if source is not None:
+        values = values | {"source": source}
+    raw_labels = values.get("labels")
+    labels = {_clean(k, 128): _clean(v, 200) for k, v in (raw_labels if isinstance(raw_labels, dict) else {}).items()
+              if isinstance(k, str)}
+    labels = {k: v for k, v in labels.items() if LABEL_NAME.fullmatch(k)}
+    if not labels.get("alertname"):
+        labels["alertname"] = "(unknown)"
+    return Alert(source=_clean(values.get("source", "generic"), 64) or "generic",
+                 fingerprint=_clean(values.get("fingerprint") or "?", 128) or "?", labels=labels)
 
 
 # Alert's field names, as the webhook bodies spell them.
@@ -268,8 +365,55 @@ def _validate(model: type[BaseModel], data: Any, what: str) -> Any:
         _raise_invalid(_errors(exc), what)
 
 
+class _AlertmanagerEnvelope(_Wire):
+    """The group around the alerts: each alert is then validated on its own (per-alert isolation)."""
+
+    version: Literal["4"]
+    groupKey: str
+    status: Literal["firing", "resolved"]
+    alerts: list[Any] = Field(min_length=1)
+
+
+class _GrafanaEnvelope(_AlertmanagerEnvelope):
+    version: Literal["1"]  # type: ignore[assignment]
+
+
+def _each_alert(data: Any, envelope: type[_AlertmanagerEnvelope], alert_model: type[AlertmanagerAlert], source: str,
+                what: str) -> tuple[list[tuple[Any, str]], list[Refused]]:
+    """The envelope must hold (else 400 naming every bad field, the alerts' too); then each alert on its own.
+
+    An alert missing a field (``alertname``, ``fingerprint``, ``status``, ...) is refused alone and
+    recorded: Alertmanager and Grafana do not retry a 4xx, so refusing the delivery would lose the
+    good alerts grouped with it.
+    """
+    try:
+        hook = envelope.model_validate(data)
+    except ValidationError as exc:
+        errors = _errors(exc)
+        alerts = data.get("alerts") if isinstance(data, dict) else None
+        for i, raw in enumerate(alerts if isinstance(alerts, list) else []):
+            try:
+                alert_model.model_validate(raw)
+            except ValidationError as alert_exc:
+                errors += _errors(alert_exc, f"alerts[{i}]")
+        _raise_invalid(errors, what)
+        raise  # unreachable: _raise_invalid always raises
+    wires: list[tuple[Any, str]] = []
+    refused: list[Refused] = []
+    for i, raw in enumerate(hook.alerts):
+        path = f"alerts[{i}]"
+        try:
+            wires.append((alert_model.model_validate(raw), path))
+        except ValidationError as exc:
+            errors = _errors(exc, path)
+            more = f" (+{len(errors) - 1} more: {', '.join(e['field'] for e in errors[1:])})" if len(errors) > 1 else ""
+            refused.append(Refused(_kept(raw, source), errors[0]["field"], errors[0]["error"] + more))
+    return wires, refused
+
+
 def parse_alertmanager(body: bytes) -> Parsed:
-    hook: AlertmanagerWebhook = _validate(AlertmanagerWebhook, load_json(body), "invalid Alertmanager webhook")
+    wires, bad = _each_alert(load_json(body), _AlertmanagerEnvelope, AlertmanagerAlert, "alertmanager",
+                             "invalid Alertmanager webhook")
     alerts, refused = _alerts([
         (
             {
@@ -282,18 +426,17 @@ def parse_alertmanager(body: bytes) -> Parsed:
                 "ends_at": _ends(wire.endsAt),
                 "generator_url": wire.generatorURL,
             },
-            f"alerts[{i}]",
+            path,
         )
-        for i, wire in enumerate(hook.alerts)
-    ])
-    return Parsed("alertmanager", alerts, refused=refused)
+        for wire, path in wires
+    ], check_fingerprint=True)
+    return _tested(Parsed("alertmanager", alerts, refused=bad + refused))
 
 
 def parse_grafana(body: bytes) -> Parsed:
-    hook: GrafanaWebhook = _validate(GrafanaWebhook, load_json(body), "invalid Grafana webhook")
+    wires, bad = _each_alert(load_json(body), _GrafanaEnvelope, GrafanaAlert, "grafana", "invalid Grafana webhook")
     items: list[tuple[dict[str, Any], str]] = []
-    for i, wire in enumerate(hook.alerts):
-        path = f"alerts[{i}]"
+    for wire, path in wires:
         extras = {
             "grafana_rule_uid": wire.ruleUID,
             "grafana_dashboard_url": wire.dashboardURL,
@@ -317,7 +460,7 @@ def parse_grafana(body: bytes) -> Parsed:
             path,
         ))
     alerts, refused = _alerts(items)
-    return Parsed("grafana", alerts, refused=refused)
+    return _tested(Parsed("grafana", alerts, refused=bad + refused))
 
 
 # -- PagerDuty V3 -----------------------------------------------------------------
@@ -356,6 +499,7 @@ class PagerDutyWebhook(_Wire):
 
 PAGERDUTY_FIRING = frozenset({"incident.triggered", "incident.reopened"})
 PAGERDUTY_RESOLVED = frozenset({"incident.resolved"})
+PAGERDUTY_PING = "pagey.ping"  # sent by "Send test event" on a webhook subscription
 
 _AM_TITLE = re.compile(r"^\s*\[(?:FIRING(?::\d+)?|RESOLVED)\]\s+(\S+)")
 _CAMEL_NAME = re.compile(r"^([A-Z][a-z0-9]+(?:[A-Z][A-Za-z0-9]*)+)(?:\s|$)")
@@ -381,8 +525,12 @@ def pagerduty_fingerprint(incident: PagerDutyIncident) -> str:
 def parse_pagerduty(body: bytes, webhook_id: str | None = None) -> Parsed:
     hook: PagerDutyWebhook = _validate(PagerDutyWebhook, load_json(body), "invalid PagerDuty webhook")
     event = hook.event
+    if event.event_type == PAGERDUTY_PING:
+        return Parsed("pagerduty", [], webhook_id, ignored="a PagerDuty webhook ping: recorded, opens nothing",
+                      event_id=event.id, occurred_at=event.occurred_at, test="pagerduty ping")
     if event.resource_type != "incident" or event.event_type not in PAGERDUTY_FIRING | PAGERDUTY_RESOLVED:
-        return Parsed("pagerduty", [], webhook_id, ignored=f"event type {event.event_type!r} opens or closes nothing")
+        return Parsed("pagerduty", [], webhook_id, ignored=f"event type {event.event_type!r} opens or closes nothing",
+                      event_id=event.id, occurred_at=event.occurred_at)
     if event.data is None:
         raise PayloadError("an incident event needs event.data", "event.data")
     try:
@@ -439,24 +587,46 @@ def parse_pagerduty(body: bytes, webhook_id: str | None = None) -> Parsed:
             errors.append(err)
         _raise_invalid(errors, "invalid PagerDuty incident")
         raise
-    return Parsed("pagerduty", [SourceAlert(alert, "event.data", derived)], webhook_id)
+    return Parsed("pagerduty", [SourceAlert(alert, "event.data", derived)], webhook_id, event_id=event.id,
+                  occurred_at=event.occurred_at)
 
 
 # -- Firebreak's own format --------------------------------------------------------
 
-_ALERT_LIST = TypeAdapter(list[Alert])
+_ALERT = TypeAdapter(Alert)
 
 
 def parse_generic(body: bytes) -> Parsed:
+    """Each alert on its own, as for Alertmanager: a bad one is refused alone, the others go on.
+
+    Only when no alert of the list can be read at all is the whole body a 400 naming every bad field.
+    """
     data = load_json(body)
     if not isinstance(data, list):
         raise PayloadError("body must be a JSON list of alerts", "body")
     if not data:
         raise PayloadError("body holds no alerts", "body")
-    try:
-        # The API is strict (an unknown field is a 400 naming it), unlike the Temporal payloads it becomes.
-        alerts = _ALERT_LIST.validate_python(data, extra="forbid")
-    except ValidationError as exc:
-        _raise_invalid(_errors(exc), "invalid alert list")
-        raise
-    return Parsed("generic", [SourceAlert(a, f"[{i}]") for i, a in enumerate(alerts)])
+    accepted: list[SourceAlert] = []
+    refused: list[Refused] = []
+    errors: list[dict[str, str]] = []
+    unreadable = 0
+    for i, item in enumerate(data):
+        path = f"[{i}]"
+        try:
+            # The API is strict (an unknown field is refused, named), unlike the Temporal payloads it becomes.
+            alert = _ALERT.validate_python(item, extra="forbid")
+        except ValidationError as exc:
+            alert_errors = _errors(exc, path)
+            errors += alert_errors
+            unreadable += 1
+            more = f" (+{len(alert_errors) - 1} more)" if len(alert_errors) > 1 else ""
+            refused.append(Refused(_kept(item), alert_errors[0]["field"], alert_errors[0]["error"] + more))
+            continue
+        spoof = _fingerprint_refusal(alert, path)
+        if spoof is not None:
+            refused.append(spoof)
+        else:
+            accepted.append(SourceAlert(alert, path))
+    if unreadable == len(data):
+        _raise_invalid(errors, "invalid alert list")
+    return Parsed("generic", accepted, refused=refused)

@@ -4,7 +4,11 @@
 
 - ``kind: "unrouted"``: no runbook matches the alert;
 - ``kind: "refused"``: a runbook matches but refused a label value (the
-  value never reached a query), with the ``field`` and the ``reason``.
+  value never reached a query), with the ``field`` and the ``reason``; or the
+  alert itself could not be taken (a field missing), or its delivery was a
+  replay, a stale event or a spoof;
+- ``kind: "test"``: a recognised test notification (Grafana's contact-point
+  test, PagerDuty's ping): answered 2xx, opened nothing.
 
 Each write is flushed and fsynced before the webhook is answered, so an
 acknowledged alert is on disk. The file is append-only; past ``MAX_BYTES`` it
@@ -35,7 +39,7 @@ class UnroutedRecord(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     at: datetime
-    kind: Literal["unrouted", "refused"]
+    kind: Literal["unrouted", "refused", "test"]
     source: str
     delivery_id: str | None = None
     reason: str
