@@ -173,6 +173,7 @@ class BrokerProcess:
         return {"Authorization": f"Bearer {token}"}
 
 
+@pytest.mark.integration
 def test_full_disk_never_issues_a_credential_without_its_audit_record_and_the_log_heals(
         small_disk: SmallDisk, runbooks: Path, capsys: pytest.CaptureFixture[str]) -> None:
     broker = BrokerProcess(small_disk, runbooks).start()
@@ -306,6 +307,7 @@ def test_a_short_write_fails_the_append_cuts_the_bytes_and_the_next_record_carri
     assert verify_chain(path)[0]
 
 
+@pytest.mark.integration
 def test_a_torn_journal_line_is_dropped_at_start_and_the_repair_recorded_in_the_audit_chain(
         tmp_path: Path, runbooks: Path) -> None:
     server = BrokerServer(tmp_path / "state", runbooks_dir=runbooks).start()
@@ -363,6 +365,7 @@ def wait_for(predicate: Any, what: str, timeout: float = 20) -> Any:
     return value
 
 
+@pytest.mark.integration
 def test_a_tail_cut_after_the_last_checkpoint_is_caught_by_the_time_anchored_checkpoint(
         tmp_path: Path, runbooks: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("FIREBREAK_AUDIT_CHECKPOINT_SECONDS", "0.5")
@@ -394,6 +397,7 @@ def test_a_tail_cut_after_the_last_checkpoint_is_caught_by_the_time_anchored_che
         server.stop()
 
 
+@pytest.mark.integration
 def test_a_cut_back_to_an_earlier_checkpoint_with_the_later_ones_deleted_is_caught(
         tmp_path: Path, runbooks: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("FIREBREAK_AUDIT_CHECKPOINT_SECONDS", "0.5")
@@ -466,6 +470,7 @@ def test_unsigned_records_spanning_longer_than_the_time_interval_mean_removed_ch
 # -- the alert ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_storage_error_rule_fires_at_the_availability_level_with_promtool(tmp_path: Path) -> None:
     promtool = shutil.which("promtool")
     if promtool is None:

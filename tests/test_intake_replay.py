@@ -342,6 +342,7 @@ def test_the_fingerprint_is_alertmanagers_on_every_real_fixture() -> None:
     assert alertmanager_fingerprint({}) == "cbf29ce484222325"  # prometheus/common's emptyLabelSignature
 
 
+@pytest.mark.e2e
 def test_the_fingerprint_is_the_one_the_real_alertmanager_computes(tmp_path: Path) -> None:
     assert find_binary("alertmanager"), "prometheus-alertmanager (Debian) is part of the stack"
     label_sets = [
@@ -353,7 +354,9 @@ def test_the_fingerprint_is_the_one_the_real_alertmanager_computes(tmp_path: Pat
     try:
         am.start()
         am.wait_ready(30)
-        posted = httpx.post(f"{am.url}/api/v2/alerts", json=[{"labels": ls} for ls in label_sets], timeout=5)
+        assert am.web_auth is not None  # the stack's Alertmanager API takes only its own credentials
+        posted = httpx.post(f"{am.url}/api/v2/alerts", json=[{"labels": ls} for ls in label_sets], timeout=5,
+                            auth=am.web_auth.httpx())
         assert posted.status_code == 200, posted.text
         seen = {json.dumps(a["labels"], sort_keys=True): a["fingerprint"] for a in am.alerts()}
     finally:

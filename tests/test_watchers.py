@@ -68,6 +68,7 @@ def scrape(url: str) -> dict[str, float]:
 # -- rules and routes ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 @needs_prometheus
 def test_promtool_availability_is_not_misuse_and_the_watchers_rules_fire(tmp_path: Path) -> None:
     promtool = shutil.which("promtool")
@@ -124,6 +125,7 @@ def test_promtool_availability_is_not_misuse_and_the_watchers_rules_fire(tmp_pat
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.e2e
 @needs_alertmanager
 def test_amtool_routes_availability_apart_and_the_api_config_is_private(tmp_path: Path) -> None:
     amtool = shutil.which("amtool")
@@ -264,6 +266,7 @@ def test_which_silences_mute_a_security_alert() -> None:
 # -- end to end ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 @needs_both
 def test_the_stacks_alertmanager_refuses_strangers_and_a_silence_or_a_flood_is_a_security_ticket(
         tmp_path: Path) -> None:
@@ -340,6 +343,7 @@ def test_the_stacks_alertmanager_refuses_strangers_and_a_silence_or_a_flood_is_a
         down(state)
 
 
+@pytest.mark.e2e
 @needs_both
 async def test_a_catalog_outage_during_a_write_mint_is_availability_never_misuse(tmp_path: Path) -> None:
     state = tmp_path / "watch"
@@ -395,6 +399,7 @@ async def _catalog_outage(env: Env, state: Path, receiver: ThreadedServer) -> No
         assert not any(a["labels"].get("category") == "misuse" for n in kept for a in n["alerts"])
 
 
+@pytest.mark.integration
 async def test_an_unreadable_roster_is_availability_too(tmp_path: Path) -> None:
     with contextlib.contextmanager(_env)(tmp_path) as env:
         (tmp_path / "roster.yaml").unlink()  # being replaced, or lost: nobody's approval can be checked
