@@ -425,7 +425,11 @@ class Broker:
 
     def thaw(self, reason: str, by: str = "") -> None:
         with self.lock:
+            frozen_at = self.state.frozen_at()
             self.state.set_frozen(False)
+            if frozen_at is not None:
+                # A plan held by the kill switch did not spend its steps' budgets while held.
+                self.state.extend_plans(since=frozen_at, by=max(0.0, time.time() - frozen_at))
             self.audit.append("thaw", decision="thawed", subject=by or "(unnamed)", reason=reason or "no reason given",
                               sync=False)
         self._durable()

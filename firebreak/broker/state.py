@@ -319,6 +319,23 @@ class DurableState:
         elif self._frozen_file.exists():
             self._frozen_file.unlink()
 
+    def frozen_at(self) -> float | None:
+        """When the kill switch was pulled (None: not frozen, or not readable)."""
+        try:
+            return float(json.loads(self._frozen_file.read_text())["at"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def extend_plans(self, *, since: float, by: float) -> None:
+        """Give the plan authorizations live at ``since`` ``by`` seconds more: the time a freeze held them."""
+        for plan in list(self.plans.values()):
+            if plan.expires_at <= since or by <= 0:
+                continue
+            plan.expires_at += by
+            plan.keep_until += by
+            plan.minted_at = {slot: at + by for slot, at in plan.minted_at.items()}
+            self.save_plan(plan)
+
     def frozen_by(self) -> str:
         """"credentials frozen by NAME at T: REASON", what a held incident shows."""
         try:
