@@ -11,9 +11,13 @@
   recomputes, with the step's exact target/verb/resource, only when signed
   approvals (each judged once, at its first arrival) meet the policy for that
   step, and only when signed receipts say who raised the incident (they may not
-  approve). The first write records a plan authorization; each step then mints
-  once per run (a retry of the same activity reuses its slot), and an undo only
-  after its step's write was issued. Tokens bind the exact request (``req``).
+  approve). Every write and every undo passes all of these checks, first or not.
+  The first write records a plan authorization that lives for its steps' budgets
+  (timeouts, verification windows, undos); each step then mints once per run (a
+  later attempt of the same activity may mint again until a grant of the step
+  reports its write), an undo only after its step's write was issued and within
+  that step's window, and nothing for a run the workflow reported closed.
+  Tokens bind the exact request (``req``).
 """
 
 from __future__ import annotations
@@ -227,7 +231,7 @@ def authorize_write(
     if request.undo and (authorization is None or f"{step.id}/do" not in authorization.minted):
         raise Denied(f"undo of step {step.id} before its step's write was issued")
     if authorization is not None:
-        _check_slot(request, authorization, slot, plan_hash, state)
+        _check_slot(request, authorization, slot, plan_hash, state, now.timestamp())
     for workflow_id, run_id in {(plan.incident_id, plan.run_id), (request.workflow_id, request.run_id)}:
         closed = state.run_closed_at(workflow_id, run_id)
         if closed is not None:
@@ -264,7 +268,7 @@ def authorize_write(
 
 
 def _check_slot(request: MintRequest, authorization: PlanAuthorization, slot: str, plan_hash: str,
-                state: DurableState) -> None:
+                state: DurableState, now: float) -> None:
     """Each step writes once per run, and its undo once: only a later attempt of the activity that minted the
     slot may mint it again, and only until a grant of the slot has written."""
     earlier = authorization.minted.get(slot)
@@ -285,13 +289,9 @@ def _check_slot(request: MintRequest, authorization: PlanAuthorization, slot: st
                      f"older than its attempt {attempt}, which holds the grant")
     if request.attempt == attempt:
         grant = state.grants.get(authorization.grants.get(slot, ""))
-        if grant is None or grant.revoked or grant.exp <= now_ts():
+        if grant is None or grant.revoked or grant.exp <= now:
             raise Denied(f"step {slot} of plan {plan_hash[:12]}: attempt {attempt} of activity {earlier} already "
                          "used its grant; only a new attempt may mint again")
-
-
-def now_ts() -> float:
-    return datetime.now(UTC).timestamp()
 
 
 def _authorize(
