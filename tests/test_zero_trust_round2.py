@@ -325,3 +325,34 @@ async def test_every_check_refuses_a_missing_or_empty_field(
     receipts = [receipt_signer(settings.state_dir, None)(plan.incident_id)]
     fields |= {"approvals": [approval], "receipts": receipts}
     await attack(broker, expect, **(fields if isinstance(empty, dict) else empty(fields)))
+
+
+# -- 1: an authorization lives for its step's budget, not the runbook's hour; a freeze does not spend it ----
+
+
+async def test_an_undo_after_its_steps_window_is_refused_and_a_freeze_gives_the_time_back(
+    broker: BrokerServer, runbooks_dir: Path, settings, approvers
+):
+    from firebreak.broker.rules import step_budget_s
+
+    plan = made_up_plan(runbooks_dir, "drill-rollback", "rollback", impact=False)
+    step = plan.steps[0]
+    approval = approvers.approval("alice", plan.incident_id, plan.hash)
+    receipts = [receipt_signer(settings.state_dir, None)(plan.incident_id)]
+    async with BrokerClient(broker.url, broker.agent_token) as client:
+        await client.mint(**mint_fields(plan, "s1", [approval], receipts, activity_id="w-1"))
+    assert broker.broker is not None
+    state = broker.broker.state
+    authorization = next(a for a in state.plans.values() if a.workflow_id == plan.incident_id)
+    budget = step_budget_s(plan, step)  # timeout 30 s + verification 3 s (+180 s) + undo 30 s + margin
+    assert budget == 30 + 183 + 30 + 120
+    assert authorization.expires_at - authorization.created_at == budget
+    # A freeze of 100 s while the step ran: a thaw gives that time back.
+    with broker.broker.lock:
+        state.extend_plans(since=authorization.created_at, by=100)
+    assert authorization.expires_at - authorization.created_at == budget + 100
+    # Past the step's window (as if it had been minted that long ago), its undo is refused.
+    with broker.broker.lock:
+        authorization.minted_at["s1/do"] -= budget + 101
+    await attack(broker, "its window (timeout, verification, rollback) closed",
+                 **mint_fields(plan, "s1", [approval], receipts, undo=True, activity_id="w-2"))
