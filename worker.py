@@ -22,9 +22,9 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities.approvals import ApprovalActivities
+from activities.credentials import BrokerActivities
 from activities.deps import ActivityDeps
 from activities.diagnose import diagnose
-from activities.credentials import BrokerActivities
 from activities.execute import ExecuteActivities
 from activities.investigate import InvestigateActivities
 from activities.notify import NotifyActivities

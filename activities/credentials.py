@@ -10,10 +10,9 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 from opentelemetry import trace
+from pydantic import BaseModel, Field
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
-
-from pydantic import BaseModel, Field
 
 from activities.deps import ActivityDeps
 from firebreak.broker.client import CredentialsFrozen, IssuedCredential, MintRefused

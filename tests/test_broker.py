@@ -22,10 +22,8 @@ import pytest
 from fastapi import FastAPI
 
 from demo.catalog import add_routes as add_catalog_routes
-from firebreak.blast_radius import BlastRadius, Dependent
-from firebreak.serving import ThreadedServer
-
 from firebreak import signing
+from firebreak.blast_radius import BlastRadius, Dependent
 from firebreak.broker.audit import verify_chain
 from firebreak.broker.client import BrokerClient, IssuedCredential, MintRefused
 from firebreak.broker.server import BrokerServer
@@ -34,6 +32,7 @@ from firebreak.plan import build_plan
 from firebreak.receipts import ensure_intake_key, intake_signer, person_signer
 from firebreak.roster import entry_yaml
 from firebreak.runbook import Runbook, default_runbook_dir, load_runbooks
+from firebreak.serving import ThreadedServer
 from firebreak.signing import TargetVerifier, TokenRejected
 
 WF = "shop.checkout.error-rate"

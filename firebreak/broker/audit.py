@@ -36,7 +36,7 @@ from firebreak.contracts import canonical_json
 log = logging.getLogger(__name__)
 
 GENESIS = "0" * 64
-Event = Literal["mint", "deny", "revoke", "freeze", "thaw", "rotate", "catalog_read"]
+Event = Literal["mint", "deny", "revoke", "freeze", "thaw", "rotate", "catalog_read", "run_closed"]
 FIELDS = (
     "seq",
     "at",

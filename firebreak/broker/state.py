@@ -251,7 +251,7 @@ class DurableState:
                 + len(self.requesters))
 
     def _journal_text(self) -> str:
-        entries = [{"grant": vars(g)} for g in self.grants.values()]
+        entries: list[dict[str, Any]] = [{"grant": vars(g)} for g in self.grants.values()]
         entries += [{"nonce": n, **v} for n, v in self.nonces.items()]
         entries += [{"approval": d, **vars(a)} for d, a in self.approvals.items()]
         entries += [{"plan": vars(p)} for p in self.plans.values()]
