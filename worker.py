@@ -22,6 +22,7 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities.approvals import ApprovalActivities
+from activities.credentials import BrokerActivities
 from activities.deps import ActivityDeps
 from activities.diagnose import diagnose
 from activities.execute import ExecuteActivities
@@ -43,6 +44,7 @@ def activities_for(deps: ActivityDeps) -> Sequence[Any]:
         diagnose,
         ApprovalActivities(deps).verify_approval,
         ExecuteActivities(deps).execute_step,
+        BrokerActivities(deps).report_run_closed,
         VerifyActivities(deps).verify_step,
         ObserveActivities(deps).observe_target,
         TicketActivities(deps).file_ticket,

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 from opentelemetry import trace
+from pydantic import BaseModel, Field
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -50,7 +51,7 @@ async def activity_credential(
         async with deps.broker.credential(
             audience=audience, verb=verb, resource=resource, ttl_s=ttl,
             workflow_id=info.workflow_id, run_id=info.workflow_run_id, activity_id=info.activity_id,
-            step_id=step_id, runbook=runbook, params=params or {}, plan=plan, approvals=list(approvals),
+            attempt=info.attempt, step_id=step_id, runbook=runbook, params=params or {}, plan=plan, approvals=list(approvals),
             receipts=list(receipts), undo=undo,
             # A read's answer does not wait for its revocation (still sent at once, retried until it lands):
             # it is on every investigation's critical path. A write's is revoked before the activity returns.
@@ -74,3 +75,22 @@ async def activity_credential(
         raise ApplicationError(f"credential refused: {exc.reason}", type="MintRefused", non_retryable=True) from None
     finally:
         span.end()
+
+
+class RunClosedReport(BaseModel):
+    """The workflow's word to the broker that its run closed (and the run its plan names, if another)."""
+
+    workflow_id: str
+    run_ids: list[str] = Field(min_length=1, max_length=4)
+    outcome: str = ""
+
+
+class BrokerActivities:
+    def __init__(self, deps: ActivityDeps) -> None:
+        self.deps = deps
+
+    @activity.defn(name="report_run_closed")
+    async def report_run_closed(self, report: RunClosedReport) -> list[str]:
+        """Idempotent at the broker (keyed by workflow and run): a retry records nothing twice.
+        Returns the runs the broker newly recorded closed."""
+        return await self.deps.broker.run_closed(report.workflow_id, report.run_ids, report.outcome)

@@ -63,6 +63,9 @@ class ExecuteActivities:
                 )
             except httpx.HTTPError as exc:
                 raise ApplicationError(f"{verb} on {step.resource}: {type(exc).__name__}") from None
+            if response.is_success:
+                # Said when the grant is revoked (on the way out): the broker then never mints this step again.
+                self.deps.broker.mark_wrote(credential)
             grant = credential.grant
         if response.status_code >= 500:
             raise ApplicationError(f"{verb} on {step.resource}: target answered HTTP {response.status_code}")

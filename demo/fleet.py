@@ -60,6 +60,9 @@ INITIAL_VERSIONS = {"checkout": "v41", "payments": "v17", "inventory": "v8"}
 INITIAL_REPLICAS = 3
 # Who calls whom, from the demo catalog (demo/catalog.py): checkout -> payments, inventory.
 DEPENDS_ON: dict[str, list[str]] = depends_on()
+# How long a write's Idempotency-Key is kept: longer than any authorization the broker issues lives
+# (at most the runbook's execution window), so a second token for a step never writes twice.
+IDEMPOTENCY_RETENTION_S = 2 * 86400.0
 SYNTHETIC_PREFIX = "bench-"  # synthetic services: bench-00000, bench-00001, ...
 MIN_REPLICAS, MAX_REPLICAS = 1, 30
 
@@ -630,15 +633,71 @@ class _IdempotencyStore:
 
     A key is bound to its request (verb, service, body); the same key with another
     request is refused with 422, as the IETF Idempotency-Key draft suggests.
-    Bounded, oldest first out: the demo runs for hours, not months.
+    Kept for ``retention_s`` (longer than any broker authorization lives, so a re-minted token for a
+    step that already wrote replays its answer instead of writing again), and, with a ``path``, in a
+    journal there (one fsynced line per write, rewritten with the live keys when it grows): a restart
+    keeps them. ``capacity`` only bounds memory against a flood; age is what retires a key.
     """
 
-    def __init__(self, capacity: int = 10_000) -> None:
+    def __init__(self, path: Path | None = None, *, retention_s: float = IDEMPOTENCY_RETENTION_S,
+                 capacity: int = 1_000_000, clock: Callable[[], float] = time.time) -> None:
+        self._path = path
+        self._retention_s = retention_s
         self._capacity = capacity
-        self._items: OrderedDict[str, tuple[str, int, dict[str, Any]]] = OrderedDict()
+        self._clock = clock
+        # key -> (fingerprint, status, body, stored at)
+        self._items: OrderedDict[str, tuple[str, int, dict[str, Any], float]] = OrderedDict()
+        self._lines = 0
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._load(path)
+            self._rewrite()
+
+    def _load(self, path: Path) -> None:
+        if not path.exists():
+            return
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                entry = json.loads(line)
+                self._items[entry["key"]] = (entry["fingerprint"], int(entry["status"]), dict(entry["body"]),
+                                             float(entry["at"]))
+                self._items.move_to_end(entry["key"])
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by a crash: its write was never answered
+        self._expire()
+
+    @staticmethod
+    def _line(key: str, item: tuple[str, int, dict[str, Any], float]) -> str:
+        fingerprint, status, body, at = item
+        return json.dumps({"key": key, "fingerprint": fingerprint, "status": status, "body": body, "at": at},
+                          sort_keys=True) + "\n"
+
+    def _write(self, text: str, *, truncate: bool) -> None:
+        assert self._path is not None
+        target = self._path.with_suffix(".tmp") if truncate else self._path
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if truncate else os.O_APPEND), 0o600)
+        try:
+            data = text.encode("utf-8")
+            while data:
+                data = data[os.write(fd, data):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if truncate:
+            os.replace(target, self._path)
+
+    def _rewrite(self) -> None:
+        self._write("".join(self._line(k, v) for k, v in self._items.items()), truncate=True)
+        self._lines = len(self._items)
+
+    def _expire(self) -> None:
+        oldest = self._clock() - self._retention_s
+        while self._items and (len(self._items) > self._capacity or next(iter(self._items.values()))[3] < oldest):
+            self._items.popitem(last=False)
 
     def get(self, key: str) -> tuple[str, int, dict[str, Any]] | None:
-        return self._items.get(key)
+        item = self._items.get(key)
+        return None if item is None else item[:3]
 
     def succeeded(self, key: str) -> dict[str, Any] | None:
         """The response of a write that succeeded under ``key``: the state an undo restores."""
@@ -646,17 +705,26 @@ class _IdempotencyStore:
         return item[2] if item is not None and 200 <= item[1] < 300 else None
 
     def put(self, key: str, fingerprint: str, status: int, body: dict[str, Any]) -> None:
-        self._items[key] = (fingerprint, status, body)
-        while len(self._items) > self._capacity:
-            self._items.popitem(last=False)
+        item = (fingerprint, status, body, self._clock())
+        self._items[key] = item
+        self._items.move_to_end(key)
+        self._expire()
+        if self._path is None:
+            return
+        if self._lines + 1 > 2 * len(self._items) + 1000:
+            self._rewrite()
+        else:
+            self._write(self._line(key, item), truncate=False)
+            self._lines += 1
 
 
 def create_app(*, verifier: Verifier, chaos_token: str | None = None, fleet: Fleet | None = None,
-               catalog_verifier: Verifier | None = None) -> FastAPI:
+               catalog_verifier: Verifier | None = None, idempotency_path: Path | None = None) -> FastAPI:
     """The fleet's HTTP app. ``chaos_token=None`` disables ``POST /demo/faults``; a ``catalog_verifier``
-    (audience ``catalog``) also serves the demo's Backstage catalog under ``/api/catalog``."""
+    (audience ``catalog``) also serves the demo's Backstage catalog under ``/api/catalog``. With an
+    ``idempotency_path`` the Idempotency-Keys of writes survive a restart."""
     fleet = fleet or Fleet()
-    idempotency = _IdempotencyStore()
+    idempotency = _IdempotencyStore(idempotency_path)
     # When each write request arrived, by the fleet's clock: what a benchmark times a write by.
     arrivals: deque[dict[str, Any]] = deque(maxlen=100_000)
     app = FastAPI(title="Firebreak demo fleet", docs_url=None, redoc_url=None, openapi_url=None)
@@ -840,7 +908,7 @@ class FleetServer(ThreadedServer):
 
     def __init__(self, *, verifier: Verifier, chaos_token: str | None = None, host: str = "127.0.0.1",
                  port: int = 0, fleet: Fleet | None = None, close_verifier: bool = False,
-                 catalog_verifier: Verifier | None = None) -> None:
+                 catalog_verifier: Verifier | None = None, idempotency_path: Path | None = None) -> None:
         self.fleet = fleet or Fleet()
         self.verifier = verifier
         self.catalog_verifier = catalog_verifier
@@ -848,7 +916,7 @@ class FleetServer(ThreadedServer):
         # ends its revocation poller (TargetVerifier.from_broker starts one).
         self._close_verifier = close_verifier
         self.app = create_app(verifier=verifier, chaos_token=chaos_token, fleet=self.fleet,
-                              catalog_verifier=catalog_verifier)
+                              catalog_verifier=catalog_verifier, idempotency_path=idempotency_path)
         super().__init__(self.app, host=host, port=port, name="fleet-server")
 
     @property
@@ -862,6 +930,11 @@ class FleetServer(ThreadedServer):
             close = getattr(verifier, "close", None)
             if self._close_verifier and callable(close):
                 close()
+
+
+def idempotency_path(state_dir: str | Path) -> Path:
+    """Where the fleet keeps the Idempotency-Keys of its writes and their answers, across restarts."""
+    return Path(state_dir) / "idempotency.jsonl"
 
 
 def replay_cache_path(state_dir: str | Path) -> Path:
@@ -914,7 +987,8 @@ def main(argv: list[str] | None = None) -> None:
     catalog_verifier = _build_verifier(args.broker_url, CATALOG_AUDIENCE, args.broker_wait, catalog_replay,
                                        args.environment)
     app = create_app(verifier=verifier, chaos_token=args.chaos_token, fleet=Fleet(synthetic=args.synthetic_services),
-                     catalog_verifier=catalog_verifier)
+                     catalog_verifier=catalog_verifier,
+                     idempotency_path=idempotency_path(args.state_dir) if args.state_dir else None)
     # Access logs carry paths and status only, never headers, so no token reaches a log.
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

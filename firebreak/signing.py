@@ -209,6 +209,20 @@ def sign_approval(approval: Approval, key: Ed25519PrivateKey) -> Approval:
     return approval.model_copy(update={"signature": base64.b64encode(signature).decode("ascii")})
 
 
+def canonical_approval(approval: Approval) -> Approval:
+    """The approval with its signature in the one base64 spelling of the bytes it decodes to.
+
+    Base64 has several spellings of the same bytes (the unused low bits of the last character): an
+    approval is identified by what it decodes to, so a re-spelt copy is the same approval. A signature
+    that does not decode is left as it is (it verifies as nothing anyway)."""
+    try:
+        raw = base64.b64decode(approval.signature, validate=True)
+    except (binascii.Error, ValueError):
+        return approval
+    spelt = base64.b64encode(raw).decode("ascii")
+    return approval if spelt == approval.signature else approval.model_copy(update={"signature": spelt})
+
+
 def verify_approval(approval: Approval, roster: Roster) -> ApprovalCheck:
     """Signature only: is this approval really from the roster person it names?"""
     if not approval.signature:

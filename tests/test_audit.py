@@ -405,8 +405,9 @@ def one_runbook(tmp_path: Path) -> Path:
 def test_stopping_the_broker_server_checkpoints_the_head(tmp_path: Path, one_runbook: Path) -> None:
     server = BrokerServer(tmp_path / "state", runbooks_dir=one_runbook).start()
     try:
-        for _ in range(3):  # each refusal is an audit record
-            assert httpx.post(f"{server.url}/v1/mint", json={}).status_code == 401
+        agent = {"Authorization": f"Bearer {server.agent_token}"}
+        for _ in range(3):  # each refusal of the authenticated agent is an audit record
+            assert httpx.post(f"{server.url}/v1/mint", json={}, headers=agent).status_code == 400
     finally:
         server.stop()
     records = lines(server.audit_path)

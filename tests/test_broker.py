@@ -19,8 +19,11 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI
 
+from demo.catalog import add_routes as add_catalog_routes
 from firebreak import signing
+from firebreak.blast_radius import BlastRadius, Dependent
 from firebreak.broker.audit import verify_chain
 from firebreak.broker.client import BrokerClient, IssuedCredential, MintRefused
 from firebreak.broker.server import BrokerServer
@@ -29,10 +32,18 @@ from firebreak.plan import build_plan
 from firebreak.receipts import ensure_intake_key, intake_signer, person_signer
 from firebreak.roster import entry_yaml
 from firebreak.runbook import Runbook, default_runbook_dir, load_runbooks
+from firebreak.serving import ThreadedServer
 from firebreak.signing import TargetVerifier, TokenRejected
 
 WF = "shop.checkout.error-rate"
 PARAMS = {"namespace": "shop", "service": "checkout"}
+
+
+def honest(plan: Plan | None) -> Plan:
+    """The plan with the blast radius the demo catalog gives (nothing depends on checkout): bad-deploy walks
+    the catalog, so the broker checks every write's impact against its own catalog read, and refuses none."""
+    assert plan is not None
+    return plan.model_copy(update={"impact": {s.id: BlastRadius(target="checkout") for s in plan.steps}})
 
 
 @dataclass
@@ -53,9 +64,8 @@ class Env:
 
     def plan_for(self, run_id: str = "run-1", requesters: list[str] | None = None) -> Plan:
         hypothesis = Hypothesis(id="bad_deploy", title="bad deploy", score=0.9, findings=[], actions=["rollback"])
-        plan = build_plan(self.runbook, PARAMS, hypothesis, incident_id=WF, run_id=run_id, requesters=requesters)
-        assert plan is not None
-        return plan
+        return honest(build_plan(self.runbook, PARAMS, hypothesis, incident_id=WF, run_id=run_id,
+                                 requesters=requesters))
 
     @property
     def client(self) -> BrokerClient:
@@ -99,12 +109,17 @@ def env(tmp_path: Path) -> Iterator[Env]:
         + entry_yaml("mallory", ["marketing"], signing.public_pem(keys["mallory"]))
     )
     hypothesis = Hypothesis(id="bad_deploy", title="bad deploy", score=0.9, findings=[], actions=["rollback"])
-    plan = build_plan(runbook, PARAMS, hypothesis, incident_id=WF, run_id="run-1")
-    assert plan is not None
+    plan = honest(build_plan(runbook, PARAMS, hypothesis, incident_id=WF, run_id="run-1"))
     server = BrokerServer(tmp_path / "state", roster_path=roster, runbooks_dir=runbooks).start()
+    verifier = signing.TargetVerifier.from_broker(server.url, "catalog")
+    catalog_app = FastAPI()
+    add_catalog_routes(catalog_app, verifier)
     try:
-        yield Env(server, tmp_path / "state", keys, runbook, plan)
+        with ThreadedServer(catalog_app, name="test-catalog") as catalog:
+            server.use_catalog(catalog.url)  # the broker checks the plan's blast radius against it
+            yield Env(server, tmp_path / "state", keys, runbook, plan)
     finally:
+        verifier.close()
         server.stop()
 
 
@@ -274,6 +289,9 @@ async def test_plan_edited_after_approval_refused(env: Env) -> None:
     # ...and one re-derived consistently for other params is another plan, with another hash.
     hypothesis = Hypothesis(id="bad_deploy", title="bad deploy", score=0.9, findings=[], actions=["rollback"])
     other = build_plan(env.runbook, {**PARAMS, "service": "payments"}, hypothesis, incident_id=WF, run_id="run-1")
+    assert other is not None
+    other = other.model_copy(update={"impact": {"s1": BlastRadius(
+        target="payments", dependents=[Dependent(name="checkout"), Dependent(name="orders")])}})
     await refused(env, write_fields(env, [approval], plan=other, resource="service/payments"), "signed for plan")
 
 
@@ -362,10 +380,11 @@ async def test_approvals_are_spent_once_per_step_and_undo_only_after_its_step(en
         await client.mint(**write_fields(env, [approval], activity_id="9"))  # a retry of that activity: fine
     reason = await refused(env, write_fields(env, [approval], activity_id="12"), "already minted for this run")
     assert "approvals are not reusable" in reason
-    # The undo, once: a second activity cannot mint it again.
+    # The undo, once, and with the plan's approvals like any write: a second activity cannot mint it again.
+    await refused(env, write_fields(env, [], verb="fleet.deploy", undo=True, activity_id="13"), "carries no approvals")
     async with env.client as client:
-        await client.mint(**write_fields(env, [], verb="fleet.deploy", undo=True, activity_id="13"))
-    await refused(env, write_fields(env, [], verb="fleet.deploy", undo=True, activity_id="14"),
+        await client.mint(**write_fields(env, [approval], verb="fleet.deploy", undo=True, activity_id="13"))
+    await refused(env, write_fields(env, [approval], verb="fleet.deploy", undo=True, activity_id="14"),
                   "step s1/undo of plan")
     # A restart keeps all of it.
     env.server.stop()
@@ -477,10 +496,13 @@ async def test_bad_agent_credential_refused_and_audited(env: Env) -> None:
         with pytest.raises(MintRefused) as info:
             await client.mint(**read_fields())
     assert info.value.status == 401 and "agent bearer credential" in info.value.reason
-    deny = env.last_deny()
-    assert deny["decision"] == "unauthenticated" and "not-the-token" not in json.dumps(deny)
+    # Counted, not appended: nothing reaches the audit log before its caller is authenticated.
+    assert all(r.get("decision") != "unauthenticated" for r in env.audit())
+    assert "not-the-token" not in env.server.audit_path.read_text()
     response = httpx.post(f"{env.server.url}/v1/mint", json=read_fields())
     assert response.status_code == 401
+    metrics = httpx.get(f"{env.server.url}/metrics").text
+    assert 'firebreak_broker_unauthenticated_requests_total{path="/v1/mint"} 2' in metrics
 
 
 async def test_freeze_refuses_every_mint_revokes_live_grants_and_survives_restart(env: Env) -> None:

@@ -29,7 +29,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.diagnose import diagnose
     from activities.execute import ExecuteActivities
     from activities.investigate import InvestigateActivities
-    from activities.credentials import FROZEN
+    from activities.credentials import FROZEN, BrokerActivities, RunClosedReport
     from activities.notify import NotifyActivities
     from activities.observe import ObserveActivities
     from activities.tickets import TicketActivities
@@ -849,6 +849,8 @@ class IncidentWorkflow:
         if self.v2:
             workflow.upsert_memo({MEMO_KEY: memo_status(self.status())})
         await self._ticket("closed")
+        if self.plan is not None and workflow.patched("broker-run-closed"):
+            await self._report_run_closed(phase)
         await workflow.wait_condition(workflow.all_handlers_finished)
         report = IncidentReport(
             incident_id=self.incident.incident_id, phase=phase, outcome=outcome, status=self.status()
@@ -857,6 +859,25 @@ class IncidentWorkflow:
             # Failed in Temporal: red in the UI's list, found by ExecutionStatus="Failed"; the report rides along.
             raise ApplicationError(f"{phase.value}: {outcome}", report, type=NEEDS_A_HUMAN_FAILURE, non_retryable=True)
         return report
+
+    async def _report_run_closed(self, phase: Phase) -> None:
+        """Tell the broker this run (and the run its plan names) closed: it mints nothing more for them, so an
+        approved plan's write or undo cannot be replayed after the ending. A broker that cannot be told in time
+        is a recorded gap; the plan's authorization still ends with its steps' budgets."""
+        assert self.plan is not None
+        info = workflow.info()
+        runs = list(dict.fromkeys([info.run_id, self.plan.run_id]))
+        try:
+            await workflow.execute_activity_method(
+                BrokerActivities.report_run_closed,
+                RunClosedReport(workflow_id=info.workflow_id, run_ids=runs, outcome=phase.value),
+                start_to_close_timeout=timedelta(seconds=30),
+                schedule_to_close_timeout=SINK_BUDGET,
+                retry_policy=PATIENT,
+                summary=f"tell the broker run {info.run_id} closed ({phase.value})",
+            )
+        except ActivityError as exc:
+            self._sink_gap(f"the broker was not told the run closed: {_cause(exc)}")
 
     async def _ticket(self, event: str) -> None:
         status = self.status()

@@ -39,6 +39,8 @@ _ENDINGS_6461365 = tuple(f"ending-{name}-6461365.json" for name in (
     "auto_resolved", "expired-after-escalation", "failed-first-step", "failed-over-caps", "failed-undecided",
     "rejected", "resolved-two-steps", "rollback_failed", "rolled_back"))
 
+_ALL_BEFORE_ROUND_TWO = ("bad-deploy-resolved.json", "bad-deploy-resolved-852f4c8.json", *_ENDINGS_6461365)
+
 PATCHES: tuple[Patch, ...] = (
     Patch("lifecycle-v2", "2db0e59", "escalation, budgets, re-checks and patient retry policies",
           histories=("bad-deploy-resolved.json", "bad-deploy-resolved-852f4c8.json")),
@@ -50,6 +52,8 @@ PATCHES: tuple[Patch, ...] = (
           histories=("bad-deploy-resolved.json", "bad-deploy-resolved-852f4c8.json", *_ENDINGS_6461365)),
     Patch("precheck-with-approval", "d7dfba8", "the alert re-read that an approval triggers before the first write",
           histories=("bad-deploy-resolved.json", "bad-deploy-resolved-852f4c8.json", *_ENDINGS_6461365)),
+    Patch("broker-run-closed", "6c1fcbe", "the workflow tells the broker its run closed, so nothing more is minted for it",
+          histories=_ALL_BEFORE_ROUND_TWO),
 )
 
 # The oldest code whose open incidents this worker still replays: the first recorded history's.

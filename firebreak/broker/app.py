@@ -35,12 +35,20 @@ from firebreak.broker.metrics import IdentityGauges
 from firebreak.broker.models import (
     ApprovalCheckRequest,
     FreezeRequest,
+    RunClosedRequest,
     MintRequest,
     MintResponse,
     RevokeRequest,
     RotateRequest,
 )
-from firebreak.broker.rules import Decision, Denied, authorize_read, authorize_write, judge_approval
+from firebreak.broker.rules import (
+    CLOSED_RUN_RECORD_S,
+    Decision,
+    Denied,
+    authorize_read,
+    authorize_write,
+    judge_approval,
+)
 from firebreak.broker.signing_keys import SigningKeys
 from firebreak.broker.storage import StorageError
 from firebreak.broker.state import (
@@ -122,6 +130,7 @@ class Broker:
         self.audit.on_storage_error = self.state.on_storage_error = self.metrics.storage_error
         for note in self.state.repaired:  # a torn journal line dropped at start goes on the record
             self.audit.append("repair", decision="truncated", reason=note)
+        self._retired_seen: set[str] = set()  # retired credentials whose first use is on the record
 
     def _catalog_token(self, resource: str, workflow_id: str) -> str:
         """The broker's own catalog credential: one entity, a minute, its own name as subject."""
@@ -250,6 +259,16 @@ class Broker:
                 extra=decision.claims,
             )
             grant_id = claims["jti"]
+            slot_key = ""
+            if decision.authorization is not None:
+                slot_key = f"{decision.authorization.key}#{decision.slot}"
+                # A slot's grant is bound to the attempt that holds it: a later attempt's mint revokes an
+                # earlier attempt's (the same attempt asking again, say after a lost answer, keeps it).
+                earlier = self.state.grants.get(decision.authorization.grants.get(decision.slot, ""))
+                if (earlier is not None and not earlier.revoked and earlier.exp > time.time()
+                        and req.attempt > decision.authorization.attempts.get(decision.slot, 1)):
+                    self.state.revoke(earlier.grant_id)
+                    self._audit_revoke(earlier, f"superseded by attempt {req.attempt} of activity {req.activity_id}")
             self.state.add_grant(
                 GrantRecord(
                     grant_id=grant_id,
@@ -262,12 +281,17 @@ class Broker:
                     step_id=req.step_id,
                     subject=AGENT,
                     approvers=decision.approvers,
+                    slot=slot_key,
                 )
             )
             self.state.remember_nonces(decision.nonces)
             if decision.authorization is not None:
-                decision.authorization.minted[decision.slot] = req.activity_id
-                self.state.save_plan(decision.authorization)
+                authorization = decision.authorization
+                authorization.minted[decision.slot] = req.activity_id
+                authorization.attempts[decision.slot] = req.attempt
+                authorization.grants[decision.slot] = grant_id
+                authorization.minted_at.setdefault(decision.slot, time.time())
+                self.state.save_plan(authorization)
             self.metrics.minted(audience=req.audience, verb=req.verb, resource=req.resource, runbook=req.runbook,
                                 kind="read" if req.is_read else "undo" if req.undo else "write")
             record = self.audit.append(
@@ -370,8 +394,16 @@ class Broker:
 
     # -- revoke, freeze --
 
-    def revoke(self, grant_id: str, *, reason: str = "revoked by the agent") -> bool:
+    def revoke(self, grant_id: str, *, reason: str = "revoked by the agent", wrote: bool = False) -> bool:
+        """``wrote``: the holder reports that the target took the write this grant was for: its step's
+        slot is spent for good, whatever activity or attempt asks again."""
         with self.lock:
+            if wrote:
+                spent = self.state.grant_slot(grant_id)
+                if spent is not None and spent[1] not in spent[0].wrote:
+                    spent[0].wrote.append(spent[1])
+                    self.state.save_plan(spent[0])
+                    reason = f"{reason}; step {spent[1]} wrote at the target"
             grant = self.state.revoke(grant_id)
             if grant is None:
                 self.audit.append("revoke", decision="unknown_grant", reason=reason, grant_id=grant_id, sync=False)
@@ -412,7 +444,11 @@ class Broker:
 
     def thaw(self, reason: str, by: str = "") -> None:
         with self.lock:
+            frozen_at = self.state.frozen_at()
             self.state.set_frozen(False)
+            if frozen_at is not None:
+                # A plan held by the kill switch did not spend its steps' budgets while held.
+                self.state.extend_plans(since=frozen_at, by=max(0.0, time.time() - frozen_at))
             self.audit.append("thaw", decision="thawed", subject=by or "(unnamed)", reason=reason or "no reason given",
                               sync=False)
         self._durable()
@@ -421,9 +457,37 @@ class Broker:
         with self.lock:
             return self.state.revoked_jtis()
 
-    def deny_unauthenticated(self, path: str, reason: str) -> None:
-        self.audit.append("deny", decision="unauthenticated", reason=f"{path}: {reason}")
+    def deny_unauthenticated(self, path: str, reason: str, *, retired: bool = False) -> None:
+        """Counted, never appended one per request: audit space is spent only on authenticated callers (an
+        unauthenticated flood must not grow the log); misuse alerts watch the counter. The one exception is
+        bounded: the first use of a *retired* bootstrap credential (one the broker issued, and an admin rotated
+        out) is recorded once, naming the rotation, since that is someone who held the real credential."""
+        self.metrics.unauthenticated(path)
         self.metrics.denied(f"unauthenticated: {reason}")
+        if retired and reason not in self._retired_seen:
+            self._retired_seen.add(reason)
+            self.audit.append("deny", decision="unauthenticated", reason=f"{path}: {reason}")
+
+    def close_run(self, workflow_id: str, run_ids: list[str], outcome: str) -> list[str]:
+        """The workflow reports its run closed: nothing more is minted for it (nor for the run its plan names),
+        and any live write or undo grant of it is revoked. Returns the runs newly recorded closed."""
+        now = time.time()
+        closed: list[str] = []
+        with self.lock:
+            for run_id in run_ids:
+                if self.state.close_run(workflow_id, run_id, at=now, keep_until=now + CLOSED_RUN_RECORD_S):
+                    closed.append(run_id)
+            live = [g for g in self.state.live_grants(now)
+                    if g.slot and g.workflow_id == workflow_id and g.run_id in run_ids]
+            for grant in live:
+                self.state.revoke(grant.grant_id)
+                self._audit_revoke(grant, "its run closed")
+            if closed:
+                self.audit.append("run_closed", decision="closed", subject=AGENT, workflow_id=workflow_id,
+                                  run_id=",".join(closed), reason=f"the workflow reported its run closed: {outcome}",
+                                  sync=False)
+        self._durable()
+        return closed
 
     # -- the identity's lifecycle --
 
@@ -464,19 +528,31 @@ class Broker:
             )
 
 
+def _authentication_refusal(broker: Broker, request: Request, which: str) -> tuple[str, bool] | None:
+    """Why the request's bearer credential is not the ``which`` one, and whether it is a retired one of the
+    agent's (None: it is the one)."""
+    header = request.headers.get("authorization", "")
+    scheme, _, presented = header.partition(" ")
+    # Constant-time compare; the presented value is never logged or echoed.
+    verdict = (broker.credential.check(presented.strip()) if which == "agent"
+               else AgentCredential.compare(presented.strip(), broker.admin_token))
+    if scheme.lower() != "bearer" or not presented or not verdict.accepted:
+        return verdict.refusal or f"missing or bad {which} bearer credential", verdict.refusal is not None
+    if verdict.previous:
+        broker.metrics.previous_credential_used()
+    return None
+
+
+# The routes each credential opens (a malformed body is answered only after its caller is known).
+_ADMIN_PATHS = ("/v1/freeze", "/v1/thaw", "/v1/creds/rotate", "/v1/keys/rotate")
+
+
 def _bearer_check(broker: Broker, which: str) -> Callable[[Request], None]:
     def check(request: Request) -> None:
-        header = request.headers.get("authorization", "")
-        scheme, _, presented = header.partition(" ")
-        # Constant-time compare; the presented value is never logged or echoed.
-        verdict = (broker.credential.check(presented.strip()) if which == "agent"
-                   else AgentCredential.compare(presented.strip(), broker.admin_token))
-        if scheme.lower() != "bearer" or not presented or not verdict.accepted:
-            reason = verdict.refusal or f"missing or bad {which} bearer credential"
-            broker.deny_unauthenticated(request.url.path, reason)
-            raise BrokerHTTPError(401, "unauthorized", reason)
-        if verdict.previous:
-            broker.metrics.previous_credential_used()
+        refusal = _authentication_refusal(broker, request, which)
+        if refusal is not None:
+            broker.deny_unauthenticated(request.url.path, refusal[0], retired=refusal[1])
+            raise BrokerHTTPError(401, "unauthorized", refusal[0])
 
     return check
 
@@ -529,6 +605,14 @@ def create_app(
         first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
         reason = f"{where}: {first.get('msg', 'invalid')}" + (f" (+{len(errors) - 1} more)" if len(errors) > 1 else "")
+        # A body may fail to parse before the route's credential check runs: authenticate first, so that
+        # nothing reaches the audit log from a caller nobody has verified.
+        which = "admin" if request.url.path in _ADMIN_PATHS else "agent"
+        refusal = _authentication_refusal(broker, request, which)
+        if refusal is not None:
+            broker.deny_unauthenticated(request.url.path, refusal[0], retired=refusal[1])
+            return JSONResponse({"error": "unauthorized", "reason": refusal[0]}, status_code=401,
+                                headers={"WWW-Authenticate": "Bearer"})
         broker.audit.append("deny", decision="bad_request", reason=f"{request.url.path}: {reason}")
         return JSONResponse({"error": "bad_request", "reason": reason}, status_code=400)
 
@@ -567,9 +651,14 @@ def create_app(
     def check_approval(req: ApprovalCheckRequest) -> ApprovalCheck:
         return broker.check_approval(req)
 
+    @app.post("/v1/runs/closed", dependencies=[agent])
+    def run_closed(req: RunClosedRequest) -> dict[str, Any]:
+        closed = broker.close_run(req.workflow_id, req.run_ids, req.outcome)
+        return {"workflow_id": req.workflow_id, "closed": req.run_ids, "newly_closed": closed}
+
     @app.post("/v1/revoke", dependencies=[agent])
     def revoke(req: RevokeRequest) -> dict[str, Any]:
-        if not broker.revoke(req.grant_id):
+        if not broker.revoke(req.grant_id, wrote=req.wrote):
             raise BrokerHTTPError(404, "not_found", f"no live grant {req.grant_id!r}")
         return {"grant_id": req.grant_id, "revoked": True}
 

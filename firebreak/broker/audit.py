@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 GENESIS = "0" * 64
 # repair: a torn tail the broker cut off (what, and why); written before the next record.
-Event = Literal["mint", "deny", "revoke", "freeze", "thaw", "rotate", "catalog_read", "repair"]
+Event = Literal["mint", "deny", "revoke", "freeze", "thaw", "rotate", "catalog_read", "repair", "run_closed"]
 FIELDS = (
     "seq",
     "at",

@@ -166,9 +166,9 @@ def check_impact(catalog: BrokerCatalog, plan: Plan, runbook: Runbook, pattern: 
                          f"dependents ({', '.join(names)}), at most {cap}")
         claimed = plan.impact.get(step.id) if plan.impact else None
         if claimed is None:
-            if cap is not None:
-                raise Denied(f"caps.max_dependents: no blast radius for step {step.id}")
-            continue
+            # Left out or empty is a refusal, never a skip: the check needs the plan's claim to compare.
+            raise Denied(f"impact: the plan states no blast radius for step {step.id} on {target}; "
+                         f"the broker checks it against the catalog{' (caps.max_dependents)' if cap is not None else ''}")
         missing = [n for n in names if n not in {d.name for d in claimed.dependents}]
         if missing:
             raise Denied(f"the plan's blast radius of step {step.id} on {target} omits {', '.join(missing)}, "
@@ -190,8 +190,8 @@ def check_request(catalog: BrokerCatalog, req: MintRequest, runbook: Runbook | N
         if req.audience == AUDIENCE or "dependency" not in params:
             return
     else:
-        if req.plan is None or runbook is None or req.undo:
-            return  # no plan: the rules refuse it; an undo follows a write that passed this check
+        if req.plan is None or runbook is None:
+            return  # no plan: the rules refuse it, naming why
         params = req.plan.params or {}
     pattern = runbook.params["dependency"].pattern if runbook and "dependency" in runbook.params else NAME_PATTERN
     dependency, service = params.get("dependency"), params.get("service")
@@ -204,5 +204,5 @@ def check_request(catalog: BrokerCatalog, req: MintRequest, runbook: Runbook | N
     if req.is_read or runbook is None or req.plan is None:
         return
     # The blast radius is a catalog fact where the runbook caps it or walks the catalog to compute it.
-    if runbook.remediate.caps.max_dependents is not None or (req.plan.impact and _walks_catalog(runbook)):
+    if runbook.remediate.caps.max_dependents is not None or _walks_catalog(runbook):
         check_impact(catalog, req.plan, runbook, pattern, req.workflow_id)

@@ -104,6 +104,8 @@ class BrokerClient:
         self._http: httpx.AsyncClient | None = None
         # Revocations the broker could not take when their activity ended, retried until they land.
         self.retries = RevocationRetries(self.revoke)
+        # Grants whose write the target took: their revocation tells the broker, which spends the step for good.
+        self._wrote: set[str] = set()
 
     def __repr__(self) -> str:
         return f"BrokerClient({self.base_url!r})"
@@ -157,9 +159,18 @@ class BrokerClient:
             raise BrokerError(f"approval check failed: {_reason(response)}", response.status_code)
         return ApprovalCheck.model_validate(response.json())
 
+    def mark_wrote(self, credential: IssuedCredential) -> None:
+        """The target took the write this credential was for: say so when it is revoked."""
+        self._wrote.add(credential.grant_id)
+
     async def revoke(self, grant_id: str) -> bool:
         """True if revoked now or before; False if the broker no longer knows it (expired)."""
-        response = await self._post("/v1/revoke", {"grant_id": grant_id})
+        body: dict[str, Any] = {"grant_id": grant_id}
+        if grant_id in self._wrote:
+            body["wrote"] = True
+        response = await self._post("/v1/revoke", body)
+        if response.status_code in (200, 404):
+            self._wrote.discard(grant_id)
         if response.status_code == 404:
             return False
         if response.status_code != 200:
@@ -182,6 +193,14 @@ class BrokerClient:
             task.add_done_callback(_PENDING_REVOKES.discard)
             if not revoke_in_background:
                 await asyncio.shield(task)
+
+    async def run_closed(self, workflow_id: str, run_ids: list[str], outcome: str) -> list[str]:
+        """Tell the broker a run closed: it mints nothing more for it. Idempotent."""
+        response = await self._post("/v1/runs/closed", {"workflow_id": workflow_id, "run_ids": run_ids,
+                                                        "outcome": outcome[:200]})
+        if response.status_code != 200:
+            raise BrokerError(f"run-closed report failed: {_reason(response)}", response.status_code)
+        return list(response.json().get("newly_closed", []))
 
     async def settle(self, timeout_s: float) -> list[str]:
         """At shutdown: wait up to ``timeout_s`` for revocations still in flight and queued for retry;

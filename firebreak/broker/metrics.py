@@ -25,6 +25,7 @@ _CLASSES = (
     ("receipt", ("receipt",)),
     ("undo_order", ("before its step",)),
     ("unknown_runbook", ("unknown runbook",)),
+    ("run_closed", ("nothing more is minted", "window (timeout, verification, rollback) closed")),
 )
 
 
@@ -75,6 +76,7 @@ class BrokerMetrics:
         self.previous_credential_uses = 0
         # Failed writes of the broker's own files (an availability alert, never a misuse one), from 0.
         self.storage_errors: Counter[str] = Counter({name: 0 for name in STORAGE_FILES})
+        self.unauthenticated_requests: Counter[str] = Counter()
         self.baseline = privileges.load_lock(baseline)["privileges"] if baseline and baseline.exists() else None
 
     def minted(self, *, audience: str, verb: str, resource: str, kind: str, runbook: str) -> None:
@@ -98,6 +100,11 @@ class BrokerMetrics:
         """A write or undo asked for with no approved plan awaiting execution at the broker."""
         with self._lock:
             self.unapproved_writes += 1
+
+    def unauthenticated(self, path: str) -> None:
+        """A request refused before anyone was authenticated: counted here, never written to the audit log."""
+        with self._lock:
+            self.unauthenticated_requests[path] += 1
 
     def previous_credential_used(self) -> None:
         with self._lock:
@@ -129,6 +136,10 @@ class BrokerMetrics:
             family("firebreak_broker_unapproved_write_attempts_total", "counter",
                    "Write or undo mints asked for with no approved plan awaiting execution at the broker.",
                    [({}, self.unapproved_writes)])
+            family("firebreak_broker_unauthenticated_requests_total", "counter",
+                   "Requests refused before authentication (counted, never appended to the audit log).",
+                   [({"path": p}, n) for p, n in sorted(self.unauthenticated_requests.items())]
+                   or [({"path": "/v1/mint"}, 0)])
             family("firebreak_agent_previous_credential_uses_total", "counter",
                    "Requests authenticated with an earlier bootstrap credential inside its rotation overlap.",
                    [({}, self.previous_credential_uses)])

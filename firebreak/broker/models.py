@@ -63,6 +63,8 @@ class MintRequest(StrictRequest):
     receipts: list[Receipt] = Field(default_factory=list, max_length=50,
                                     description="who raised the incident, signed by the intake or the person")
     undo: bool = Field(default=False, description="the step's undo, not its write")
+    attempt: int = Field(default=1, ge=1, le=1_000_000,
+                         description="the activity's attempt: a write slot is held by one attempt at a time")
 
     @property
     def is_read(self) -> bool:
@@ -88,6 +90,17 @@ class RevokeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     grant_id: Annotated[str, Field(min_length=1, max_length=64)]
+    wrote: bool = Field(default=False, description="the target took the write: the step's slot is spent for good")
+
+
+class RunClosedRequest(BaseModel):
+    """The workflow's word that its run closed (and the run its plan names, if another one)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    workflow_id: Name
+    run_ids: list[Name] = Field(min_length=1, max_length=4)
+    outcome: str = Field(default="", max_length=200)
 
 
 class FreezeRequest(BaseModel):

@@ -11,9 +11,13 @@
   recomputes, with the step's exact target/verb/resource, only when signed
   approvals (each judged once, at its first arrival) meet the policy for that
   step, and only when signed receipts say who raised the incident (they may not
-  approve). The first write records a plan authorization; each step then mints
-  once per run (a retry of the same activity reuses its slot), and an undo only
-  after its step's write was issued. Tokens bind the exact request (``req``).
+  approve). Every write and every undo passes all of these checks, first or not.
+  The first write records a plan authorization that lives for its steps' budgets
+  (timeouts, verification windows, undos); each step then mints once per run (a
+  later attempt of the same activity may mint again until a grant of the step
+  reports its write), an undo only after its step's write was issued and within
+  that step's window, and nothing for a run the workflow reported closed.
+  Tokens bind the exact request (``req``).
 """
 
 from __future__ import annotations
@@ -66,7 +70,10 @@ class Decision:
 
 
 def approval_digest(approval: Approval) -> str:
-    return hashlib.sha256(canonical_json(approval.model_dump(mode="json"))).hexdigest()
+    """An approval's identity: its fields with the signature as the bytes it decodes to, so that
+    re-encoding the same 64 bytes (another base64 spelling) is the same approval, judged once.
+    For the usual (canonical) spelling this is the digest earlier versions recorded."""
+    return hashlib.sha256(canonical_json(signing.canonical_approval(approval).model_dump(mode="json"))).hexdigest()
 
 
 def check_params(request: MintRequest, runbook: Runbook) -> dict[str, str]:
@@ -166,6 +173,25 @@ def _step_binding(request: MintRequest, step: PlanStep) -> dict[str, Any]:
     return {"idempotency_key": f"{base}/undo", "undo_of": f"{base}/do", "undo_body": dict(step.undo.params)}
 
 
+# Past a step's own budget: room for a worker to pick the activity up again, and for clock skew.
+STEP_MARGIN_S = 120.0
+# How long the broker remembers that a run closed: longer than any approval of it can authorize.
+CLOSED_RUN_RECORD_S = APPROVAL_RECORD_S
+
+
+def _verify_window_s(step: PlanStep) -> float:
+    """How long the workflow may take to verify a step (its verify activity's schedule-to-close)."""
+    return step.verify.within_s + 180.0 if step.verify is not None else 0.0
+
+
+def step_budget_s(plan: Plan, step: PlanStep) -> float:
+    """How long a step's authorization lives from its first write: its own timeout and those of the steps after
+    it, every verification window, and every undo a rollback may run, plus a margin. Not the runbook's hour."""
+    later = plan.steps[[s.id for s in plan.steps].index(step.id):]
+    return (sum(s.timeout_s for s in later) + sum(_verify_window_s(s) for s in plan.steps)
+            + sum(s.timeout_s for s in plan.steps if s.undo is not None) + STEP_MARGIN_S)
+
+
 def authorize_write(
     request: MintRequest,
     runbook: Runbook,
@@ -176,6 +202,7 @@ def authorize_write(
     nonce_conflict: Callable[[str, str], bool],
     now: datetime,
 ) -> Decision:
+    """Every write and every undo passes the same checks: plan, scope, receipts, approvals; then its slot."""
     plan = request.plan
     if plan is None:
         raise Denied(f"write {request.verb!r} needs a plan and signed approvals; none was sent")
@@ -200,33 +227,71 @@ def authorize_write(
                      f"not {request.verb!r} on {request.audience}/{request.resource}")
     key = plan_key(plan.incident_id, plan.run_id, plan_hash)
     authorization = state.plan(key)
-    nonces: list[tuple[str, str, float]] = []
-    if request.undo:
-        if authorization is None or f"{step.id}/do" not in authorization.minted:
-            raise Denied(f"undo of step {step.id} before its step's write was issued")
-    elif authorization is None or step.id not in authorization.approved_steps:
-        # Requesters are derived once, when the plan is first authorized, from signed receipts only.
-        approval_window = parse_duration(runbook.remediate.windows.expire_after)
-        requesters = derive_requesters(request, roster, intake_keys,
-                                       max_age=approval_window + timedelta(minutes=30), now=now)
-        if plan.requesters != requesters:
-            raise Denied(f"requesters: the plan names {plan.requesters}, the signed receipts say {requesters}")
-        authorization, nonces = _authorize(request, plan, step, runbook, roster, state, authorization,
-                                           requesters=requesters, nonce_conflict=nonce_conflict, now=now)
-    assert authorization is not None
+    slot = f"{step.id}/{'undo' if request.undo else 'do'}"
+    if request.undo and (authorization is None or f"{step.id}/do" not in authorization.minted):
+        raise Denied(f"undo of step {step.id} before its step's write was issued")
+    if authorization is not None:
+        _check_slot(request, authorization, slot, plan_hash, state, now.timestamp())
+    for workflow_id, run_id in {(plan.incident_id, plan.run_id), (request.workflow_id, request.run_id)}:
+        closed = state.run_closed_at(workflow_id, run_id)
+        if closed is not None:
+            raise Denied(f"run {run_id} of {workflow_id} closed at {datetime.fromtimestamp(closed, UTC).isoformat()}: "
+                         "nothing more is minted for it")
+    # The same checks for every write and every undo, first or not: no credential without live approvals.
+    # Approvals are judged at their first use, which is when the plan authorization was recorded.
+    first_use = now if authorization is None else datetime.fromtimestamp(authorization.created_at, UTC)
+    approval_window = parse_duration(runbook.remediate.windows.expire_after)
+    requesters = derive_requesters(request, roster, intake_keys,
+                                   max_age=approval_window + timedelta(minutes=30), now=first_use)
+    if requesters:
+        state.remember_requesters(plan.incident_id, requesters, now.timestamp() + APPROVAL_RECORD_S)
+    if plan.requesters != requesters:
+        raise Denied(f"requesters: the plan names {plan.requesters}, the signed receipts say {requesters}")
+    # Whoever any receipt ever shown for this incident named raised it too, whatever the receipts sent now.
+    excluded = sorted(set(requesters) | set(state.known_requesters(plan.incident_id)))
+    authorization, nonces = _authorize(request, plan, step, runbook, roster, state, authorization,
+                                       requesters=requesters, excluded=excluded, first_use=first_use,
+                                       nonce_conflict=nonce_conflict, now=now)
     if now.timestamp() > authorization.expires_at:
         raise Denied(f"plan {plan_hash[:12]}'s authorization ended at "
-                     f"{datetime.fromtimestamp(authorization.expires_at, UTC).isoformat()} (execution window)")
-    slot = f"{step.id}/{'undo' if request.undo else 'do'}"
-    earlier = authorization.minted.get(slot)
-    if earlier is not None and earlier != request.activity_id:
-        raise Denied(f"step {slot} of plan {plan_hash[:12]} was already minted for this run (activity {earlier}); "
-                     "approvals are not reusable")
+                     f"{datetime.fromtimestamp(authorization.expires_at, UTC).isoformat()} (its steps' timeouts, "
+                     "verification windows and undos)")
+    started = authorization.minted_at.get(f"{step.id}/do")
+    if started is not None and now.timestamp() > started + step_budget_s(plan, step):
+        raise Denied(f"step {slot} of plan {plan_hash[:12]}: its window (timeout, verification, rollback) closed at "
+                     f"{datetime.fromtimestamp(started + step_budget_s(plan, step), UTC).isoformat()}")
     # A write credential lives no longer than the step may run.
     ttl = min(request.ttl_s, max(step.timeout_s, 1.0))
     return Decision(ttl_s=ttl, plan_hash=plan_hash, approvers=authorization.approvers.get(step.id, []),
                     nonces=nonces, authorization=authorization, slot=slot,
                     claims={"req": _step_binding(request, step)})
+
+
+def _check_slot(request: MintRequest, authorization: PlanAuthorization, slot: str, plan_hash: str,
+                state: DurableState, now: float) -> None:
+    """Each step writes once per run, and its undo once: only a later attempt of the activity that minted the
+    slot may mint it again, and only until a grant of the slot has written."""
+    earlier = authorization.minted.get(slot)
+    if earlier is None:
+        if slot.endswith("/do") and f"{slot[:-3]}/undo" in authorization.minted:
+            raise Denied(f"step {slot} of plan {plan_hash[:12]} was already undone for this run; "
+                         "approvals are not reusable")
+        return
+    if earlier != request.activity_id:
+        raise Denied(f"step {slot} of plan {plan_hash[:12]} was already minted for this run (activity {earlier}); "
+                     "approvals are not reusable")
+    if slot in authorization.wrote:
+        raise Denied(f"step {slot} of plan {plan_hash[:12]} already wrote at the target (activity {earlier}): "
+                     "it is not minted again; approvals are not reusable")
+    attempt = authorization.attempts.get(slot, 1)
+    if request.attempt < attempt:
+        raise Denied(f"step {slot} of plan {plan_hash[:12]}: attempt {request.attempt} of activity {earlier} is "
+                     f"older than its attempt {attempt}, which holds the grant")
+    if request.attempt == attempt:
+        grant = state.grants.get(authorization.grants.get(slot, ""))
+        if grant is None or grant.revoked or grant.exp <= now:
+            raise Denied(f"step {slot} of plan {plan_hash[:12]}: attempt {attempt} of activity {earlier} already "
+                         "used its grant; only a new attempt may mint again")
 
 
 def _authorize(
@@ -239,10 +304,16 @@ def _authorize(
     existing: PlanAuthorization | None,
     *,
     requesters: list[str],
+    excluded: list[str],
+    first_use: datetime,
     nonce_conflict: Callable[[str, str], bool],
     now: datetime,
 ) -> tuple[PlanAuthorization, list[tuple[str, str, float]]]:
-    """Judge the approvals (each at its recorded arrival) and record the plan authorization."""
+    """Judge the approvals (each at its recorded arrival) and record the plan authorization.
+
+    ``first_use``: when the plan authorization was first recorded (now, for the first write): an approval
+    authorizes within the approval window of its arrival, counted to its first use.
+    ``excluded``: everyone who raised the incident, whom separation of duties keeps from approving."""
     if not request.approvals:
         raise Denied(f"write {request.verb!r} for step {step.id} carries no approvals")
     windows = runbook.remediate.windows
@@ -257,14 +328,14 @@ def _authorize(
                 raise Denied(f"approval by {approval.approver} reuses a nonce seen on a different approval")
             nonces.append((approval.nonce, digest, approval.expires.timestamp()))
             assert check.received_at is not None
-            if now - check.received_at > approval_window:
+            if first_use - check.received_at > approval_window:
                 # Judged once, but not forever: it authorizes within the approval window of its arrival.
                 check = check.model_copy(update={
                     "valid": False, "reason": f"received at {check.received_at.isoformat()}, "
                                               f"more than {approval_window} before its first use"})
         checked.append((approval, check))
 
-    result = evaluate(plan, runbook, checked, workflow_id=request.workflow_id, requested_by=requesters, now=now)
+    result = evaluate(plan, runbook, checked, workflow_id=request.workflow_id, requested_by=excluded, now=now)
     plan_hash = plan.hash
     if result.rejected:
         raise Denied(f"plan {plan_hash[:12]} was rejected by {result.rejected_by}")
@@ -280,8 +351,10 @@ def _authorize(
         raise Denied(f"step {step.id} of plan {plan_hash[:12]} is not approved: {wanted}{why}",
                      approvers=[a.approver for a, _ in checked])
     stamp = now.timestamp()
-    lifetime = parse_duration(windows.execute_within).total_seconds()
-    keep = stamp + lifetime + approval_window.total_seconds() + 3600
+    # The plan's execution budget from its first write (every step, verification and undo), within the
+    # runbook's execution window; each step's own window is checked from its first write (step_budget_s).
+    lifetime = min(parse_duration(windows.execute_within).total_seconds(), step_budget_s(plan, plan.steps[0]))
+    keep = stamp + parse_duration(windows.execute_within).total_seconds() + approval_window.total_seconds() + 3600
     approved = {n.step: list(n.approved_by) for n in result.needs if n.met}
     if existing is None:
         authorization = PlanAuthorization(
@@ -289,7 +362,7 @@ def _authorize(
             expires_at=stamp + lifetime, keep_until=keep, approved_steps=sorted(approved), approvers=approved,
             digests=sorted({approval_digest(a) for a, _ in checked}), requesters=requesters, minted={},
         )
-    else:  # more approvals arrived for steps the first ones did not cover
+    else:  # the same checks again; more approvals may have arrived for steps the first ones did not cover
         authorization = existing
         authorization.approved_steps = sorted(set(existing.approved_steps) | set(approved))
         authorization.approvers = {**approved, **existing.approvers}

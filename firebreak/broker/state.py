@@ -13,7 +13,9 @@ state.jsonl       the journal of everything else a restart must keep, one JSON l
                   the digest of the approval that carried each, each approval's verdict and the instant
                   the broker first saw it (judged once), and plan authorizations per (workflow, run, plan
                   hash): who approved which steps, until when, and which step and undo each activity
-                  minted (once). Rewritten with the live records when it grows. The earlier forms
+                  minted (once), with the attempt, grant and time of each and which wrote at the target;
+                  runs the workflow reported closed; everyone a genuine receipt named as having raised
+                  each incident. Rewritten with the live records when it grows. The earlier forms
                   (grants.jsonl, grants.json, nonces.json, approvals.json, plans.json) are read once and
                   replaced.
 ```
@@ -31,7 +33,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +125,8 @@ class GrantRecord:
     subject: str
     approvers: list[str]
     revoked: bool = False
+    # "PLAN KEY#STEP/do" for a write or undo: the plan slot this grant spent (a write reported on revoke closes it)
+    slot: str = ""
 
 
 # A revoked jti stays on the list a little past its exp, to cover targets' leeway.
@@ -145,8 +149,12 @@ class ApprovalSeen:
 class PlanAuthorization:
     """Recorded at the first write mint of (workflow, run, plan hash); later mints use it.
 
-    ``minted`` maps "STEP/do" and "STEP/undo" to the activity that minted it: a retry of
-    that activity may mint again (same idempotency key), nothing else may.
+    ``minted`` maps "STEP/do" and "STEP/undo" to the activity that minted it, ``attempts`` to its
+    attempt, ``grants`` to the grant it holds and ``minted_at`` to when it first minted. The same
+    attempt of that activity reuses its grant; a later attempt of it may mint again (the target's
+    idempotency key makes it one write) until a grant of the slot is reported to have written
+    (``wrote``); nothing else may. ``expires_at`` is the plan's execution budget from its first write
+    (each step's timeout, verification window and undo), not the runbook's whole execution window.
     """
 
     workflow_id: str
@@ -160,10 +168,18 @@ class PlanAuthorization:
     digests: list[str]
     requesters: list[str]
     minted: dict[str, str]
+    attempts: dict[str, int] = field(default_factory=dict)
+    grants: dict[str, str] = field(default_factory=dict)
+    minted_at: dict[str, float] = field(default_factory=dict)
+    wrote: list[str] = field(default_factory=list)
 
     @property
     def key(self) -> str:
         return plan_key(self.workflow_id, self.run_id, self.plan_hash)
+
+
+def run_key(workflow_id: str, run_id: str) -> str:
+    return f"{workflow_id}/{run_id}"
 
 
 def plan_key(workflow_id: str, run_id: str, plan_hash: str) -> str:
@@ -193,6 +209,10 @@ class DurableState:
         self.plans: dict[str, PlanAuthorization] = {}
         self.repaired: list[str] = []  # torn tails dropped at start, for the broker to put in its audit log
         self.on_storage_error: Callable[[str], None] | None = None  # told "journal" when a flush fails
+        # "workflow/run" -> (when the workflow reported it closed, keep until)
+        self.closed_runs: dict[str, dict[str, Any]] = {}
+        # workflow id -> {"names": requesters any genuine receipt named, "keep_until": ...}
+        self.requesters: dict[str, dict[str, Any]] = {}
         legacy = self._read_legacy()
         self._replay(self._journal_file)
         self.prune()
@@ -250,13 +270,16 @@ class DurableState:
         return False, "".join(pending)
 
     def _live_count(self) -> int:
-        return len(self.grants) + len(self.nonces) + len(self.approvals) + len(self.plans)
+        return (len(self.grants) + len(self.nonces) + len(self.approvals) + len(self.plans) + len(self.closed_runs)
+                + len(self.requesters))
 
     def _journal_text(self) -> str:
-        entries = [{"grant": vars(g)} for g in self.grants.values()]
+        entries: list[dict[str, Any]] = [{"grant": vars(g)} for g in self.grants.values()]
         entries += [{"nonce": n, **v} for n, v in self.nonces.items()]
         entries += [{"approval": d, **vars(a)} for d, a in self.approvals.items()]
         entries += [{"plan": vars(p)} for p in self.plans.values()]
+        entries += [{"closed_run": k, **v} for k, v in self.closed_runs.items()]
+        entries += [{"requesters": w, **v} for w, v in self.requesters.items()]
         return "".join(json.dumps(e, sort_keys=True) + "\n" for e in entries)
 
     def _replay(self, path: Path) -> None:
@@ -289,6 +312,10 @@ class DurableState:
             elif "plan" in entry:
                 plan = PlanAuthorization(**entry["plan"])
                 self.plans[plan.key] = plan
+            elif "closed_run" in entry:
+                self.closed_runs[entry.pop("closed_run")] = entry
+            elif "requesters" in entry:
+                self.requesters[entry.pop("requesters")] = entry
 
     def _read_legacy(self) -> list[Path]:
         """The files of earlier versions, folded into memory; returns those found."""
@@ -322,6 +349,23 @@ class DurableState:
         elif self._frozen_file.exists():
             self._frozen_file.unlink()
 
+    def frozen_at(self) -> float | None:
+        """When the kill switch was pulled (None: not frozen, or not readable)."""
+        try:
+            return float(json.loads(self._frozen_file.read_text())["at"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def extend_plans(self, *, since: float, by: float) -> None:
+        """Give the plan authorizations live at ``since`` ``by`` seconds more: the time a freeze held them."""
+        for plan in list(self.plans.values()):
+            if plan.expires_at <= since or by <= 0:
+                continue
+            plan.expires_at += by
+            plan.keep_until += by
+            plan.minted_at = {slot: at + by for slot, at in plan.minted_at.items()}
+            self.save_plan(plan)
+
     def frozen_by(self) -> str:
         """"credentials frozen by NAME at T: REASON", what a held incident shows."""
         try:
@@ -340,6 +384,8 @@ class DurableState:
         # Kept until no approval they hold could authorize anything again (see rules.authorize_write).
         self.approvals = {d: a for d, a in self.approvals.items() if a.keep_until > now}
         self.plans = {k: p for k, p in self.plans.items() if p.keep_until > now}
+        self.closed_runs = {k: v for k, v in self.closed_runs.items() if v["keep_until"] > now}
+        self.requesters = {k: v for k, v in self.requesters.items() if v["keep_until"] > now}
 
     def add_grant(self, grant: GrantRecord) -> None:
         self.grants[grant.grant_id] = grant
@@ -394,3 +440,41 @@ class DurableState:
     def save_plan(self, plan: PlanAuthorization) -> None:
         self.plans[plan.key] = plan
         self._record({"plan": vars(plan)})  # the whole record again: on replay the last line stands
+
+    def grant_slot(self, grant_id: str) -> tuple[PlanAuthorization, str] | None:
+        """The plan authorization and slot ("s1/do") a write or undo grant spent, if it was one."""
+        grant = self.grants.get(grant_id)
+        if grant is None or not grant.slot:
+            return None
+        key, _, slot = grant.slot.rpartition("#")
+        plan = self.plans.get(key)
+        return None if plan is None else (plan, slot)
+
+    # -- runs the workflow reported closed --
+
+    def close_run(self, workflow_id: str, run_id: str, *, at: float, keep_until: float) -> bool:
+        """Record a closed run; False if it was already known closed."""
+        key = run_key(workflow_id, run_id)
+        if key in self.closed_runs:
+            return False
+        self.closed_runs[key] = {"closed_at": at, "keep_until": keep_until}
+        self._record({"closed_run": key, **self.closed_runs[key]})
+        return True
+
+    def run_closed_at(self, workflow_id: str, run_id: str) -> float | None:
+        seen = self.closed_runs.get(run_key(workflow_id, run_id))
+        return None if seen is None else float(seen["closed_at"])
+
+    # -- who raised each incident, from every genuine receipt shown --
+
+    def known_requesters(self, workflow_id: str) -> list[str]:
+        return list(self.requesters.get(workflow_id, {}).get("names", []))
+
+    def remember_requesters(self, workflow_id: str, names: list[str], keep_until: float) -> None:
+        known = self.requesters.get(workflow_id)
+        merged = sorted(set(names) | set(known["names"] if known else []))
+        until = max(keep_until, known["keep_until"] if known else 0.0)
+        if known is not None and known["names"] == merged and known["keep_until"] >= until:
+            return
+        self.requesters[workflow_id] = {"names": merged, "keep_until": until}
+        self._record({"requesters": workflow_id, **self.requesters[workflow_id]})
