@@ -1,0 +1,85 @@
+"""In time is in time: an approval that reached the API before the approval deadline counts, even when
+no worker could judge it until after the deadline; one that arrived after it never does.
+
+The real stack: dev server, broker, fleet, API, worker. The drill's window is seconds long
+(tests/data/runbooks/drill-deadline.yaml: escalate after 1 s, expire after 14 s). The worker runs
+until both incidents have escalated, so that only the expiry's timer is left; it is then stopped,
+and started again only after the deadline: the expiry timer and the queued approval signal then
+reach it in the same workflow task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta, timezone
+
+import httpx
+from temporalio.testing import WorkflowEnvironment
+
+from api_harness import running_api
+from firebreak.config import AGENT
+from firebreak.contracts import Approval, IncidentStatus, Phase
+from incidents import inject, make_alert, open_incident, report_of, wait_until
+from worker import build_worker
+
+VALID_FOR = timedelta(seconds=14)  # the drill's expire_after: the longest an approval may be valid
+
+
+def agent_writes(fleet, service: str) -> list[str]:
+    return [c["kind"] for c in fleet.fleet.changes(service) if c["author"] == AGENT]
+
+
+async def sleep_until(at: datetime) -> None:
+    await asyncio.sleep(max(0.0, (at - datetime.now(timezone.utc)).total_seconds()))
+
+
+async def post_approval(http: httpx.AsyncClient, api_url: str, approval: Approval) -> httpx.Response:
+    return await http.post(f"{api_url}/v1/incidents/{approval.workflow_id}/approvals",
+                           content=approval.model_dump_json(), headers={"Content-Type": "application/json"})
+
+
+async def test_a_worker_outage_across_the_deadline_counts_what_arrived_before_it_and_refuses_what_came_after(
+    dev_env: WorkflowEnvironment, settings, fleet, approvers, state_dir
+):
+    for service in ("payments", "inventory"):
+        inject(fleet.url, service, "bad_deploy")
+    async with running_api(dev_env.client, settings, state_dir, worker=False) as api, \
+            httpx.AsyncClient(timeout=30) as http:
+        async with build_worker(dev_env.client, settings):
+            in_time = await open_incident(dev_env.client, settings, make_alert("DrillDeadline", "payments"))
+            late = await open_incident(dev_env.client, settings, make_alert("DrillDeadline", "inventory"))
+            waiting: list[IncidentStatus] = [
+                await wait_until(handle, lambda s: s.escalated and s.phase == Phase.awaiting_approval)
+                for handle in (in_time, late)
+            ]
+        # The worker is gone; both deadlines are still ahead.
+        first, second = waiting
+        assert first.expires_at is not None and second.expires_at is not None
+        before = {service: agent_writes(fleet, service) for service in ("payments", "inventory")}
+
+        # Late in the window (the approval stays valid until after the worker is back), but before the deadline.
+        await sleep_until(first.expires_at - timedelta(seconds=5))
+        sent = await post_approval(http, api.url, approvers.approval("alice", in_time.id, first.plan_hash,
+                                                                     expires_in=VALID_FOR))
+        assert sent.status_code == 202 and sent.json()["queued"], sent.text
+        assert datetime.now(timezone.utc) < first.expires_at, "the in-time approval was not answered in time"
+
+        await sleep_until(max(first.expires_at, second.expires_at) + timedelta(seconds=0.5))
+        after = await post_approval(http, api.url, approvers.approval("alice", late.id, second.plan_hash,
+                                                                      expires_in=VALID_FOR))
+        assert after.status_code == 202 and after.json()["queued"], after.text
+
+        async with build_worker(dev_env.client, settings):
+            resolved = await asyncio.wait_for(report_of(in_time), 60)
+            expired = await asyncio.wait_for(report_of(late), 60)
+
+    assert resolved.phase == Phase.resolved, resolved.outcome
+    [alice] = resolved.status.approvals
+    assert alice.approver == "alice" and alice.counted, alice.reason
+    assert alice.received_at < first.expires_at  # shown as when it arrived, not when a worker took it
+    assert agent_writes(fleet, "payments")[len(before["payments"]):] == ["restart"]
+
+    assert expired.phase == Phase.expired, expired.outcome
+    [refused] = expired.status.approvals
+    assert not refused.counted and "after the approval deadline" in refused.reason, refused.reason
+    assert agent_writes(fleet, "inventory") == before["inventory"]
