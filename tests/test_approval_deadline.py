@@ -1,9 +1,10 @@
-"""In time is in time: an approval that reached the API before the approval deadline counts, even when
-no worker could judge it until after the deadline; one that arrived after it never does.
+"""In time is in time: an approval that reached Firebreak before the approval deadline (the API, or
+Temporal's history) counts, even when no worker could judge it until after the deadline; one that
+arrived after it never does.
 
 The real stack: dev server, broker, fleet, API, worker. The drill's window is seconds long
 (tests/data/runbooks/drill-deadline.yaml: escalate after 1 s, expire after 14 s). The worker runs
-until both incidents have escalated, so that only the expiry's timer is left; it is then stopped,
+until the incidents have escalated, so that only the expiry's timer is left; it is then stopped,
 and started again only after the deadline: the expiry timer and the queued approval signal then
 reach it in the same workflow task.
 """
@@ -41,44 +42,50 @@ async def post_approval(http: httpx.AsyncClient, api_url: str, approval: Approva
 async def test_a_worker_outage_across_the_deadline_counts_what_arrived_before_it_and_refuses_what_came_after(
     dev_env: WorkflowEnvironment, settings, fleet, approvers, state_dir
 ):
-    for service in ("payments", "inventory"):
+    services = ("payments", "checkout", "inventory")  # through the API in time, to Temporal in time, too late
+    for service in services:
         inject(fleet.url, service, "bad_deploy")
     async with running_api(dev_env.client, settings, state_dir, worker=False) as api, \
             httpx.AsyncClient(timeout=30) as http:
         async with build_worker(dev_env.client, settings):
-            in_time = await open_incident(dev_env.client, settings, make_alert("DrillDeadline", "payments"))
-            late = await open_incident(dev_env.client, settings, make_alert("DrillDeadline", "inventory"))
+            handles = [await open_incident(dev_env.client, settings, make_alert("DrillDeadline", service))
+                       for service in services]
             waiting: list[IncidentStatus] = [
                 await wait_until(handle, lambda s: s.escalated and s.phase == Phase.awaiting_approval)
-                for handle in (in_time, late)
+                for handle in handles
             ]
-        # The worker is gone; both deadlines are still ahead.
-        first, second = waiting
-        assert first.expires_at is not None and second.expires_at is not None
-        before = {service: agent_writes(fleet, service) for service in ("payments", "inventory")}
+        # The worker is gone; every deadline is still ahead.
+        via_temporal = handles[1]
+        deadlines = [status.expires_at for status in waiting]
+        assert all(deadlines)
+        before = {service: agent_writes(fleet, service) for service in services}
+
+        def approval(index: int) -> Approval:
+            return approvers.approval("alice", handles[index].id, waiting[index].plan_hash, expires_in=VALID_FOR)
 
         # Late in the window (the approval stays valid until after the worker is back), but before the deadline.
-        await sleep_until(first.expires_at - timedelta(seconds=5))
-        sent = await post_approval(http, api.url, approvers.approval("alice", in_time.id, first.plan_hash,
-                                                                     expires_in=VALID_FOR))
+        await sleep_until(min(deadlines) - timedelta(seconds=5))
+        sent = await post_approval(http, api.url, approval(0))
         assert sent.status_code == 202 and sent.json()["queued"], sent.text
-        assert datetime.now(timezone.utc) < first.expires_at, "the in-time approval was not answered in time"
+        # As `firebreak approve` does when the API is unreachable: straight into the incident's history.
+        await via_temporal.signal("approval", approval(1).model_dump(mode="json"))
+        assert datetime.now(timezone.utc) < min(deadlines), "the in-time approvals were not sent in time"
 
-        await sleep_until(max(first.expires_at, second.expires_at) + timedelta(seconds=0.5))
-        after = await post_approval(http, api.url, approvers.approval("alice", late.id, second.plan_hash,
-                                                                      expires_in=VALID_FOR))
+        await sleep_until(max(deadlines) + timedelta(seconds=0.5))
+        after = await post_approval(http, api.url, approval(2))
         assert after.status_code == 202 and after.json()["queued"], after.text
 
         async with build_worker(dev_env.client, settings):
-            resolved = await asyncio.wait_for(report_of(in_time), 60)
-            expired = await asyncio.wait_for(report_of(late), 60)
+            reports = [await asyncio.wait_for(report_of(handle), 60) for handle in handles]
 
-    assert resolved.phase == Phase.resolved, resolved.outcome
-    [alice] = resolved.status.approvals
-    assert alice.approver == "alice" and alice.counted, alice.reason
-    assert alice.received_at < first.expires_at  # shown as when it arrived, not when a worker took it
-    assert agent_writes(fleet, "payments")[len(before["payments"]):] == ["restart"]
+    for report, status, service in zip(reports[:2], waiting[:2], services[:2]):
+        assert report.phase == Phase.resolved, (service, report.outcome)
+        [alice] = report.status.approvals
+        assert alice.approver == "alice" and alice.counted, alice.reason
+        assert alice.received_at < status.expires_at  # shown as when it arrived, not when a worker took it
+        assert agent_writes(fleet, service)[len(before[service]):] == ["restart"]
 
+    expired = reports[2]
     assert expired.phase == Phase.expired, expired.outcome
     [refused] = expired.status.approvals
     assert not refused.counted and "after the approval deadline" in refused.reason, refused.reason

@@ -597,7 +597,8 @@ class IncidentWorkflow:
                     check = await workflow.execute_activity_method(
                         ApprovalActivities.verify_approval,
                         # The API's signed arrival receipt, if it sent this as a signal: checked by the activity.
-                        args=[approval, _arrival(payload)] if self.in_time else [approval],
+                        # Past the deadline it also asks Temporal's history when the signal was recorded.
+                        args=[approval, _arrival(payload), self.expires_at] if self.in_time else [approval],
                         start_to_close_timeout=timedelta(seconds=15),
                         # v2: an approval that arrives while the broker restarts waits for it.
                         schedule_to_close_timeout=APPROVAL_CHECK_BUDGET if self.v2 else None,
