@@ -23,7 +23,8 @@ from firebreak.contracts import Approval, IncidentStatus, Phase
 from incidents import inject, make_alert, open_incident, report_of, wait_until
 from worker import build_worker
 
-VALID_FOR = timedelta(seconds=14)  # the drill's expire_after: the longest an approval may be valid
+WINDOW = timedelta(seconds=14)  # the drill's expire_after: also the longest an approval may be valid
+SEND_BEFORE = timedelta(seconds=6)  # how long before the deadline the in-time approvals are sent
 
 
 def agent_writes(fleet, service: str) -> list[str]:
@@ -60,19 +61,21 @@ async def test_a_worker_outage_across_the_deadline_counts_what_arrived_before_it
         assert all(deadlines)
         before = {service: agent_writes(fleet, service) for service in services}
 
-        def approval(index: int) -> Approval:
-            return approvers.approval("alice", handles[index].id, waiting[index].plan_hash, expires_in=VALID_FOR)
+        def approval(index: int, expires_in: timedelta) -> Approval:
+            return approvers.approval("alice", handles[index].id, waiting[index].plan_hash, expires_in=expires_in)
 
-        # Late in the window (the approval stays valid until after the worker is back), but before the deadline.
-        await sleep_until(min(deadlines) - timedelta(seconds=5))
-        sent = await post_approval(http, api.url, approval(0))
+        # Before the deadline, and signed valid until a window after it: the broker, which judges an approval's
+        # own expiry when it first sees it (once the worker is back), must still find it valid.
+        await sleep_until(min(deadlines) - SEND_BEFORE)
+        through_api, to_temporal = approval(0, WINDOW + SEND_BEFORE), approval(1, WINDOW + SEND_BEFORE)
+        sent = await post_approval(http, api.url, through_api)
         assert sent.status_code == 202 and sent.json()["queued"], sent.text
         # As `firebreak approve` does when the API is unreachable: straight into the incident's history.
-        await via_temporal.signal("approval", approval(1).model_dump(mode="json"))
+        await via_temporal.signal("approval", to_temporal.model_dump(mode="json"))
         assert datetime.now(timezone.utc) < min(deadlines), "the in-time approvals were not sent in time"
 
         await sleep_until(max(deadlines) + timedelta(seconds=0.5))
-        after = await post_approval(http, api.url, approval(2))
+        after = await post_approval(http, api.url, approval(2, WINDOW))
         assert after.status_code == 202 and after.json()["queued"], after.text
 
         async with build_worker(dev_env.client, settings):

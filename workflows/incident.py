@@ -298,8 +298,9 @@ class IncidentWorkflow:
         # Correlation across services: the catalog walk, per-dependency evidence, computed blast radius,
         # escalation to the owner the evidence points at. Incidents started before it replay as they ran.
         self.correlation = self.console and workflow.patched("correlation")
-        # An approval that arrived before the approval deadline counts whenever a worker judges it (its
-        # arrival told by the API's signed receipt or the broker's first sight); the expiry waits for it.
+        # An approval that arrived before the approval deadline counts whenever a worker judges it (its arrival
+        # told by the API's signed receipt, the broker's first sight or its signal's time in history); the
+        # expiry waits for it.
         self.in_time = self.v2 and workflow.patched("approval-in-time")
         if self.in_time and self.plan is not None and self.received:
             self.verdict = self._evaluate()  # carried from a run before: re-judged against the deadline
@@ -389,7 +390,10 @@ class IncidentWorkflow:
         if unrunnable is not None:
             if workflow.patched("runbook-cannot-run"):
                 self.plan = None
-                return await self._close(Phase.failed, f"escalated to a human: the runbook cannot run: {unrunnable}")
+                why = f"the runbook cannot run: {unrunnable}"
+                if not self.v2:  # v2: _close escalates every ending that needs a human
+                    await self._notify("escalation", f"{why}; a human must take this incident")
+                return await self._close(Phase.failed, f"escalated to a human: {why}")
             self.plan = build()  # a run from before this check: as it ran
         assert self.plan is not None  # top.actions is not empty
         if self.correlation:
@@ -623,7 +627,8 @@ class IncidentWorkflow:
             self.records.append(ApprovalRecord(
                 approver=approval.approver, decision=approval.decision, counted=judgement.counted,
                 reason=judgement.reason, steps=approval.steps, plan_hash=approval.plan_hash,
-                comment=approval.comment, received_at=check.arrived_at or now, via=via,  # type: ignore[arg-type]
+                comment=approval.comment, via=via,  # type: ignore[arg-type]
+                received_at=check.arrived_at if self.in_time and check.arrived_at else now,
             ))
             self._set_details()
             if self.console:
