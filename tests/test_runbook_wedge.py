@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -92,3 +95,16 @@ async def test_forced_past_the_check_it_fails_the_incident_and_escalates(
     sent = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
     escalations = [n for n in sent if n["incident_id"] == delivered.handle.id and n["kind"] == "escalation"]
     assert escalations and "the runbook cannot run" in escalations[0]["summary"]
+
+
+def test_the_worker_refuses_to_start_with_it(tmp_path: Path) -> None:
+    runbooks = tmp_path / "runbooks"
+    runbooks.mkdir()
+    (runbooks / "wedge.yaml").write_text(WEDGE)
+    env = {**os.environ, "FIREBREAK_RUNBOOKS_DIR": str(runbooks), "FIREBREAK_STATE_DIR": str(tmp_path / "state"),
+           "FIREBREAK_TEMPORAL_ADDRESS": "127.0.0.1:9"}  # nothing listens: it must stop before connecting
+    done = subprocess.run([sys.executable, str(TESTS.parent / "worker.py")], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert f"worker refused to start: {runbooks / 'wedge.yaml'}:{VERIFY_LINE}: " \
+           "remediate.actions.restart.verify.query: " in done.stderr, done.stderr
