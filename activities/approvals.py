@@ -63,6 +63,8 @@ class ApprovalActivities:
 async def _signaled_at(approval: Approval) -> datetime | None:
     """When the server recorded the ``approval`` signal carrying exactly this approval in this run's history."""
     info = activity.info()
+    if info.workflow_id is None or info.workflow_namespace is None:
+        return None  # not run by a workflow: no history to ask
     client = activity.client()
     converter = client.data_converter.with_context(
         WorkflowSerializationContext(namespace=info.workflow_namespace, workflow_id=info.workflow_id))
