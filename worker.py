@@ -33,6 +33,7 @@ from activities.tickets import TicketActivities
 from activities.verify import VerifyActivities
 from firebreak.config import Settings, load_settings
 from firebreak.deployments import DeploymentError, deployment_config, make_current
+from firebreak.runbook import RunbookError, load_runbooks
 from firebreak.telemetry import export_from_env, temporal_interceptors
 from firebreak.temporal import connect
 from workflows.incident import IncidentWorkflow
@@ -125,6 +126,10 @@ async def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     tune_process()
     settings = load_settings(args.state_dir)
+    try:  # a runbook that cannot run is refused before any incident meets it, naming file, line and field
+        load_runbooks(settings.resolved_runbooks_dir())
+    except RunbookError as exc:
+        raise SystemExit(f"worker refused to start: {exc}") from None
     export_from_env("firebreak-worker")  # only with OTEL_EXPORTER_OTLP_ENDPOINT set
     # Traced: the workflow and its activities join the trace of the request that started them.
     client = await connect(settings.temporal, temporal_interceptors())

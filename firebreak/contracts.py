@@ -373,6 +373,32 @@ class Approval(Model):
         return canonical_json(self.model_dump(mode="json", exclude={"signature"}))
 
 
+def approval_sha256(approval: Approval) -> str:
+    """The digest of an approval as sent, signature included (the broker keys its verdicts by it too)."""
+    return hashlib.sha256(canonical_json(approval.model_dump(mode="json"))).hexdigest()
+
+
+class ApprovalArrival(Model):
+    """When the API received an approval, signed with the intake's key, which the worker never holds.
+
+    Rides beside the approval in the ``approval`` signal, so that an approval that reached the API before
+    the approval deadline is judged in time even when no worker could take it until after the deadline.
+    """
+
+    workflow_id: str = Field(max_length=200)
+    approval_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    received_at: str = Field(description="RFC 3339; kept as sent because the signature covers these bytes")
+    signer: str = Field(default="intake", max_length=64)
+    signature: str = Field(default="", max_length=256)
+
+    @property
+    def received(self) -> datetime:
+        return datetime.fromisoformat(self.received_at.replace("Z", "+00:00"))
+
+    def signing_payload(self) -> bytes:
+        return canonical_json(self.model_dump(mode="json", exclude={"signature"}))
+
+
 class ApprovalCheck(Model):
     """Result of verifying an approval's signature against the roster (an activity)."""
 
@@ -382,6 +408,9 @@ class ApprovalCheck(Model):
     received_at: datetime | None = Field(
         default=None, description="when the broker first saw it: its validity is judged at this instant, once"
     )
+    arrived_at: datetime | None = Field(default=None, description=(
+        "the earliest instant a component the worker cannot forge saw it (the API's signed receipt, the broker's "
+        "first sight, the workflow task that delivered it): whether it came before the approval deadline"))
     held: str | None = Field(default=None, description="the broker's kill switch is on: who, when, why")
 
 

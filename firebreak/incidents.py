@@ -34,6 +34,7 @@ from firebreak.contracts import (
     APPROVAL_REFUSED,
     NEEDS_A_HUMAN_FAILURE,
     Approval,
+    ApprovalArrival,
     ApprovalOutcome,
     IncidentReport,
     IncidentStatus,
@@ -69,15 +70,19 @@ async def read_status(handle: WorkflowHandle[Any, Any], wait: timedelta = WORKER
 
 
 async def submit_approval(handle: WorkflowHandle[Any, Any], approval: Approval,
-                          wait: timedelta = WORKER_WAIT) -> ApprovalOutcome | None:
+                          wait: timedelta = WORKER_WAIT, *, arrival: ApprovalArrival | None = None
+                          ) -> ApprovalOutcome | None:
     """The workflow's answer, or None when no worker answered and the approval went as a signal.
 
     A quick status query first tells whether a worker is there: without one, an update would only
     be held in the server's memory, so the approval goes straight to history as a signal instead.
+    The signal carries ``arrival`` (the API's signed receipt) beside the approval: judged after the
+    approval deadline, it still counts if it arrived before.
     """
+    signal = {**approval.model_dump(mode="json"), **({"arrival": arrival.model_dump(mode="json")} if arrival else {})}
     _, source = await read_status(handle, wait)
     if source != "the workflow":
-        await handle.signal("approval", approval.model_dump(mode="json"))
+        await handle.signal("approval", signal)
         return None
     try:
         return await approval_outcome(handle, approval, wait)
@@ -86,7 +91,7 @@ async def submit_approval(handle: WorkflowHandle[Any, Any], approval: Approval,
     except RPCError as exc:
         if exc.status not in _NO_ANSWER and "Timeout" not in exc.message:
             raise
-    await handle.signal("approval", approval.model_dump(mode="json"))
+    await handle.signal("approval", signal)
     return None
 
 

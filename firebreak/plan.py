@@ -12,7 +12,7 @@ from typing import Any
 
 from firebreak.contracts import Hypothesis, Plan, PlanStep, UndoStep, VerifyCheck
 from firebreak.escaping import render_plain, render_promql, render_text
-from firebreak.runbook import Investigation, Runbook, ScalarParam, parse_duration
+from firebreak.runbook import Investigation, Runbook, ScalarParam, metrics_read, parse_duration
 
 
 def derive_step(runbook: Runbook, params: Mapping[str, str], action_name: str, number: int) -> PlanStep:
@@ -87,10 +87,10 @@ def build_plan(
 
 def _metrics_read(runbook: Runbook) -> Investigation:
     """Verification reads metrics with the read scope the runbook already declares."""
-    for spec in runbook.investigate:
-        if spec.kind.startswith("prometheus"):
-            return spec
-    raise ValueError(f"runbook {runbook.name} verifies with a query but declares no prometheus read")
+    read = metrics_read(runbook)
+    if read is None:  # refused at load (runbook.unmet_read_need); only a runbook that skipped loading gets here
+        raise ValueError(f"runbook {runbook.name} verifies with a query but declares no prometheus read")
+    return read
 
 
 def over_caps(plan: Plan, runbook: Runbook) -> str | None:

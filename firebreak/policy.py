@@ -62,9 +62,13 @@ def _judge(
     at: datetime,
     max_validity: timedelta,
     nonces: set[str],
+    deadline: datetime | None,
 ) -> Judgement:
     if not check.valid:
         return Judgement(False, check.reason or "signature not valid")
+    arrived = check.arrived_at or at
+    if deadline is not None and arrived > deadline:
+        return Judgement(False, f"arrived at {arrived.isoformat()}, after the approval deadline {deadline.isoformat()}")
     if approval.workflow_id != workflow_id:
         return Judgement(False, f"signed for workflow {approval.workflow_id!r}, not {workflow_id!r}")
     if approval.plan_hash != plan_hash:
@@ -102,12 +106,16 @@ def evaluate(
     workflow_id: str,
     requested_by: str | None | Collection[str],
     now: datetime,
+    deadline: datetime | None = None,
 ) -> PolicyResult:
     """Judge every approval in order and say which steps have their quorum.
 
     An approval's time checks use the instant it was first received (``check.received_at``),
     not ``now``: judged once on arrival, the verdict stands, so a quorum whose approvals
     arrive hours apart still completes, and the broker reaches the same verdict later.
+    ``deadline`` (the incident's approval deadline): an approval that arrived after it
+    (``check.arrived_at``, told by a component the worker cannot forge) never counts; one that
+    arrived before it counts whenever it is judged.
     """
     plan_hash = plan.hash
     requesters = {requested_by} if isinstance(requested_by, str) else set(requested_by or ())
@@ -119,6 +127,7 @@ def evaluate(
         judgement = _judge(
             approval, check, plan=plan, plan_hash=plan_hash, needs=needs, workflow_id=workflow_id,
             requesters=requesters, at=check.received_at or now, max_validity=max_validity, nonces=nonces,
+            deadline=deadline,
         )
         if check.valid:
             # A validly signed nonce is spent even if the approval did not count.

@@ -7,12 +7,16 @@ neither, so it cannot claim that nobody, or somebody else, raised an incident.
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
+from cryptography.exceptions import InvalidSignature
+
 from firebreak import signing
-from firebreak.contracts import Receipt
+from firebreak.contracts import Approval, ApprovalArrival, Receipt, approval_sha256
 
 INTAKE = "intake"
 ReceiptSigner = Callable[[str], Receipt]
@@ -60,3 +64,39 @@ def person_signer(name: str, key: signing.Ed25519PrivateKey) -> ReceiptSigner:
     return lambda incident_id: signing.sign_receipt(
         Receipt(incident_id=incident_id, requested_by=name, signer=name, issued_at=_now()), key
     )
+
+
+# -- approval arrivals: when the API received an approval ---------------------------
+
+
+def sign_arrival(approval: Approval, key: signing.Ed25519PrivateKey) -> ApprovalArrival:
+    """The API's signed word that ``approval`` reached it now (microseconds: a deadline can be that close)."""
+    arrival = ApprovalArrival(workflow_id=approval.workflow_id, approval_sha256=approval_sha256(approval),
+                              received_at=datetime.now(timezone.utc).isoformat(timespec="microseconds"))
+    signature = key.sign(arrival.signing_payload())
+    return arrival.model_copy(update={"signature": base64.b64encode(signature).decode("ascii")})
+
+
+def verify_arrival(arrival: ApprovalArrival, approval: Approval,
+                   intake_keys: list[signing.Ed25519PublicKey]) -> str | None:
+    """None if ``arrival`` is the intake's genuine receipt of exactly this approval, else why not."""
+    if arrival.signer != INTAKE:
+        return f"arrival receipt signed by {arrival.signer!r}, not the intake"
+    if arrival.workflow_id != approval.workflow_id or arrival.approval_sha256 != approval_sha256(approval):
+        return "arrival receipt is for another approval"
+    try:
+        aware = arrival.received.tzinfo is not None
+        signature = base64.b64decode(arrival.signature, validate=True)
+    except (binascii.Error, ValueError):
+        aware = False
+    if not aware:
+        return "arrival receipt is malformed"
+    if not intake_keys:
+        return "no intake key here to verify the arrival receipt with"
+    for key in intake_keys:
+        try:
+            key.verify(signature, arrival.signing_payload())
+            return None
+        except InvalidSignature:
+            continue
+    return "arrival receipt signature does not verify"

@@ -386,19 +386,70 @@ def parse_runbook(text: str, path: str = "<runbook>") -> Runbook:
         book = Runbook.model_validate(data, extra="forbid")
     except ValidationError as exc:
         raise _explain(exc, path, index) from None
-    problem = unmet_evidence_need(book)
+    problem = unmet_need(book)
     if problem is not None:
         loc, message = problem
         raise RunbookError(path, _line_for(loc, index), ".".join(str(p) for p in loc), message)
     return book
 
 
-def unmet_evidence_need(book: Runbook) -> tuple[tuple[Any, ...], str] | None:
-    """A condition that asks for more than its evidence reads, and where it is; None if all are met.
+def unmet_need(book: Runbook) -> tuple[tuple[Any, ...], str] | None:
+    """Something the runbook needs at run time but does not declare, and where it is; None if all are met.
 
     Checked when a runbook is loaded, not as a model validator: runbooks also travel inside Temporal
-    payloads, which must keep decoding whatever this check learns to refuse later.
+    payloads, which must keep decoding whatever this check learns to refuse later. The workflow asks
+    it too (:func:`cannot_run`), for a runbook that reached it without being loaded.
     """
+    return unmet_evidence_need(book) or unmet_read_need(book)
+
+
+def cannot_run(book: Runbook) -> str | None:
+    """Why a runbook cannot run, naming the field (no file here: it came in a payload), or None."""
+    problem = unmet_need(book)
+    if problem is None:
+        return None
+    loc, message = problem
+    return f"runbook {book.name} v{book.version}: {'.'.join(str(p) for p in loc)}: {message}"
+
+
+def metrics_read(book: Runbook) -> Investigation | None:
+    """The declared Prometheus read that verification queries with (its target, scope and resource)."""
+    return next((spec for spec in book.investigate if spec.kind.startswith("prometheus")), None)
+
+
+def unmet_read_need(book: Runbook) -> tuple[tuple[Any, ...], str] | None:
+    """A verification or a condition that needs a read the runbook does not declare.
+
+    The broker issues only declared reads, and the plan takes a verification's read from the
+    runbook's investigations: without one, no plan can be built and no incident can proceed.
+    """
+    read = metrics_read(book)
+    derived = {name for name, param in book.params.items() if param.derived}
+    per_dependency = {action for hyp in book.diagnose if hyp.for_each for action in hyp.actions}
+    for name, action in book.remediate.actions.items():
+        if action.verify is None:
+            continue
+        loc: tuple[Any, ...] = ("remediate", "actions", name, "verify", "query")
+        if read is None:
+            return loc, ("verifies with a Prometheus query, but the runbook declares no Prometheus read to run it "
+                         "with: add an investigate entry of kind prometheus_instant or prometheus_range")
+        has = set(book.params) - (set() if name in per_dependency else derived)
+        missing = placeholders(read.resource) - has
+        if missing:
+            return loc, (f"verifies with the Prometheus read investigate.{read.id}, whose resource needs "
+                         f"{sorted(missing)}, which this action does not have")
+    specs = {spec.id: spec for spec in book.investigate}
+    for h, hyp in enumerate(book.diagnose):
+        for c, cond in enumerate(hyp.conditions):
+            spec = specs[cond.evidence]
+            if cond.test in ("above", "below") and not spec.kind.startswith("prometheus"):
+                return ("diagnose", h, "conditions", c, "evidence"), (
+                    f"{cond.test} compares a metric, but {spec.id!r} is {spec.kind}, not a Prometheus read")
+    return None
+
+
+def unmet_evidence_need(book: Runbook) -> tuple[tuple[Any, ...], str] | None:
+    """A condition that asks for more than its evidence reads, and where it is; None if all are met."""
     specs = {inv.id: inv for inv in book.investigate}
     change_logs = [inv for inv in book.investigate if inv.kind == "change_log"]
     for h, hyp in enumerate(book.diagnose):

@@ -43,6 +43,7 @@ with workflow.unsafe.imports_passed_through():
         Approval,
         CarriedState,
         ReceivedApproval,
+        ApprovalArrival,
         ApprovalCheck,
         ApprovalOutcome,
         ApprovalRecord,
@@ -73,7 +74,7 @@ with workflow.unsafe.imports_passed_through():
     from firebreak.correlation import correlation_lines, impact_of, owner_to_escalate
     from firebreak.diagnosis import dependencies, indecision
     from firebreak.plan import build_plan, over_caps, undo_params
-    from firebreak.runbook import Investigation, parse_duration
+    from firebreak.runbook import Investigation, cannot_run, parse_duration
     from firebreak.temporal import PHASE, RUNBOOK, SERVICE, SEVERITY
     from workflows.summary import plan_markdown, status_markdown, waiting_for
 
@@ -158,6 +159,8 @@ class IncidentWorkflow:
         self.correlation = False  # set in run(): the catalog walk and per-dependency evidence
         self.waiting_shown = ""
         self.approval_lock = asyncio.Lock()
+        self.in_time = False  # set in run(): an approval is judged by when it arrived, not when a worker took it
+        self.unjudged = 0  # approvals received and not yet judged: the expiry decision waits for them
         # The preconditions re-read, started beside the check of an approval that may decide the plan.
         self.precheck: asyncio.Future[dict[str, dict[str, Any]] | str] | None = None
 
@@ -295,6 +298,12 @@ class IncidentWorkflow:
         # Correlation across services: the catalog walk, per-dependency evidence, computed blast radius,
         # escalation to the owner the evidence points at. Incidents started before it replay as they ran.
         self.correlation = self.console and workflow.patched("correlation")
+        # An approval that arrived before the approval deadline counts whenever a worker judges it (its arrival
+        # told by the API's signed receipt, the broker's first sight or its signal's time in history); the
+        # expiry waits for it.
+        self.in_time = self.v2 and workflow.patched("approval-in-time")
+        if self.in_time and self.plan is not None and self.received:
+            self.verdict = self._evaluate()  # carried from a run before: re-judged against the deadline
         incident = self.incident
         runbook = incident.runbook
         # Signal-with-start delivers the alert with the first task; wait in case it came apart.
@@ -365,11 +374,27 @@ class IncidentWorkflow:
         # The plan binds everything the approver is shown: params, requesters, evidence.
         bind_all = workflow.patched("plan-binds-all")
         self.plan_receipts = list(self.receipts)
-        self.plan = build_plan(
+        # A runbook that reached the worker without passing the load check: never a workflow task that fails
+        # and retries forever. (Patched only where such a runbook is met; wedged incidents then end too.)
+        build = lambda: build_plan(  # noqa: E731
             runbook, incident.params, top, incident_id=incident.incident_id, run_id=workflow.info().run_id,
             requesters=sorted(self._requesters()), evidence=[f.detail for f in top.findings if f.held],
             bind_all=bind_all,
         )
+        unrunnable = cannot_run(runbook)
+        if unrunnable is None:
+            try:
+                self.plan = build()
+            except ValueError as exc:
+                unrunnable = f"runbook {runbook.name} v{runbook.version}: no plan can be built: {exc}"
+        if unrunnable is not None:
+            if workflow.patched("runbook-cannot-run"):
+                self.plan = None
+                why = f"the runbook cannot run: {unrunnable}"
+                if not self.v2:  # v2: _close escalates every ending that needs a human
+                    await self._notify("escalation", f"{why}; a human must take this incident")
+                return await self._close(Phase.failed, f"escalated to a human: {why}")
+            self.plan = build()  # a run from before this check: as it ran
         assert self.plan is not None  # top.actions is not empty
         if self.correlation:
             # Shown to the approvers and hashed with the plan: who else is hurt if each step's target misbehaves.
@@ -387,7 +412,7 @@ class IncidentWorkflow:
                 self.plan = self.plan.model_copy(update={"observed": observed})
         self.verdict = policy.evaluate(
             self.plan, runbook, [], workflow_id=incident.incident_id, requested_by=self._requesters(),
-            now=workflow.now(),
+            now=workflow.now(), deadline=self._deadline(),
         )
         if self.v2:
             # Off the critical path: the approval wait starts now, the ticket follows when it can.
@@ -482,9 +507,10 @@ class IncidentWorkflow:
                     await self._notify("escalation", "no approval within the first window; approval needed")
                     self._set_details()
                     continue
-                if not self.v2:
-                    await self._notify("expired", "no approval in time; nothing was executed")
-                return await self._close(Phase.expired, "no approval in time; nothing executed")
+                if not (self.in_time and await self._decided_at_deadline()):
+                    if not self.v2:
+                        await self._notify("expired", "no approval in time; nothing was executed")
+                    return await self._close(Phase.expired, "no approval in time; nothing executed")
             # Let an approval that is being verified finish before acting on the verdict.
             async with self.approval_lock:
                 pass
@@ -498,6 +524,28 @@ class IncidentWorkflow:
                 await self._continue_as_new()
             # The alert cleared and fired again while an approval was being checked: nothing is
             # decided, so keep waiting. Acting here would "resolve" an incident with nothing executed.
+
+    async def _decided_at_deadline(self) -> bool:
+        """At the approval deadline: whether the approvals that arrived before it decide the plan.
+
+        The deadline's timer and an approval sent before it can reach a returning worker in one task:
+        wait for every approval already received to be judged (each by when it arrived), then decide
+        under the judging's lock, so what arrived first wins.
+        """
+        await workflow.wait_condition(lambda: self.unjudged == 0)
+        async with self.approval_lock:
+            return self._decided()
+
+    def _deadline(self) -> datetime | None:
+        """The approval deadline that approvals are judged against (None for runs before it was)."""
+        return self.expires_at if self.in_time else None
+
+    def _evaluate(self) -> policy.PolicyResult:
+        assert self.plan is not None
+        return policy.evaluate(
+            self.plan, self.incident.runbook, self.received, workflow_id=self.incident.incident_id,
+            requested_by=self._requesters(), now=workflow.now(), deadline=self._deadline(),
+        )
 
     def _decided(self) -> bool:
         """Rejected, or every step either has its quorum or was left out by a partial approval."""
@@ -519,6 +567,13 @@ class IncidentWorkflow:
         return None
 
     async def _receive_approval(self, payload: Any, via: str) -> ApprovalOutcome:
+        self.unjudged += 1  # before any await: the expiry decision waits for this one to be judged
+        try:
+            return await self._judge_approval(payload, via)
+        finally:
+            self.unjudged -= 1
+
+    async def _judge_approval(self, payload: Any, via: str) -> ApprovalOutcome:
         now = workflow.now()
         # One at a time, in arrival order (asyncio.Lock is FIFO), so records read in the order sent.
         async with self.approval_lock:
@@ -545,7 +600,9 @@ class IncidentWorkflow:
                 try:
                     check = await workflow.execute_activity_method(
                         ApprovalActivities.verify_approval,
-                        approval,
+                        # The API's signed arrival receipt, if it sent this as a signal: checked by the activity.
+                        # Past the deadline it also asks Temporal's history when the signal was recorded.
+                        args=[approval, _arrival(payload), self.expires_at] if self.in_time else [approval],
                         start_to_close_timeout=timedelta(seconds=15),
                         # v2: an approval that arrives while the broker restarts waits for it.
                         schedule_to_close_timeout=APPROVAL_CHECK_BUDGET if self.v2 else None,
@@ -555,8 +612,12 @@ class IncidentWorkflow:
                 except ActivityError as exc:
                     # A check that could not run is a refusal with its reason, never a failed incident.
                     check = ApprovalCheck(valid=False, reason=f"the approval could not be checked: {_cause(exc)}")
+            if self.in_time:
+                # When it arrived: the earliest of what the API signed, the broker first saw, and this task's
+                # time (the server's: an update a live worker takes at once). Never later than this task.
+                check = check.model_copy(update={"arrived_at": min(now, check.arrived_at or now)})
             self.received.append((approval, check))
-            self.verdict = policy.evaluate(
+            self.verdict = self._evaluate() if self.in_time else policy.evaluate(
                 self.plan, self.incident.runbook, self.received, workflow_id=self.incident.incident_id,
                 requested_by=self._requesters(), now=workflow.now(),
             )
@@ -566,7 +627,8 @@ class IncidentWorkflow:
             self.records.append(ApprovalRecord(
                 approver=approval.approver, decision=approval.decision, counted=judgement.counted,
                 reason=judgement.reason, steps=approval.steps, plan_hash=approval.plan_hash,
-                comment=approval.comment, received_at=now, via=via,  # type: ignore[arg-type]
+                comment=approval.comment, via=via,  # type: ignore[arg-type]
+                received_at=check.arrived_at if self.in_time and check.arrived_at else now,
             ))
             self._set_details()
             if self.console:
@@ -957,6 +1019,15 @@ class IncidentWorkflow:
         """A sink that failed is a gap on the record, never the incident's fate."""
         self.sink_gaps.append(gap)
         self._set_details()
+
+
+def _arrival(payload: Any) -> ApprovalArrival | None:
+    """The API's arrival receipt beside an approval signal, if it carries a readable one (else none)."""
+    try:
+        return ApprovalArrival.model_validate(payload["arrival"]) if isinstance(payload, dict) and payload.get(
+            "arrival") is not None else None
+    except ValidationError:
+        return None  # unreadable: judged as arriving when the broker first saw it
 
 
 def _cause(exc: ActivityError) -> str:

@@ -190,7 +190,8 @@ def create_app(
     grafana_seen = ReplayCache(settings.api_dir / GRAFANA_SEEN_FILE)
     intake = Intake(runbooks, gateway, unrouted_log, settings.temporal.task_queue,
                     receipt=intake_signer(ensure_intake_key(settings.state_dir)))
-    approvals = ApprovalGate(settings.roster or settings.state_dir / "roster.yaml")
+    approvals = ApprovalGate(settings.roster or settings.state_dir / "roster.yaml",
+                             arrival_key=ensure_intake_key(settings.state_dir))
 
     app = FastAPI(
         title="Firebreak API",
@@ -374,9 +375,10 @@ def create_app(
             raise ApiError(400, "incident id must match [A-Za-z0-9._:-]{1,200}", "path.incident_id")
         approval = approvals.parse(await read_body(request, 64 * 1024), incident_id)
         _auth(lambda: approvals.authenticate(approval))
+        arrival = approvals.arrival(approval)  # signed now: the time that decides whether it came in time
 
         async def update(client: Client) -> ApprovalOutcome | None:
-            return await deliver_approval(client.get_workflow_handle(incident_id), approval)
+            return await deliver_approval(client.get_workflow_handle(incident_id), approval, arrival=arrival)
 
         try:
             outcome = await gateway.call(update)

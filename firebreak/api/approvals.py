@@ -3,7 +3,8 @@
 Approvers need no Temporal access and no payload key: the API checks the
 signature against the roster before anything reaches Temporal, then submits it
 as the workflow's ``submit_approval`` update. The workflow and the broker still
-judge it themselves; this check only keeps unsigned noise out.
+judge it themselves; this check only keeps unsigned noise out. An approval that
+goes as a signal (no worker answered) carries the API's signed arrival receipt.
 """
 
 from __future__ import annotations
@@ -16,13 +17,20 @@ from pydantic import ValidationError
 from firebreak import signing
 from firebreak.api.auth import AuthError
 from firebreak.api.sources import PayloadError
-from firebreak.contracts import Approval
+from firebreak.contracts import Approval, ApprovalArrival
+from firebreak.receipts import sign_arrival
 from firebreak.roster import RosterSource
 
 
 class ApprovalGate:
-    def __init__(self, roster_path: Path) -> None:
+    def __init__(self, roster_path: Path, arrival_key: signing.Ed25519PrivateKey | None = None) -> None:
         self.roster = RosterSource(roster_path)
+        self.arrival_key = arrival_key
+
+    def arrival(self, approval: Approval) -> ApprovalArrival | None:
+        """The intake's signed receipt of when this approval reached the API: if no worker takes it before
+        the approval deadline, this (not a worker's clock) says it came in time."""
+        return sign_arrival(approval, self.arrival_key) if self.arrival_key is not None else None
 
     def parse(self, body: bytes, incident_id: str) -> Approval:
         try:
