@@ -97,6 +97,7 @@ async def test_forced_past_the_check_it_fails_the_incident_and_escalates(
     assert escalations and "the runbook cannot run" in escalations[0]["summary"]
 
 
+@pytest.mark.integration
 def test_the_worker_refuses_to_start_with_it(tmp_path: Path) -> None:
     runbooks = tmp_path / "runbooks"
     runbooks.mkdir()

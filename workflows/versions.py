@@ -35,25 +35,32 @@ class Patch:
     retired: str = ""  # when deprecated: which histories retired, and why
 
 
+# The recorded histories, by the commit that recorded them (tests/histories/).
+_BEFORE_PATCHES = ("bad-deploy-resolved.json", "bad-deploy-resolved-852f4c8.json")
 _ENDINGS_6461365 = tuple(f"ending-{name}-6461365.json" for name in (
     "auto_resolved", "expired-after-escalation", "failed-first-step", "failed-over-caps", "failed-undecided",
     "rejected", "resolved-two-steps", "rollback_failed", "rolled_back"))
-
-_ALL_BEFORE_ROUND_TWO = ("bad-deploy-resolved.json", "bad-deploy-resolved-852f4c8.json", *_ENDINGS_6461365)
+_DEADLINE_6BAE36E = tuple(f"approval-{name}-6bae36e.json" for name in ("in-time-api", "in-time-signal", "late-expired"))
+_WEDGE_6BAE36E = ("runbook-cannot-run-failed-6bae36e.json",)
+_ALL = (*_BEFORE_PATCHES, *_ENDINGS_6461365, *_DEADLINE_6BAE36E, *_WEDGE_6BAE36E)
 
 PATCHES: tuple[Patch, ...] = (
     Patch("lifecycle-v2", "2db0e59", "escalation, budgets, re-checks and patient retry policies",
-          histories=("bad-deploy-resolved.json", "bad-deploy-resolved-852f4c8.json")),
+          histories=_BEFORE_PATCHES),
     Patch("operator-console", "e2a0d87", "the phase search attribute, memo and current details the console reads",
-          histories=("bad-deploy-resolved.json", "bad-deploy-resolved-852f4c8.json")),
+          histories=_BEFORE_PATCHES),
     Patch("plan-binds-all", "2841723", "the plan hash binds every step's parameters and scope",
-          histories=("bad-deploy-resolved.json", "bad-deploy-resolved-852f4c8.json", "ending-failed-undecided-6461365.json")),
+          histories=(*_BEFORE_PATCHES, "ending-failed-undecided-6461365.json")),
     Patch("correlation", "d7dfba8", "the catalog walk, failing-dependency hypotheses and blast radius",
-          histories=("bad-deploy-resolved.json", "bad-deploy-resolved-852f4c8.json", *_ENDINGS_6461365)),
+          histories=(*_BEFORE_PATCHES, *_ENDINGS_6461365)),
     Patch("precheck-with-approval", "d7dfba8", "the alert re-read that an approval triggers before the first write",
-          histories=("bad-deploy-resolved.json", "bad-deploy-resolved-852f4c8.json", *_ENDINGS_6461365)),
+          histories=_ALL),
+    Patch("approval-in-time", "342c547", "an approval that arrived before the deadline counts after a worker outage",
+          histories=(*_BEFORE_PATCHES, *_ENDINGS_6461365)),
+    Patch("runbook-cannot-run", "342c547", "a runbook that cannot be evaluated fails its incident and escalates",
+          histories=(*_BEFORE_PATCHES, *_ENDINGS_6461365, *_DEADLINE_6BAE36E)),
     Patch("broker-run-closed", "6c1fcbe", "the workflow tells the broker its run closed, so nothing more is minted for it",
-          histories=_ALL_BEFORE_ROUND_TWO),
+          histories=_ALL),
 )
 
 # The oldest code whose open incidents this worker still replays: the first recorded history's.
