@@ -11,7 +11,8 @@ issued, as an activity does. Two kinds of pair:
 
 * read: a declared read of the runbook (``metrics.read`` at Prometheus);
 * write: the rollback step, with its plan, one signed approval and the intake's signed receipt, each
-  write for its own incident and run (a broker spends an approval once per step and run). Plans,
+  write for its own incident and run (the broker records each plan's authorization at its first
+  write, and spends an approval once per step and run). Plans,
   approvals and receipts are made before the clock starts: they are the approver's and the intake's
   work, not the broker's.
 
