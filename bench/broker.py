@@ -3,6 +3,7 @@
     python -m bench.broker            # 4,000 read pairs and 2,000 write pairs, 16 clients
     python -m bench.broker --quick    # a smoke run in well under a minute
     python -m bench.broker --reads-only
+    python -m bench.broker --profile OUT.txt   # the broker's Python stacks, sampled (written every 5 s)
 
 Starts the real broker as its own process (``python -m firebreak.broker``, as ``bench/pipeline_stack.py``
 does) on a free port, with the shipped bad-deploy runbook and a roster of one approver, and nothing else.
@@ -94,8 +95,8 @@ def cpu_of(pid: int) -> float:
 
 
 class BrokerUnderTest:
-    def __init__(self, state: Path) -> None:
-        self.state = state
+    def __init__(self, state: Path, profile: Path | None = None) -> None:
+        self.state, self.profile = state, profile
         self.stack = Stack(state_dir=state)
         self.url = ""
         runbooks = state / "runbooks"
@@ -111,7 +112,8 @@ class BrokerUnderTest:
     def start(self) -> None:
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
-        proc = self.stack.spawn("broker", [sys.executable, "-m", "firebreak.broker", "--host", "127.0.0.1", "--port",
+        profiler = ["-m", "bench.pipeline_profile", str(self.profile)] if self.profile else []
+        proc = self.stack.spawn("broker", [sys.executable, *profiler, "-m", "firebreak.broker", "--host", "127.0.0.1", "--port",
                                            str(port), "--state-dir", str(self.state), "--roster", str(self.roster),
                                            "--runbooks-dir", str(self.runbooks)])
         wait_http(f"{self.url}/healthz", proc=proc)
@@ -263,8 +265,8 @@ def goal_lines(pairs: list[Figures], floor_figures: Figures) -> list[str]:
     return out
 
 
-async def bench(state: Path, reads: int, writes: int, clients: int, warmup: int) -> int:
-    broker = BrokerUnderTest(state)
+async def bench(state: Path, reads: int, writes: int, clients: int, warmup: int, profile: Path | None = None) -> int:
+    broker = BrokerUnderTest(state, profile)
     broker.start()
     print(f"[{time.strftime('%H:%M:%S')}] broker up at {broker.url}; {clients} clients", flush=True)
     rows: list[Figures] = []
@@ -302,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=100, help="read pairs before anything is measured")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 400 reads, 200 writes, 8 clients")
     parser.add_argument("--state-dir", type=Path, default=None, help="kept afterwards (default: a temp dir, removed)")
+    parser.add_argument("--profile", type=Path, default=None, metavar="FILE",
+                        help="sample the broker's Python stacks into FILE (its CPU, not its waits)")
     args = parser.parse_args(argv)
     reads, writes, clients, warmup = args.reads, args.writes, args.clients, args.warmup
     if args.quick:
@@ -310,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         writes = 0
 
     def run(state: Path) -> int:
-        return asyncio.run(bench(state, reads, writes, clients, warmup))
+        return asyncio.run(bench(state, reads, writes, clients, warmup, args.profile and args.profile.resolve()))
 
     if args.state_dir:
         args.state_dir.mkdir(parents=True, exist_ok=True)
