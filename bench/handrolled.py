@@ -6,10 +6,11 @@
 A plain Temporal workflow and worker, written as the temporalio samples write them: the bench's
 incident (``bench/pipeline.py``'s runbook) without Firebreak. The same three reads with the same
 queries against the same Prometheus and fleet, the same diagnosis (a deploy within 12 h before the
-alert: a plain function, as a team would write it, not Firebreak's runbook engine), the proposal as a
-ticket file, one ``approve`` signal, the same rollback at the fleet with one standing bearer token
-(no broker, no approval check, no payload MAC, no receipts), one look at the same verification
-query, and the closing ticket. Default retry policies, idempotency keys on the write.
+alert: a plain function in the workflow, as a team would write it, not Firebreak's runbook engine),
+the service read for the proposal, the proposal as a ticket file, one ``approve`` signal, the same
+rollback at the fleet with one standing bearer token (no broker, no approval check, no re-read of the
+precondition, no payload MAC, no receipts), one look at the same verification query, and the closing
+ticket. Default retry policies, an idempotency key on the write.
 """
 
 from __future__ import annotations
