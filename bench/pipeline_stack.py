@@ -1,8 +1,9 @@
 """The stack ``bench/pipeline.py`` measures: every component as a child process on free ports.
 
 The Temporal dev server (SQLite file in WAL mode, no UI), the credential broker, the demo fleet with
-synthetic services (one incident each), Prometheus when installed, the intake API, ``worker.py`` and
-the bare-Temporal baseline's worker (``bench/pipeline_bare.py``), both exporting spans to the bench.
+synthetic services (one incident each), Prometheus when installed, the intake API, ``worker.py``, the
+bare-Temporal baseline's worker (``bench/pipeline_bare.py``) and the hand-rolled pipeline's worker
+(``bench/handrolled.py``, with the fleet's standing token), all exporting spans to the bench.
 Built from the pieces ``firebreak.stack`` and ``bench/chaos_stack.py`` use; settings go to
 ``STATE/stack.json`` as ``firebreak up`` writes them, which the API and the worker read.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -33,6 +35,8 @@ from worker import WORKFLOW_TASK_SLOTS
 ROOT = Path(__file__).resolve().parent.parent
 TASK_QUEUE = "firebreak-pipeline"
 BARE_QUEUE = "bare-pipeline"
+HAND_QUEUE = "handrolled-pipeline"
+STANDING_TOKEN_ENV = "FIREBREAK_FLEET_STANDING_TOKEN"  # the fleet reads it from here (never from its argv)
 APPROVER = "bench-approver"  # on call, in the bench's own roster; alerts from Alertmanager name no requester
 
 
@@ -58,6 +62,8 @@ class PipelineStack:
     prometheus: PrometheusProcess | None = None
     approver_key: Ed25519PrivateKey | None = None
     workers: int = 0
+    # The hand-rolled side's one standing credential at the fleet, made for this run.
+    standing_token: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
 
     def __post_init__(self) -> None:
         self.stack = Stack(state_dir=self.state)
@@ -105,7 +111,8 @@ class PipelineStack:
         fleet = self.stack.spawn("fleet", [
             py, "-m", "demo.fleet", "--host", "127.0.0.1", "--port", str(self.ports["fleet"]),
             "--broker-url", broker_url, "--state-dir", str(state / "fleet"), "--log-level", "warning",
-            "--synthetic-services", str(self.synthetic)])
+            "--synthetic-services", str(self.synthetic), "--standing-token-env", STANDING_TOKEN_ENV],
+            env={STANDING_TOKEN_ENV: self.standing_token})
         wait_http(f"{self.fleet_url}/healthz", proc=fleet)
         prometheus_url = "http://127.0.0.1:9"  # nothing listens: the investigation records a gap
         if self.with_prometheus:
@@ -131,8 +138,17 @@ class PipelineStack:
                                          "--workflow-cache", str(self.bare_cache),
                                          "--workflow-task-slots", str(self.bare_task_slots)],
                          env=_otel_env(self.otlp_endpoint))
+        from bench.handrolled import TOKEN_ENV
+
+        self.stack.spawn("handrolled-worker", [py, "-m", "bench.handrolled", "--address", self.temporal_address,
+                                               "--task-queue", HAND_QUEUE, "--fleet-url", self.fleet_url,
+                                               "--prometheus-url", prometheus_url,
+                                               "--ticket-dir", str(state / "handrolled-tickets"),
+                                               "--workflow-cache", str(self.bare_cache),
+                                               "--workflow-task-slots", str(self.bare_task_slots)],
+                         env={**_otel_env(self.otlp_endpoint), TOKEN_ENV: self.standing_token})
         wait_http(f"{self.api_url}/healthz", proc=api)
-        for name in ("worker", "bare-worker"):
+        for name in ("worker", "bare-worker", "handrolled-worker"):
             self.wait_logged(name, "worker on ")
 
     def _roster(self) -> Path:
@@ -181,7 +197,8 @@ class PipelineStack:
         """Per side, the workflow tasks its worker's SDK warned ran over 5 s (TMPRL1104, in its log): a worker
         past what it can hold, whose tasks near their 10 s timeout."""
         logs = {"firebreak": sorted((self.state / "logs").glob("worker*.log")),
-                "bare": [self.state / "logs" / "bare-worker.log"]}
+                "bare": [self.state / "logs" / "bare-worker.log"],
+                "hand-rolled": [self.state / "logs" / "handrolled-worker.log"]}
         return {side: sum(path.read_text(errors="replace").count("TMPRL1104") for path in paths if path.exists())
                 for side, paths in logs.items()}
 

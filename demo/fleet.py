@@ -55,6 +55,7 @@ log = logging.getLogger("demo.fleet")
 
 NAMESPACE = "shop"
 AUDIENCE = "fleet"
+STANDING_SUBJECT = "standing-token"  # the author of changes made with --standing-token-env
 SERVICES: tuple[str, ...] = ("checkout", "payments", "inventory")
 INITIAL_VERSIONS = {"checkout": "v41", "payments": "v17", "inventory": "v8"}
 INITIAL_REPLICAS = 3
@@ -719,10 +720,13 @@ class _IdempotencyStore:
 
 
 def create_app(*, verifier: Verifier, chaos_token: str | None = None, fleet: Fleet | None = None,
-               catalog_verifier: Verifier | None = None, idempotency_path: Path | None = None) -> FastAPI:
+               catalog_verifier: Verifier | None = None, idempotency_path: Path | None = None,
+               standing_token: str | None = None) -> FastAPI:
     """The fleet's HTTP app. ``chaos_token=None`` disables ``POST /demo/faults``; a ``catalog_verifier``
     (audience ``catalog``) also serves the demo's Backstage catalog under ``/api/catalog``. With an
-    ``idempotency_path`` the Idempotency-Keys of writes survive a restart."""
+    ``idempotency_path`` the Idempotency-Keys of writes survive a restart. ``standing_token`` (off by
+    default): one static bearer token good for every read and write, the credential a hand-rolled
+    pipeline without a broker uses (``bench/handrolled.py``)."""
     fleet = fleet or Fleet()
     idempotency = _IdempotencyStore(idempotency_path)
     # When each write request arrived, by the fleet's clock: what a benchmark times a write by.
@@ -742,6 +746,8 @@ def create_app(*, verifier: Verifier, chaos_token: str | None = None, fleet: Fle
         token = _bearer(request)
         if token is None:
             return _error(401, "unauthorized", "missing bearer token", {"WWW-Authenticate": "Bearer"})
+        if standing_token is not None and hmac.compare_digest(token.encode(), standing_token.encode()):
+            return {"sub": STANDING_SUBJECT, "standing": True}
         try:
             # verify may refresh keys over the network: keep it off the event loop.
             return await run_in_threadpool(verifier.verify, token, verb=verb, resource=f"service/{name}")
@@ -785,9 +791,10 @@ def create_app(*, verifier: Verifier, chaos_token: str | None = None, fleet: Fle
             return _error(400, "invalid_request", "Idempotency-Key must be 1-255 visible ASCII characters")
         try:
             # The token is for one exact request: this key, this body (or, for an undo, the
-            # values recorded at the write it undoes).
-            check_request_binding(claims, idempotency_key=key, body=await request.body(),
-                                  recorded_result=idempotency.succeeded)
+            # values recorded at the write it undoes). A standing token binds nothing: that is its price.
+            if not claims.get("standing"):
+                check_request_binding(claims, idempotency_key=key, body=await request.body(),
+                                      recorded_result=idempotency.succeeded)
         except TokenRejected as exc:
             return _error(403, "forbidden", exc.reason)
         body = await read_body(request, model)
@@ -974,6 +981,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="where the fleet keeps what must survive a restart (the jtis it accepted); "
                              "unset keeps them in memory, and a restart would accept a replayed token")
     parser.add_argument("--log-level", default="info")
+    # Read from the environment only, so that it never shows in a process listing.
+    parser.add_argument("--standing-token-env", default=None, metavar="VAR",
+                        help="accept the bearer token in this environment variable for every read and write "
+                             "(a broker-less pipeline's standing credential, for bench/handrolled.py); off by default")
     parser.add_argument("--synthetic-services", type=int, default=0,
                         help="add this many benchmark services (bench-00000...), each right after a bad deploy")
     args = parser.parse_args(argv)
@@ -986,8 +997,13 @@ def main(argv: list[str] | None = None) -> None:
     catalog_replay = replay_path.with_name("catalog-replay-jtis.jsonl") if replay_path else None
     catalog_verifier = _build_verifier(args.broker_url, CATALOG_AUDIENCE, args.broker_wait, catalog_replay,
                                        args.environment)
+    standing = os.environ.get(args.standing_token_env) if args.standing_token_env else None
+    if args.standing_token_env and not standing:
+        raise SystemExit(f"demo.fleet: --standing-token-env {args.standing_token_env}: that variable is unset or empty")
+    if standing:
+        log.warning("a standing bearer token is accepted for every read and write (--standing-token-env)")
     app = create_app(verifier=verifier, chaos_token=args.chaos_token, fleet=Fleet(synthetic=args.synthetic_services),
-                     catalog_verifier=catalog_verifier,
+                     catalog_verifier=catalog_verifier, standing_token=standing,
                      idempotency_path=idempotency_path(args.state_dir) if args.state_dir else None)
     # Access logs carry paths and status only, never headers, so no token reaches a log.
     try:
