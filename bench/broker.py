@@ -6,7 +6,8 @@
     python -m bench.broker --profile OUT.txt   # the broker's Python stacks, sampled (written every 5 s)
 
 Starts the real broker as its own process (``python -m firebreak.broker``, as ``bench/pipeline_stack.py``
-does) on a free port, with the shipped bad-deploy runbook and a roster of one approver, and nothing else.
+does) on a free port, with the shipped bad-deploy runbook, a roster of one approver, and the demo's catalog (the broker checks
+each write's blast radius against its own catalog read), and nothing else.
 Several clients (each its own connection) take pairs from one queue: a mint, then the revoke of what it
 issued, as an activity does. Two kinds of pair:
 
@@ -41,8 +42,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from fastapi import FastAPI
+
 from bench.chaos_stack import free_port
+from demo.catalog import add_routes as add_catalog_routes
 from firebreak import signing
+from firebreak.blast_radius import BlastRadius
 from firebreak.broker.client import BrokerClient, TokenFile
 from firebreak.broker.state import DurableState, GrantRecord
 from firebreak.contracts import Approval, Hypothesis
@@ -50,6 +55,7 @@ from firebreak.plan import build_plan
 from firebreak.receipts import ensure_intake_key, intake_signer
 from firebreak.roster import entry_yaml
 from firebreak.runbook import Runbook, default_runbook_dir, load_runbooks
+from firebreak.serving import ThreadedServer
 from firebreak.stack import Stack, wait_http
 
 APPROVER = "bench-approver"
@@ -99,6 +105,7 @@ class BrokerUnderTest:
         self.state, self.profile = state, profile
         self.stack = Stack(state_dir=state)
         self.url = ""
+        self.catalog: ThreadedServer | None = None
         runbooks = state / "runbooks"
         runbooks.mkdir(parents=True, exist_ok=True)
         shutil.copy(default_runbook_dir() / "bad-deploy.yaml", runbooks)
@@ -110,13 +117,20 @@ class BrokerUnderTest:
         self.roster.write_text("people:\n" + entry_yaml(APPROVER, list(groups), signing.public_pem(self.approver_key)))
 
     def start(self) -> None:
-        port = free_port()
+        port, catalog_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{port}"
         profiler = ["-m", "bench.pipeline_profile", str(self.profile)] if self.profile else []
         proc = self.stack.spawn("broker", [sys.executable, *profiler, "-m", "firebreak.broker", "--host", "127.0.0.1", "--port",
                                            str(port), "--state-dir", str(self.state), "--roster", str(self.roster),
-                                           "--runbooks-dir", str(self.runbooks)])
+                                           "--runbooks-dir", str(self.runbooks),
+                                           "--catalog-url", f"http://127.0.0.1:{catalog_port}"])
         wait_http(f"{self.url}/healthz", proc=proc)
+        # The demo's catalog, verifying the broker's own catalog tokens, where the broker was told it is.
+        app = FastAPI()
+        self.catalog_verifier = signing.TargetVerifier.from_broker(self.url, "catalog")
+        add_catalog_routes(app, self.catalog_verifier)
+        self.catalog = ThreadedServer(app, port=catalog_port, name="bench-catalog")
+        self.catalog.start()
 
     @property
     def pid(self) -> int:
@@ -136,6 +150,8 @@ class BrokerUnderTest:
         hypothesis = Hypothesis(id="bad_deploy", title="bad deploy", score=0.9, findings=[], actions=["rollback"])
         plan = build_plan(self.runbook, PARAMS, hypothesis, incident_id=incident, run_id=f"run-{i}")
         assert plan is not None, "the bad-deploy runbook proposes no rollback"
+        # The blast radius the demo catalog gives (nothing depends on checkout), as the worker's walk finds it.
+        plan = plan.model_copy(update={"impact": {s.id: BlastRadius(target="checkout") for s in plan.steps}})
         approval = signing.sign_approval(Approval(
             workflow_id=incident, plan_hash=plan.hash, decision="approve", nonce=uuid.uuid4().hex,
             expires_at=(datetime.now(UTC) + timedelta(minutes=30)).isoformat(), approver=APPROVER,
@@ -147,6 +163,9 @@ class BrokerUnderTest:
                     plan=plan, approvals=[approval], receipts=[receipt])
 
     def stop(self) -> None:
+        if self.catalog is not None:
+            self.catalog.stop()
+            self.catalog_verifier.close()  # its revocation poll would outlive the broker
         self.stack.stop()
 
 

@@ -129,9 +129,10 @@ remediate:
 
 def bare_shape(prometheus: bool) -> BareShape:
     """The bench incident's activities: reads; diagnose and the precondition read; the proposal's ticket
-    in the background; after approval the re-read, the write, the verification and the closing ticket."""
+    in the background; after approval the re-read, the write, the verification, the closing ticket and
+    telling the broker the run closed."""
     return BareShape(investigations=3 if prometheus else 1, before_proposal=2, background=1,
-                     after_approval=4 if prometheus else 3)
+                     after_approval=5 if prometheus else 4)
 
 
 # -- measuring ------------------------------------------------------------------------------

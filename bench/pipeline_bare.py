@@ -35,7 +35,7 @@ class BareShape(BaseModel):
     investigations: int = 3
     before_proposal: int = 2  # diagnose, observe
     background: int = 1  # the proposal's ticket, off the critical path
-    after_approval: int = 4  # observe, execute, verify, closing ticket
+    after_approval: int = 5  # observe, execute, verify, closing ticket, run closed
 
 
 @activity.defn(name="bare_noop")
