@@ -13,28 +13,35 @@ import socket
 import sys
 import uuid
 from collections.abc import AsyncIterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import uvicorn
+from conftest import Approvers
+from incidents import inject, report_of, submit, wait_for_phase
 from mcp import Client, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.exceptions import MCPError
 from temporalio.testing import WorkflowEnvironment
 
-from conftest import Approvers
 from firebreak import signing
 from firebreak.contracts import Phase, Receipt
 from firebreak.mcp.cli import components, http_app
-from firebreak.mcp.identity import AuditLog, audit_path, create_agent, read_token_file, revoke_agent
+from firebreak.mcp.identity import (
+    AuditLog,
+    audit_path,
+    create_agent,
+    ensure_demo_agent,
+    read_token_file,
+    revoke_agent,
+)
 from firebreak.mcp.server import build_server
 from firebreak.receipts import agent_signer
 from firebreak.roster import Roster
 from firebreak.stack import ensure_demo_roster
-from incidents import inject, report_of, status, submit, wait_for_phase
 from worker import build_worker
 
 SHARED_FIXTURES = Path("/work/shared/fixtures")
@@ -44,7 +51,7 @@ HOSTILE = json.loads((SHARED_FIXTURES / "hostile_promql_breakout.json").read_tex
 
 
 @pytest.fixture
-def mcp_state(tmp_path: Path, dev_env: WorkflowEnvironment, settings) -> Path:  # noqa: ANN001
+def mcp_state(tmp_path: Path, dev_env: WorkflowEnvironment, settings) -> Path:
     """A state dir whose stack.json points `firebreak mcp` at the test servers and the session's roster."""
     stack = {"settings": {
         "temporal": {"address": dev_env.client.service_client.config.target_host,
@@ -58,7 +65,7 @@ def mcp_state(tmp_path: Path, dev_env: WorkflowEnvironment, settings) -> Path:  
     return tmp_path
 
 
-def _agent(mcp_state: Path, settings, **kw: Any) -> tuple[str, str]:  # noqa: ANN001
+def _agent(mcp_state: Path, settings, **kw: Any) -> tuple[str, str]:
     name = f"assistant-{uuid.uuid4().hex[:6]}"
     return name, read_token_file(create_agent(mcp_state, settings.resolved_roster(), name, "bob", **kw))
 
@@ -92,7 +99,7 @@ def _audit(mcp_state: Path, agent: str) -> list[dict[str, Any]]:
 
 
 async def test_agent_proposes_owner_cannot_approve_another_approver_resolves_over_stdio(
-    dev_env: WorkflowEnvironment, settings, fleet, mcp_state: Path, approvers: Approvers,  # noqa: ANN001
+    dev_env: WorkflowEnvironment, settings, fleet, mcp_state: Path, approvers: Approvers,
 ) -> None:
     inject(fleet.url, "checkout", "bad_deploy")
     agent, _ = _agent(mcp_state, settings)
@@ -114,6 +121,7 @@ async def test_agent_proposes_owner_cannot_approve_another_approver_resolves_ove
                 # The runbook chose the plan: its own actions, whatever the hypothesis said.
                 assert [s.verb for s in waiting.plan.steps] == ["fleet.restart", "fleet.scale"]
                 assert waiting.plan.requesters == ["bob"] and waiting.requested_by == "bob"
+                assert waiting.steps == []  # nothing ran: no write without a human approval
                 card = _data(await client.call_tool("get_incident", {"incident_id": incident}))
                 assert card["phase"] == "awaiting_approval" and card["requested_by"] == "bob"
 
@@ -152,7 +160,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-async def http_mcp(mcp_state: Path, settings) -> AsyncIterator[tuple[str, Any]]:  # noqa: ANN001
+async def http_mcp(mcp_state: Path, settings) -> AsyncIterator[tuple[str, Any]]:
     from firebreak.config import load_settings
 
     fb = components(load_settings(mcp_state))
@@ -179,7 +187,7 @@ async def _workflow_count(env: WorkflowEnvironment) -> int:
 
 
 async def test_hostile_arguments_are_refused_naming_the_field_and_change_nothing_over_http(
-    dev_env: WorkflowEnvironment, settings, mcp_state: Path, http_mcp: tuple[str, Any],  # noqa: ANN001
+    dev_env: WorkflowEnvironment, settings, mcp_state: Path, http_mcp: tuple[str, Any],
 ) -> None:
     url, _ = http_mcp
     agent, token = _agent(mcp_state, settings)
@@ -214,10 +222,10 @@ async def test_hostile_arguments_are_refused_naming_the_field_and_change_nothing
 
 
 async def test_expired_revoked_and_missing_tokens_are_refused_and_recorded(
-    dev_env: WorkflowEnvironment, settings, mcp_state: Path, http_mcp: tuple[str, Any],  # noqa: ANN001
+    dev_env: WorkflowEnvironment, settings, mcp_state: Path, http_mcp: tuple[str, Any],
 ) -> None:
     url, _ = http_mcp
-    expired, expired_token = _agent(mcp_state, settings, expires=datetime.now(timezone.utc) - timedelta(minutes=1))
+    expired, expired_token = _agent(mcp_state, settings, expires=datetime.now(UTC) - timedelta(minutes=1))
     with pytest.raises(Exception):  # noqa: B017 - 401: the SDK's client raises, whatever the class
         async with _http(url, expired_token) as client:
             await client.list_tools()
@@ -305,3 +313,15 @@ def test_agent_receipts_name_the_owner_and_agents_never_approve(tmp_path: Path) 
     assert Roster.load(roster_path).get("dave") is not None
     assert not (tmp_path / "agents" / "assistant.token").stat().st_mode & 0o077
     assert "fbagent_" not in roster_path.read_text()
+
+
+def test_the_stack_creates_one_demo_agent_owned_by_bob(tmp_path: Path) -> None:
+    roster = ensure_demo_roster(tmp_path)
+    first = ensure_demo_agent(tmp_path, roster)
+    token = read_token_file(first)
+    assert ensure_demo_agent(tmp_path, roster) == first == tmp_path / "agents" / "assistant.token"
+    assert read_token_file(first) == token  # not rotated by a second `up`
+    loaded = Roster.load(roster)
+    assert [(a.name, a.owner) for a in loaded.agents] == [("assistant", "bob")]
+    assert loaded.agent_by_token(token) == loaded.agent("assistant") and loaded.agent_by_token(token + "x") is None
+    assert first.stat().st_mode & 0o777 == 0o600

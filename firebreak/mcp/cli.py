@@ -73,7 +73,7 @@ def http_app(server: Any, fb: Any) -> Any:
         token = token.strip() if scheme.lower() == "bearer" else ""
         try:
             fb.gate.authenticate(token or None)
-        except Exception as exc:  # AgentRefused, or a roster that does not load: refused either way
+        except Exception as exc:  # noqa: BLE001 - AgentRefused, or a roster that does not load: refused either way
             fb.gate.refuse(token or None, "connect", None, str(exc), "http")
             body = json.dumps({"error": f"refused: {exc}"}).encode()
             await send({"type": "http.response.start", "status": 401,

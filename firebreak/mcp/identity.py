@@ -17,7 +17,7 @@ import time
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -61,11 +61,11 @@ def create_agent(state_dir: str | Path, roster_path: str | Path, name: str, owne
     key_file = receipt_key_path(state_dir, name)
     key_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     signing.write_private_key(key_file, key)
-    expires = expires or datetime.now(timezone.utc) + timedelta(days=30)
+    expires = expires or datetime.now(UTC) + timedelta(days=30)
     entry = agent_entry_yaml(name, owner, expires, token_digest(token), signing.public_pem(key), tools)
     text = roster_path.read_text(encoding="utf-8")
     data = yaml.safe_load(text) or {}
-    if "agents" in data and data["agents"]:
+    if data.get("agents"):
         text = re.sub(r"(?m)^agents:[ \t]*\n", lambda m: m.group(0) + entry, text, count=1)
     else:
         text = re.sub(r"(?m)^agents:.*\n", "", text)
@@ -109,7 +109,7 @@ class AuditLog:
     def record(self, *, agent: str | None, owner: str | None, tool: str, arguments: Mapping[str, Any] | None,
                outcome: Outcome, detail: str = "", transport: str = "") -> None:
         line = json.dumps({
-            "at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+            "at": datetime.now(UTC).isoformat(timespec="milliseconds"),
             "agent": agent, "owner": owner, "tool": tool, "arguments_sha256": arguments_digest(arguments),
             "outcome": outcome, "detail": detail[:500], "transport": transport,
         }, ensure_ascii=False) + "\n"

@@ -12,13 +12,13 @@ import contextvars
 import hashlib
 import logging
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
 from mcp.server.mcpserver import MCPServer
-from mcp.server.mcpserver.resources import FunctionResource
 from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.mcpserver.resources import FunctionResource
 from mcp.shared.exceptions import MCPError
 from mcp_types import INVALID_REQUEST, CallToolResult, TextContent, ToolAnnotations
 from pydantic import Field, ValidationError
@@ -91,7 +91,7 @@ def build_server(fb: Firebreak) -> MCPServer:
                       "approve. Read the runbooks resources to see what may be proposed."),
         middleware=[_Gatekeeper(fb)],
     )
-    gatekeeper = server._lowlevel_server.middleware[-1]  # noqa: SLF001
+    gatekeeper = server._lowlevel_server.middleware[-1]
     assert isinstance(gatekeeper, _Gatekeeper)
     gatekeeper.server = server
     _add_tools(server, fb)
@@ -108,7 +108,7 @@ class _Gatekeeper:
 
     def _bad_arguments(self, tool: str, arguments: Mapping[str, Any] | None) -> str | None:
         """The first bad field of a tool call, named, without echoing its value (it is the caller's data)."""
-        found = self.server._tool_manager.get_tool(tool) if self.server is not None else None  # noqa: SLF001
+        found = self.server._tool_manager.get_tool(tool) if self.server is not None else None
         if found is None:
             return None
         try:
@@ -200,7 +200,8 @@ def _add_tools(server: MCPServer, fb: Firebreak) -> None:
         limit: Annotated[int, Field(ge=1, le=200)] = 50,
     ) -> list[dict[str, Any]]:
         """Incidents, newest first, as `firebreak list --json` shows them."""
-        from firebreak.listing import Filters, list_incidents as listed
+        from firebreak.listing import Filters
+        from firebreak.listing import list_incidents as listed
 
         filters = Filters(phase=phase, service=service, runbook=runbook, open=open)
         try:
@@ -220,7 +221,7 @@ def _add_tools(server: MCPServer, fb: Firebreak) -> None:
             status, _ = await read_status(temporal.get_workflow_handle(incident_id), fb.settings.worker_wait)
         except WorkerDown as exc:
             raise ToolError(f"incident_id: {exc}") from None
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - told apart in _missing, and never shown beyond its type
             raise ToolError(_missing(exc, incident_id)) from None
         return status_json(status)
 
@@ -232,7 +233,7 @@ def _add_tools(server: MCPServer, fb: Firebreak) -> None:
         temporal = await fb.temporal()
         try:
             history = await temporal.get_workflow_handle(incident_id, run_id=run_id).fetch_history()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - told apart in _missing, and never shown beyond its type
             raise ToolError(_missing(exc, incident_id)) from None
         return [row._asdict() for row in await history_rows(history, temporal.data_converter)]
 
@@ -288,7 +289,7 @@ def _add_tools(server: MCPServer, fb: Firebreak) -> None:
                 "firebreak_agent": agent.name,
                 "firebreak_agent_owner": agent.owner,
             },
-            starts_at=datetime.now(timezone.utc),
+            starts_at=datetime.now(UTC),
         )
         routing = route_alerts(runbooks, [alert])
         if routing.refused:
@@ -334,7 +335,7 @@ def _add_resources(server: MCPServer, fb: Firebreak) -> None:
     for path in sorted(directory.glob("*.y*ml")):
         try:
             book = load_runbook(path)
-        except Exception:  # noqa: BLE001 - a broken runbook is the loader's to report, not an agent's to read
+        except Exception:  # noqa: BLE001, S112 - a broken runbook is the loader's to report, not an agent's to read
             continue
         server.add_resource(FunctionResource.from_function(
             _reader(path), uri=f"firebreak://runbooks/{book.name}", name=book.name,
