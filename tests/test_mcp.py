@@ -325,3 +325,20 @@ def test_the_stack_creates_one_demo_agent_owned_by_bob(tmp_path: Path) -> None:
     assert [(a.name, a.owner) for a in loaded.agents] == [("assistant", "bob")]
     assert loaded.agent_by_token(token) == loaded.agent("assistant") and loaded.agent_by_token(token + "x") is None
     assert first.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_flood_of_refusals_is_counted_not_written_line_by_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from firebreak.mcp import identity
+
+    roster = ensure_demo_roster(tmp_path)
+    gate = identity.AgentGate(roster, AuditLog(audit_path(tmp_path)))
+    clock = [1000.0]
+    monkeypatch.setattr(identity.time, "monotonic", lambda: clock[0])
+    for _ in range(gate.REFUSALS_RECORDED_PER_MINUTE + 5):
+        gate.refuse("fbagent_guessed", "connect", None, "agent token: not a token of any agent in the roster", "http")
+    assert len(AuditLog(audit_path(tmp_path)).entries()) == gate.REFUSALS_RECORDED_PER_MINUTE
+    clock[0] += 61
+    gate.refuse(None, "connect", None, "no agent token", "http")
+    last = AuditLog(audit_path(tmp_path)).entries()[-1]
+    assert last["agent"] is None and last["detail"] == (
+        "no agent token (and 5 earlier refusal(s) over the recording limit, not recorded one by one)")

@@ -167,10 +167,14 @@ class AgentRefused(Exception):
 class AgentGate:
     """Who is calling: the roster, reloaded on change, decides on every call (a revoked token stops at once)."""
 
+    REFUSALS_RECORDED_PER_MINUTE = 120  # per agent, or for all unknown tokens together: a flood cannot fill the disk
+
     def __init__(self, roster_path: str | Path, audit: AuditLog, limits: RateLimits | None = None) -> None:
         self.roster = RosterSource(roster_path)
         self.audit = audit
         self.limits = limits or RateLimits()
+        self._refusals: dict[str, deque[float]] = {}
+        self._unrecorded: dict[str, int] = {}
 
     def authenticate(self, token: str | None) -> Agent:
         roster = self.roster.get()
@@ -195,6 +199,15 @@ class AgentGate:
         """Record a refusal; the agent is named when the token is one, whatever its state."""
         roster = self.roster.get()
         agent = roster.agent_by_token(token) if roster is not None and token and len(token) <= MAX_TOKEN_CHARS else None
+        who = agent.name if agent else ""
+        window = _window(self._refusals, who, time.monotonic(), 60.0)
+        if len(window) >= self.REFUSALS_RECORDED_PER_MINUTE:
+            self._unrecorded[who] = self._unrecorded.get(who, 0) + 1  # counted, and said in the next line recorded
+            return
+        window.append(time.monotonic())
+        unrecorded = self._unrecorded.pop(who, 0)
+        if unrecorded:
+            why += f" (and {unrecorded} earlier refusal(s) over the recording limit, not recorded one by one)"
         self.audit.record(agent=agent.name if agent else None, owner=agent.owner if agent else None, tool=tool,
                           arguments=arguments, outcome="refused", detail=why, transport=transport)
 
