@@ -7,6 +7,7 @@ and over streamable HTTP (the real app under uvicorn), on the real dev server, w
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import socket
@@ -342,3 +343,21 @@ def test_a_flood_of_refusals_is_counted_not_written_line_by_line(tmp_path: Path,
     last = AuditLog(audit_path(tmp_path)).entries()[-1]
     assert last["agent"] is None and last["detail"] == (
         "no agent token (and 5 earlier refusal(s) over the recording limit, not recorded one by one)")
+
+
+def test_mcp_agent_command_adds_and_revokes_agents(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from firebreak.cli import main
+
+    roster = ensure_demo_roster(tmp_path)
+    sd = ["--state-dir", str(tmp_path)]
+    assert main(["mcp-agent", "add", "helper", "--owner", "carol", "--tool", "privileges", *sd]) == 0
+    helper = Roster.load(roster).agent("helper")
+    assert helper is not None and helper.owner == "carol" and helper.tools == ["privileges"] and not helper.revoked
+    assert helper.token_sha256 == hashlib.sha256(read_token_file(tmp_path / "agents" / "helper.token").encode()).hexdigest()
+    assert main(["mcp-agent", "add", "alice", "--owner", "bob", *sd]) == 1  # a person's name
+    assert main(["mcp-agent", "add", "other", "--owner", "nobody", *sd]) == 1
+    assert main(["mcp-agent", "add", "other", "--owner", "bob", "--tool", "approve", *sd]) == 2
+    assert "no tool ['approve']" in capsys.readouterr().err
+    assert main(["mcp-agent", "revoke", "helper", *sd]) == 0
+    assert Roster.load(roster).agent("helper").refusal() == "agent 'helper' is revoked"  # type: ignore[union-attr]
+    assert [a.name for a in Roster.load(roster).agents] == ["helper"]

@@ -23,6 +23,41 @@ def register(sub: Any, common: argparse.ArgumentParser, run: Callable[[Any], Any
     p.add_argument("--proposals-per-hour", type=int, default=20, help="per agent")
     p.set_defaults(func=run(_mcp))
 
+    a = sub.add_parser("mcp-agent", help="add or revoke an AI agent of `firebreak mcp`")
+    asub = a.add_subparsers(dest="agent_command", required=True)
+    add = asub.add_parser("add", parents=[common], help="a new agent in the roster; its token is written 0600 under STATE_DIR/agents")
+    add.add_argument("name")
+    add.add_argument("--owner", required=True, help="the roster person it acts for (they cannot approve its proposals)")
+    add.add_argument("--days", type=int, default=30, help="until it expires (default 30)")
+    add.add_argument("--tool", action="append", default=None, help="a tool it may call (default: every tool); repeatable")
+    revoke = asub.add_parser("revoke", parents=[common], help="refused from its next call on")
+    revoke.add_argument("name")
+    a.set_defaults(func=run(_mcp_agent))
+
+
+async def _mcp_agent(args: argparse.Namespace) -> int:
+    from datetime import datetime, timedelta, timezone
+
+    from firebreak.mcp.identity import create_agent, revoke_agent
+    from firebreak.mcp.server import TOOLS
+    from firebreak.roster import RosterError
+
+    settings = settings_of(args)
+    try:
+        if args.agent_command == "revoke":
+            revoke_agent(settings.resolved_roster(), args.name)
+            print(f"agent {args.name} revoked in {settings.resolved_roster()}")
+            return 0
+        unknown = sorted(set(args.tool or []) - set(TOOLS))
+        if unknown or args.days < 1:
+            raise Usage(f"--tool: no tool {unknown} (tools: {sorted(TOOLS)})" if unknown else "--days must be at least 1")
+        path = create_agent(settings.state_dir, settings.resolved_roster(), args.name, args.owner,
+                            expires=datetime.now(timezone.utc) + timedelta(days=args.days), tools=args.tool)
+    except (ValueError, RosterError) as exc:
+        raise Refused(str(exc)) from None
+    print(f"agent {args.name} (for {args.owner}) added; its token, shown nowhere else: {path}")
+    return 0
+
 
 def components(settings: Any, calls_per_minute: int = 60, proposals_per_hour: int = 20,
                stdio_token: str | None = None) -> Any:
