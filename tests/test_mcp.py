@@ -96,6 +96,18 @@ def _audit(mcp_state: Path, agent: str) -> list[dict[str, Any]]:
     return [e for e in AuditLog(audit_path(mcp_state)).entries() if e["agent"] == agent]
 
 
+async def _no_open_incident(env: WorkflowEnvironment, incident_id: str) -> None:
+    from temporalio.client import WorkflowExecutionStatus
+    from temporalio.service import RPCError
+
+    handle = env.client.get_workflow_handle(incident_id)
+    try:
+        if (await handle.describe()).status == WorkflowExecutionStatus.RUNNING:
+            await handle.terminate("another test's incident: test_mcp proposes this one anew")
+    except RPCError:
+        pass  # none yet
+
+
 # -- the whole path, over stdio --------------------------------------------------------------
 
 
@@ -103,6 +115,7 @@ async def test_agent_proposes_owner_cannot_approve_another_approver_resolves_ove
     dev_env: WorkflowEnvironment, settings, fleet, mcp_state: Path, approvers: Approvers,
 ) -> None:
     inject(fleet.url, "checkout", "bad_deploy")
+    await _no_open_incident(dev_env, "checkout.drill-pair")  # the id is the runbook's: the session's servers are shared
     agent, _ = _agent(mcp_state, settings)
     hypothesis = "the 14:02 deploy broke checkout <img src=x onerror=alert(1)> [see](http://evil.example)"
     async with build_worker(dev_env.client, settings):
