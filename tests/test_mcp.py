@@ -374,3 +374,30 @@ def test_mcp_agent_command_adds_and_revokes_agents(tmp_path: Path, capsys: pytes
     assert main(["mcp-agent", "revoke", "helper", *sd]) == 0
     assert Roster.load(roster).agent("helper").refusal() == "agent 'helper' is revoked"  # type: ignore[union-attr]
     assert [a.name for a in Roster.load(roster).agents] == ["helper"]
+
+
+def test_privileges_lock_the_mcp_tools_and_diff_fails_on_a_new_write_capable_tool(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    from firebreak import privileges
+    from firebreak.cli import main
+    from firebreak.mcp.tools import tools_report
+    from firebreak.runbook import default_runbook_dir, load_runbooks
+
+    lock = Path(__file__).resolve().parent.parent / privileges.LOCK_FILE
+    baseline = privileges.load_lock(lock)
+    assert baseline["mcp_tools"] == tools_report() and not any(t["writes"] for t in baseline["mcp_tools"])
+    current = privileges.report(load_runbooks(default_runbook_dir()))
+    assert privileges.diff(baseline, current) == ([], [])
+    wider = {**current, "mcp_tools": [*current["mcp_tools"],
+                                      {"name": "approve", "kind": "write", "does": "x", "writes": True}]}
+    assert privileges.diff(baseline, wider)[0] == ["new MCP tool for AI agents: approve (write, WRITE-CAPABLE)"]
+    flipped = {**current, "mcp_tools": [t | {"writes": True} if t["name"] == "get_incident" else t
+                                        for t in current["mcp_tools"]]}
+    assert privileges.diff(baseline, flipped)[0] == ["MCP tool get_incident: read -> read, now WRITE-CAPABLE"]
+    # `firebreak privileges` lists each agent's tools.
+    roster = ensure_demo_roster(tmp_path)
+    create_agent(tmp_path, roster, "reader", "bob", tools=["get_incident"])
+    assert main(["privileges", "--json", "--state-dir", str(tmp_path)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert [(a["name"], a["owner"], a["tools"]) for a in shown["agents"]] == [("reader", "bob", ["get_incident"])]

@@ -27,20 +27,15 @@ from firebreak import signing
 from firebreak.config import Settings
 from firebreak.contracts import LABEL_NAME, Alert, Phase
 from firebreak.mcp.identity import AgentGate, AgentRefused, receipt_key_path
+from firebreak.mcp.tools import TOOLS as TOOL_KINDS
 from firebreak.receipts import agent_signer
 from firebreak.roster import Agent
 from firebreak.runbook import Runbook, json_schema, load_runbook, load_runbooks
 
 log = logging.getLogger("firebreak.mcp")
 
-# What each tool does, for `privileges` and for the audit: none writes to production.
-TOOLS: dict[str, str] = {
-    "list_incidents": "read",
-    "get_incident": "read",
-    "get_history": "read",
-    "privileges": "read",
-    "propose_remediation": "propose: opens an incident as an alert would; nothing runs without human approvals",
-}
+# What each tool does (firebreak/mcp/tools.py, locked by `firebreak privileges`): none writes to production.
+TOOLS: dict[str, str] = {name: f"{kind}: {does}" for name, (kind, does, _) in TOOL_KINDS.items()}
 AUTHENTICATED = {"tools/call", "tools/list", "resources/list", "resources/read", "resources/templates/list",
                  "prompts/list", "prompts/get", "completion/complete"}
 CANNOT = ["approve or reject a plan", "mint a credential", "thaw or unfreeze anything", "run a step",
@@ -95,6 +90,8 @@ def build_server(fb: Firebreak) -> MCPServer:
     assert isinstance(gatekeeper, _Gatekeeper)
     gatekeeper.server = server
     _add_tools(server, fb)
+    # The gatekeeper refuses any tool not in tools.TOOLS (the list `firebreak privileges` locks): keep them one list.
+    assert set(server._tool_manager._tools) == set(TOOLS), "every tool is listed in firebreak/mcp/tools.py"  # noqa: SLF001
     _add_resources(server, fb)
     return server
 
