@@ -518,6 +518,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     register_privileges(sub, load_settings)
     register_api(sub, load_settings)
     register_upgrade(sub, common, _async)
+    from firebreak.mcp.cli import register as register_mcp  # `firebreak mcp` (issue 31)
+    register_mcp(sub, common, _async)
     return parser
 
 

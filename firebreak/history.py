@@ -135,6 +135,10 @@ async def history_rows(history: WorkflowHistory, converter: DataConverter) -> li
             if isinstance(body.get("alerts"), list):
                 statuses = [a.get("status", "?") for a in body["alerts"] if isinstance(a, dict)]
                 detail += ": " + ", ".join(f"{statuses.count(s)} {s}" for s in sorted(set(statuses)))
+            receipt = body.get("receipt")
+            if isinstance(receipt, dict) and receipt.get("signer") not in (None, "intake", receipt.get("requested_by")):
+                # Only an AI agent's receipt (firebreak mcp) names someone other than its signer: its owner.
+                detail += f" (raised for {receipt.get('requested_by')} by agent {receipt.get('signer')})"
         elif kind == "WORKFLOW_EXECUTION_UPDATE_ACCEPTED":
             attrs = event.workflow_execution_update_accepted_event_attributes
             args = await decode_json(list(attrs.accepted_request.input.args.payloads), converter)

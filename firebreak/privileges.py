@@ -121,7 +121,15 @@ def report(runbooks: Iterable[Runbook]) -> dict[str, Any]:
         # Every write needs approvals the broker verifies itself; no verb is issued without a declaration.
         "standing_write_access": "none",
         "privileges": [asdict(p) for p in found],
+        "mcp_tools": _mcp_tools(),
     }
+
+
+def _mcp_tools() -> list[dict[str, Any]]:
+    """The tools `firebreak mcp` offers AI agents (firebreak/mcp/tools.py): locked, like the runbooks' privileges."""
+    from firebreak.mcp.tools import tools_report
+
+    return tools_report()
 
 
 def identity_lines(identity: dict[str, Any]) -> list[str]:
@@ -158,6 +166,14 @@ def markdown(data: dict[str, Any]) -> str:
                         + ("; never the requester or the agent" if p["separation_of_duties"] else ""))
         lines.append(f"| {p['classification']} | {p['kind']} | {p['target']} | `{p['verb']}` | `{p['resource']}` | "
                      f"{params} | {approval} | {p['max_ttl_s']:.0f}s | {', '.join(p['runbooks'])} |")
+    if data.get("mcp_tools"):
+        lines += ["", "AI agents' MCP tools (`firebreak mcp`): "
+                  + ", ".join(f"`{t['name']}` ({t['kind']}{', writes' if t['writes'] else ''})"
+                              for t in data["mcp_tools"]) + "."]
+    for agent in data.get("agents", []):
+        state = "REVOKED" if agent["revoked"] else f"expires {agent['expires']}"
+        lines.append(f"- agent `{agent['name']}` for {agent['owner']} ({state}): "
+                     + ", ".join(f"`{t}`" for t in agent["tools"]))
     return "\n".join(lines) + "\n"
 
 
@@ -179,6 +195,16 @@ def diff(baseline: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], 
     for key, p in before.items():
         if key not in now:
             narrow.append(f"removed {p['kind']} privilege: {p['verb']} on {p['target']} {p['resource']}")
+    tools_before = {t["name"]: t for t in baseline.get("mcp_tools", [])}
+    for tool in current.get("mcp_tools", []):
+        old_tool = tools_before.pop(tool["name"], None)
+        if old_tool is None:
+            widen.append(f"new MCP tool for AI agents: {tool['name']} ({tool['kind']}"
+                         + (", WRITE-CAPABLE)" if tool["writes"] else ")"))
+        elif (tool["kind"], tool["writes"]) != (old_tool["kind"], old_tool["writes"]):
+            widen.append(f"MCP tool {tool['name']}: {old_tool['kind']} -> {tool['kind']}"
+                         + (", now WRITE-CAPABLE" if tool["writes"] and not old_tool["writes"] else ""))
+    narrow.extend(f"removed MCP tool: {name}" for name in sorted(tools_before))
     if current.get("standing_write_access") != "none":
         widen.append(f"standing write access is {current.get('standing_write_access')!r}, not 'none'")
     return widen, narrow

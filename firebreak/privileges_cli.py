@@ -46,6 +46,19 @@ def identity_section(settings: Settings) -> dict[str, Any]:
     return section
 
 
+def agents_section(settings: Settings) -> list[dict[str, Any]]:
+    """Each AI agent in the roster and the MCP tools it may call (shown, never locked: the roster is configuration)."""
+    from firebreak.mcp.tools import TOOLS
+    from firebreak.roster import Roster, RosterError
+
+    try:
+        roster = Roster.load(settings.resolved_roster())
+    except RosterError:
+        return []
+    return [{"name": a.name, "owner": a.owner, "expires": a.expires.isoformat(), "revoked": a.revoked,
+             "tools": [t for t in TOOLS if a.tools is None or t in a.tools]} for a in roster.agents]
+
+
 def _run(args: argparse.Namespace, settings: Settings) -> int:
     directory = Path(args.runbooks_dir) if args.runbooks_dir else settings.resolved_runbooks_dir()
     current = privileges.report(load_runbooks(directory))
@@ -70,7 +83,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         print(f"no widening against {lock} ({len(narrow)} narrowing(s))")
         return 0
     # Shown, never locked: the identity is the deployment's configuration, the lock is the runbooks'.
-    current = {**current, "identity": identity_section(settings)}
+    current = {**current, "identity": identity_section(settings), "agents": agents_section(settings)}
     if args.usage:
         audit = settings.state_dir / "broker" / "audit.jsonl"
         records = [json.loads(line) for line in audit.read_text().splitlines() if line.strip()] if audit.exists() else []

@@ -66,6 +66,18 @@ def person_signer(name: str, key: signing.Ed25519PrivateKey) -> ReceiptSigner:
     )
 
 
+def agent_signer(agent: str, owner: str, key: signing.Ed25519PrivateKey) -> ReceiptSigner:
+    """Receipts for what an AI agent proposes over MCP (``firebreak mcp``).
+
+    Signed by the MCP server with the agent's own receipt key (its public half is in the agent's
+    roster entry), naming the person the agent acts for: the broker then counts its owner among
+    the requesters, so the owner cannot approve it; the agent, not a person, never can.
+    """
+    return lambda incident_id: signing.sign_receipt(
+        Receipt(incident_id=incident_id, requested_by=owner, signer=agent, issued_at=_now()), key
+    )
+
+
 # -- approval arrivals: when the API received an approval ---------------------------
 
 

@@ -271,6 +271,15 @@ def verify_receipt(receipt: Receipt, roster: Roster | None, intake_keys: list[Ed
         if receipt.requested_by is not None:
             return "an intake receipt cannot name a person"
         keys = intake_keys
+    elif roster is not None and (agent := roster.agent(receipt.signer)) is not None:
+        # An AI agent's proposal (firebreak mcp): the MCP server signs with the agent's key, naming its owner.
+        why = agent.refusal(receipt.issued)
+        if why is not None:
+            return f"receipt signer: {why}"
+        if receipt.requested_by != agent.owner:
+            return (f"agent {receipt.signer!r} signed a receipt naming {receipt.requested_by!r}: "
+                    f"an agent signs only for its owner {agent.owner!r}")
+        keys = [agent.key]
     else:
         if receipt.requested_by != receipt.signer:
             return f"{receipt.signer} signed a receipt naming {receipt.requested_by!r}: a person signs only for themselves"

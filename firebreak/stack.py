@@ -187,6 +187,8 @@ def up(state_dir: Path, ports: Ports | None = None, *, with_prometheus: bool = T
     if busy:
         raise RuntimeError(f"ports already in use: {', '.join(busy)}; is a stack running? try `firebreak down`")
     roster = ensure_demo_roster(state_dir)
+    from firebreak.mcp.identity import ensure_demo_agent  # the demo AI agent for `firebreak mcp` (issue 31)
+    agent_token = ensure_demo_agent(state_dir, roster)
     chaos_token = _secret(state_dir / "demo" / "chaos-token")
     # Every component signs its payloads with this key and refuses unsigned ones: only Firebreak drives the worker.
     payload_key = ensure_key_file(state_dir / "payload.key", PayloadAuthCodec)
@@ -289,6 +291,7 @@ def up(state_dir: Path, ports: Ports | None = None, *, with_prometheus: bool = T
             "keys": {name: str(state_dir / "keys" / f"{name}.pem") for name in DEMO_PEOPLE},
             "people": DEMO_PEOPLE,
             "requested_by": DEMO_REQUESTER,
+            "agent_token_file": str(agent_token),
             "chaos_token": chaos_token,
             "security_tickets": str(state_dir / "security" / "tickets"),
             # Alertmanager's API requires basic auth: the user, and the file holding the password (0600).
