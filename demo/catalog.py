@@ -22,17 +22,20 @@ from starlette.concurrency import run_in_threadpool
 AUDIENCE = "catalog"
 
 
-def _component(name: str, owner: str, lifecycle: str, depends_on: list[str], description: str,
-               pagerduty_service: str) -> dict[str, Any]:
+# The demo's PagerDuty service ids (checkout's is the one in tests/data/webhooks' PagerDuty bodies).
+PAGERDUTY_SERVICES = {"checkout": "P7CHKT2", "payments": "P3PAYMT", "inventory": "P9INVTR", "orders": "P5ORDRS"}
+
+
+def _component(name: str, owner: str, lifecycle: str, depends_on: list[str], description: str) -> dict[str, Any]:
     return {
         "apiVersion": "backstage.io/v1alpha1",
         "kind": "Component",
         "metadata": {
             "name": name, "namespace": "default", "description": description,
-            # pagerduty.com/service-id: the annotation Backstage's PagerDuty plugin reads; Firebreak's intake
-            # maps that PagerDuty service's incidents to this component's labels (firebreak.api.sources).
+            # pagerduty.com/service-id: the annotation Backstage's PagerDuty plugin reads; Firebreak's intake maps
+            # that PagerDuty service's incidents to this component's labels (firebreak.api.sources).
             "annotations": {"prometheus.io/job": "fleet", "firebreak.dev/runbook": "bad-deploy",
-                            "firebreak.dev/namespace": "shop", "pagerduty.com/service-id": pagerduty_service},
+                            "firebreak.dev/namespace": "shop", "pagerduty.com/service-id": PAGERDUTY_SERVICES[name]},
         },
         "spec": {"type": "service", "owner": owner, "system": "shop", "lifecycle": lifecycle,
                  "dependsOn": [f"component:default/{d}" for d in depends_on]},
@@ -41,12 +44,10 @@ def _component(name: str, owner: str, lifecycle: str, depends_on: list[str], des
 
 # checkout -> payments, checkout -> inventory; orders -> payments, so a payments failure has two dependents.
 ENTITIES: list[dict[str, Any]] = [
-    _component("checkout", "team-storefront", "production", ["payments", "inventory"], "Takes orders and payment",
-               "P7CHKT2"),
-    _component("payments", "team-payments", "production", [], "Charges cards", "P3PAYMT"),
-    _component("inventory", "team-fulfilment", "production", [], "Stock levels", "P9INVTR"),
-    _component("orders", "team-fulfilment", "experimental", ["payments"], "Order history and repeat orders",
-               "P5ORDRS"),
+    _component("checkout", "team-storefront", "production", ["payments", "inventory"], "Takes orders and payment"),
+    _component("payments", "team-payments", "production", [], "Charges cards"),
+    _component("inventory", "team-fulfilment", "production", [], "Stock levels"),
+    _component("orders", "team-fulfilment", "experimental", ["payments"], "Order history and repeat orders"),
 ]
 # Calls per second from each caller to each callee (a mesh's client view); orders is not simulated as a
 # service, only as a caller of payments.

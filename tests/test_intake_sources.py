@@ -260,3 +260,52 @@ async def test_an_opsgenie_body_of_the_wrong_shape_names_the_field(api: ApiServe
     del body["alert"]["alertId"]
     response = await http.post(f"{api.url}/v1/alerts/opsgenie", content=json.dumps(body).encode(), headers=bearer())
     assert response.status_code == 400 and response.json()["field"] == "alert.alertId", response.text
+
+
+# -- where the mapping comes from --------------------------------------------------------------------
+
+
+def test_firebreak_ups_intake_config_maps_the_demo_catalogs_pagerduty_services(tmp_path: Path) -> None:
+    from firebreak.api.app import intake_label_mapping
+    from firebreak.api.settings import ApiSettings
+    from firebreak.config import Settings as FirebreakSettings
+    from firebreak.runbook import default_runbook_dir, load_runbooks
+    from firebreak.stack import _write_intake_config
+
+    _write_intake_config(tmp_path / "api")
+    settings = ApiSettings.from_settings(FirebreakSettings(state_dir=tmp_path))
+    mapping = intake_label_mapping(settings, load_runbooks(default_runbook_dir()))
+    # bad-deploy (the entities' firebreak.dev/runbook) has one alert name: it is the mapped alertname.
+    assert mapping.pagerduty_services["P7CHKT2"] == {"service": "checkout", "namespace": "shop",
+                                                      "alertname": "HighErrorRate"}
+    assert {labels["service"] for labels in mapping.pagerduty_services.values()} == {
+        e["metadata"]["name"] for e in ENTITIES}
+
+
+def test_configured_services_win_over_the_catalog_and_a_bad_config_stops_the_api(tmp_path: Path) -> None:
+    from firebreak.api.app import intake_label_mapping
+    from firebreak.api.settings import ApiSettings
+    from firebreak.config import Settings as FirebreakSettings
+
+    api_dir = tmp_path / "api"
+    api_dir.mkdir()
+    (api_dir / "catalog-info.yaml").write_text(
+        "apiVersion: backstage.io/v1alpha1\nkind: Component\nmetadata:\n  name: artist-lookup\n"
+        "  annotations: {pagerduty.com/service-id: PABC123, firebreak.dev/namespace: music}\n"
+        "spec: {type: service, owner: team-a, lifecycle: production}\n---\n"
+        "apiVersion: backstage.io/v1alpha1\nkind: Component\nmetadata: {name: no-pagerduty}\n", encoding="utf-8")
+    (api_dir / "intake.yaml").write_text(
+        "catalog_files: [catalog-info.yaml]\n"
+        "pagerduty_services:\n  PXYZ789: {alertname: HighErrorRate, namespace: shop, service: payments}\n",
+        encoding="utf-8")
+    settings = ApiSettings.from_settings(FirebreakSettings(state_dir=tmp_path))
+    assert intake_label_mapping(settings, []).pagerduty_services == {
+        "PABC123": {"service": "artist-lookup", "namespace": "music"},
+        "PXYZ789": {"alertname": "HighErrorRate", "namespace": "shop", "service": "payments"}}
+    overridden = settings.model_copy(update={"label_mapping": settings.label_mapping.model_validate(
+        {"pagerduty_services": {"PABC123": {"service": "other"}}})})
+    assert intake_label_mapping(overridden, []).pagerduty_services["PABC123"] == {"service": "other"}
+
+    (api_dir / "intake.yaml").write_text("pagerduty_service: {}\n", encoding="utf-8")  # a typo'd key
+    with pytest.raises(ValueError, match="intake.yaml"):
+        ApiSettings.from_settings(FirebreakSettings(state_dir=tmp_path))

@@ -32,20 +32,34 @@ PagerDuty V3 webhook, one Alert for an incident event:
   (``sha256:<hex>`` of it when longer than 128 characters), else ``data.id``.
   Labels are derived, since PagerDuty has none:
 
-  - ``alertname``: the first word of ``data.title`` when the title has
-    Alertmanager's ``[FIRING:n]`` / ``[RESOLVED]`` prefix or the word is a
-    CamelCase alert name (``HighErrorRate``); otherwise ``PagerDutyIncident``;
-  - ``service``, ``namespace``, ``env``: from ``data.service.summary`` written
-    as ``NAME (NAMESPACE/ENV)``, e.g. ``checkout (shop/prod)``; a summary of
-    another form becomes ``service`` as it is (a runbook pattern then decides);
-  - ``severity``: ``critical`` for urgency ``high``, ``warning`` for ``low``;
-  - ``urgency``, ``priority`` (its summary, e.g. ``P1``), ``pagerduty_incident``
-    (``data.id``), ``pagerduty_service`` (``data.service.id``).
+  - **mapped service** (``LabelMapping.pagerduty_services``: from the API's settings, or from a
+    catalog entity annotated ``pagerduty.com/service-id``, :func:`pagerduty_services_from_catalog`):
+    the mapping's labels for ``data.service.id`` win over everything below, except that an
+    ``alertname`` in Alertmanager's title form (``[FIRING:n] Name``) stays the incident's own;
+  - otherwise ``alertname`` is the first word of ``data.title`` when the title has
+    Alertmanager's ``[FIRING:n]`` / ``[RESOLVED]`` prefix or the word is a CamelCase alert name
+    (``HighErrorRate``), else ``PagerDutyIncident``; and ``service``, ``namespace``, ``env`` come
+    from ``data.service.summary`` written ``NAME (NAMESPACE/ENV)`` (a summary of another form
+    becomes ``service`` as it is). An unmapped incident that no runbook matches is recorded as
+    unrouted, its reason naming the service id to map;
+  - always: ``severity`` (``critical`` for urgency ``high``, ``warning`` for ``low``),
+    ``urgency``, ``priority`` (its summary, e.g. ``P1``), ``pagerduty_incident`` (``data.id``),
+    ``pagerduty_service`` (``data.service.id``).
 
   Annotations: ``summary`` (the title), ``pagerduty_url``, ``pagerduty_event``,
-  ``pagerduty_incident_number``. starts = ``data.created_at``; ends =
-  ``event.occurred_at`` when resolved. A refused derived label is reported at
-  the PagerDuty field it came from (``event.data.service.summary``).
+  ``pagerduty_incident_number``, ``pagerduty_service_name``; the Events API's ``custom_details``
+  where the webhook carries them (``data.custom_details``, or ``data.body.details``) as one JSON
+  annotation ``pagerduty_custom_details``: evidence, never a label. starts = ``data.created_at``;
+  ends = ``event.occurred_at`` when resolved. Every error names a path in the body: a label from the
+  mapping, or one a runbook needs that nothing gave, at ``event.data.service.id``; a label from the
+  summary at ``event.data.service.summary``.
+
+Opsgenie outgoing webhook, one Alert for ``action`` ``Create`` (firing), ``Close`` (resolved) or
+  ``Acknowledge`` (recorded, no incident changes: :attr:`Parsed.note`); other actions are ignored.
+  source ``opsgenie``; fingerprint = ``alert.alias`` (else ``alert.alertId``). Labels by the same
+  rules: the alert's own ``details`` (scalar values) and ``name:value`` tags, ``alertname`` from them
+  or from ``alert.message`` as from a PagerDuty title (else ``OpsgenieAlert``), ``priority``. A label
+  a runbook needs that is not there is reported at ``alert.details``.
 
 Firebreak's own format (``POST /v1/alerts``): a JSON list of
   :class:`firebreak.contracts.Alert` objects, exactly as that model defines
@@ -689,7 +703,8 @@ def parse_pagerduty(body: bytes, webhook_id: str | None = None, mapping: LabelMa
         "ends_at": event.occurred_at if resolved else None,
         "generator_url": incident.html_url,
     }
-    derived |= {"fingerprint": "event.data.incident_key", "starts_at": "event.data.created_at"}
+    derived |= {"fingerprint": "event.data.incident_key", "starts_at": "event.data.created_at",
+                "ends_at": "event.occurred_at", "generator_url": "event.data.html_url"}
     try:
         alert = Alert.model_validate(values)
     except ValidationError as exc:
@@ -818,7 +833,8 @@ def parse_opsgenie(body: bytes) -> Parsed:
         "starts_at": _epoch(wire.createdAt),
         "ends_at": _epoch(wire.updatedAt) if resolved else None,
     }
-    derived |= {"fingerprint": "alert.alias" if wire.alias else "alert.alertId", "starts_at": "alert.createdAt"}
+    derived |= {"fingerprint": "alert.alias" if wire.alias else "alert.alertId", "starts_at": "alert.createdAt",
+                "ends_at": "alert.updatedAt"}
     try:
         alert = Alert.model_validate(values)
     except ValidationError as exc:
