@@ -309,3 +309,22 @@ def test_configured_services_win_over_the_catalog_and_a_bad_config_stops_the_api
     (api_dir / "intake.yaml").write_text("pagerduty_service: {}\n", encoding="utf-8")  # a typo'd key
     with pytest.raises(ValueError, match="intake.yaml"):
         ApiSettings.from_settings(FirebreakSettings(state_dir=tmp_path))
+
+
+def test_opsgenie_details_and_name_value_tags_become_labels_and_the_rest_inert_annotations() -> None:
+    from firebreak.api.sources import parse_opsgenie
+
+    body = json.loads((REAL / "opsgenie_create.json").read_bytes())
+    body["alert"] |= {"message": "[FIRING:1] HighErrorRate checkout", "tags": ["service:cart", "env=prod", "vip"],
+                      "details": {"service": "checkout", "namespace": "shop", "replicas": 3, "nested": {"a": 1},
+                                  "note": "<script>alert(1)</script>"}}
+    [source_alert] = parse_opsgenie(json.dumps(body).encode()).alerts
+    alert = source_alert.alert
+    assert alert.labels == {"service": "checkout", "namespace": "shop", "env": "prod", "replicas": "3",
+                            "note": "<script>alert(1)</script>", "alertname": "HighErrorRate", "priority": "P3"}
+    assert source_alert.field_for("labels.service") == "alert.details.service"  # details win over the tag
+    assert source_alert.field_for("labels.env") == "alert.tags[1]"
+    assert alert.annotations["opsgenie_tags"] == "vip"
+    assert json.loads(alert.annotations["opsgenie_details"])["nested"] == {"a": 1}
+    assert alert.fingerprint == "alert-alias" and alert.starts_at == datetime(2017, 8, 14, 11, 25, 56, 288000,
+                                                                              tzinfo=timezone.utc)
