@@ -22,14 +22,20 @@ from starlette.concurrency import run_in_threadpool
 AUDIENCE = "catalog"
 
 
+# The demo's PagerDuty service ids (checkout's is the one in tests/data/webhooks' PagerDuty bodies).
+PAGERDUTY_SERVICES = {"checkout": "P7CHKT2", "payments": "P3PAYMT", "inventory": "P9INVTR", "orders": "P5ORDRS"}
+
+
 def _component(name: str, owner: str, lifecycle: str, depends_on: list[str], description: str) -> dict[str, Any]:
     return {
         "apiVersion": "backstage.io/v1alpha1",
         "kind": "Component",
         "metadata": {
             "name": name, "namespace": "default", "description": description,
+            # pagerduty.com/service-id: the annotation Backstage's PagerDuty plugin reads; Firebreak's intake maps
+            # that PagerDuty service's incidents to this component's labels (firebreak.api.sources).
             "annotations": {"prometheus.io/job": "fleet", "firebreak.dev/runbook": "bad-deploy",
-                            "firebreak.dev/namespace": "shop"},
+                            "firebreak.dev/namespace": "shop", "pagerduty.com/service-id": PAGERDUTY_SERVICES[name]},
         },
         "spec": {"type": "service", "owner": owner, "system": "shop", "lifecycle": lifecycle,
                  "dependsOn": [f"component:default/{d}" for d in depends_on]},

@@ -252,6 +252,7 @@ def up(state_dir: Path, ports: Ports | None = None, *, with_prometheus: bool = T
         info: dict = {"settings": settings, "components": {}, "demo": {}, "pids": {}}
         _write(stack_file, info)
 
+        _write_intake_config(state_dir / "api")
         api = stack.spawn("api", [py, "-m", "firebreak.api", "--host", "127.0.0.1", "--port", str(p.api),
                                   "--state-dir", str(state_dir)])
         wait_http(f"{settings['api_url']}/healthz", proc=api)
@@ -333,6 +334,19 @@ def _alertmanager_credentials(state_dir: Path) -> WebAuth | None:
     if not find_binary("prometheus") or not find_binary("alertmanager"):
         return None
     return ensure_web_credentials(state_dir)[0]
+
+
+def _write_intake_config(api_dir: Path) -> None:
+    """The API's label mapping: the demo catalog's entities, whose pagerduty.com/service-id annotations map
+    PagerDuty services to labels (an operator's own intake.yaml, if there, is left alone)."""
+    from demo.catalog import ENTITIES
+
+    api_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    (api_dir / "demo-catalog.json").write_text(json.dumps(ENTITIES, indent=2), encoding="utf-8")
+    config = api_dir / "intake.yaml"
+    if not config.exists():
+        config.write_text("# Written by `firebreak up`: PagerDuty service id -> labels (firebreak/api/settings.py).\n"
+                          "catalog_files: [demo-catalog.json]\npagerduty_services: {}\n", encoding="utf-8")
 
 
 def _start_prometheus(stack: Stack, fleet_url: str, api_info: dict, broker_url: str,

@@ -7,6 +7,9 @@ Intake, each answered 202 with the incidents the alerts joined:
   each event processed once by its ``event.id``, only inside the freshness window);
 - ``POST /v1/alerts/grafana``: Grafana alerting webhook (``X-Grafana-Alerting-Signature``
   over the timestamp header, each signed request taken once; a bearer token, if sent, must match too);
+- ``POST /v1/alerts/opsgenie``: Opsgenie outgoing webhook (bearer, sent as the integration's
+  custom header ``Authorization: Bearer <token>``): Create opens or joins, Close resolves,
+  Acknowledge is recorded and changes nothing;
 - ``POST /v1/alerts``: Firebreak's own format, a JSON list of ``Alert`` (bearer).
 
 Read: ``GET /v1/incidents``, ``GET /v1/incidents/{id}``, ``GET /v1/unrouted``
@@ -48,16 +51,20 @@ from firebreak.api.delivery import PAGERDUTY_FUTURE_S, Accepted, ErrorBody, Inta
 from firebreak.api.gateway import ClientFactory, TemporalGateway, TemporalUnavailable
 from firebreak.api.retries import FILE_NAME as RETRIES_FILE
 from firebreak.api.retries import DeliveryLog
-from firebreak.api.settings import ApiSettings
+from firebreak.api.settings import ApiSettings, load_catalog_entities
 from firebreak.api.tracing import RequestSpans, native_request_spans
 from firebreak.api.sources import (
     AlertmanagerWebhook,
     GrafanaWebhook,
+    LabelMapping,
+    OpsgenieWebhook,
     PagerDutyWebhook,
     PayloadError,
+    pagerduty_services_from_catalog,
     parse_alertmanager,
     parse_generic,
     parse_grafana,
+    parse_opsgenie,
     parse_pagerduty,
 )
 from firebreak.api.unrouted import FILE_NAME as UNROUTED_FILE
@@ -182,6 +189,7 @@ def create_app(
         else:
             runbooks = load_runbooks(settings.runbooks_dir)
 
+    label_mapping = intake_label_mapping(settings, runbooks)
     gateway = TemporalGateway(client_factory, settings.temporal_timeout_s)
     unrouted_log = UnroutedLog(settings.api_dir / UNROUTED_FILE)
     # Event ids are remembered for at least the freshness window: inside it nothing counts twice.
@@ -196,13 +204,15 @@ def create_app(
     app = FastAPI(
         title="Firebreak API",
         version="1",
-        description="Alert intake (Alertmanager, PagerDuty, Grafana, Firebreak's own format) and incident read API.",
+        description="Alert intake (Alertmanager, PagerDuty, Grafana, Opsgenie, Firebreak's own format) and incident "
+                    "read API.",
     )
     if not native_request_spans():
         app.add_middleware(RequestSpans)  # the intake's server span: the root of the incident's trace
     app.state.settings = settings
     app.state.gateway = gateway
     app.state.runbooks = runbooks
+    app.state.label_mapping = label_mapping
 
     # -- errors: always {"error", "field", "errors"} -----------------------------
 
@@ -260,8 +270,15 @@ def create_app(
         webhook_id = request.headers.get("x-webhook-id")
         if webhook_id is not None and not _WEBHOOK_ID.fullmatch(webhook_id):
             raise ApiError(400, "X-Webhook-Id must be 1-200 printable characters", "headers.x-webhook-id")
-        return await intake.accept_pagerduty(parse_pagerduty(body, webhook_id), retries,
+        return await intake.accept_pagerduty(parse_pagerduty(body, webhook_id, label_mapping), retries,
                                              max_age_s=settings.pagerduty_max_age_s)
+
+    @app.post("/v1/alerts/opsgenie", status_code=202, response_model=Accepted, responses=ERRORS,
+              dependencies=[Depends(require_bearer)],
+              summary="Opsgenie outgoing webhook (bearer token in the integration's custom headers)")
+    async def opsgenie(request: Request) -> Response:
+        body = await read_body(request, settings.max_body_bytes)
+        return await intake.accept(parse_opsgenie(body))
 
     @app.post("/v1/alerts/grafana", status_code=202, response_model=Accepted, responses=ERRORS,
               summary="Grafana alerting webhook (bearer and/or X-Grafana-Alerting-Signature)")
@@ -400,7 +417,7 @@ def create_app(
              responses={k: v for k, v in ERRORS.items() if k in (400, 401)})
     async def list_unrouted(
         limit: int = Query(default=100, ge=1, le=10_000),
-        kind: str | None = Query(default=None, pattern="^(unrouted|refused|test)$"),
+        kind: str | None = Query(default=None, pattern="^(unrouted|refused|test|event)$"),
     ) -> UnroutedList:
         items = await unrouted_log.tail(limit, kind)
         return UnroutedList(items=items, count=len(items))
@@ -414,12 +431,20 @@ def create_app(
     return app
 
 
+def intake_label_mapping(settings: ApiSettings, runbooks: list[Runbook]) -> LabelMapping:
+    """The PagerDuty service mapping: the catalog files' annotated entities, then the configured services over them."""
+    alertnames = {book.name: list(book.match.alertnames) for book in runbooks}
+    from_catalog = pagerduty_services_from_catalog(load_catalog_entities(settings.catalog_files), alertnames)
+    return LabelMapping(pagerduty_services=from_catalog | settings.label_mapping.pagerduty_services)
+
+
 # -- OpenAPI: the raw-body endpoints still document their schemas ------------------------
 
 _BODIES: dict[str, Any] = {
     "/v1/alerts/alertmanager": AlertmanagerWebhook,
     "/v1/alerts/pagerduty": PagerDutyWebhook,
     "/v1/alerts/grafana": GrafanaWebhook,
+    "/v1/alerts/opsgenie": OpsgenieWebhook,
     "/v1/alerts": list[Alert],
 }
 

@@ -102,7 +102,7 @@ class Counts(BaseModel):
 class Accepted(BaseModel):
     """The 202 answer: which incidents the alerts joined, and what was only recorded."""
 
-    status: Literal["accepted", "duplicate", "ignored", "test"]
+    status: Literal["accepted", "duplicate", "ignored", "test", "recorded"]
     source: str
     delivery_id: str
     incident_ids: list[str] = Field(default_factory=list)
@@ -147,6 +147,14 @@ class Intake:
         if parsed.ignored:
             return accepted(Accepted(status="ignored", source=parsed.source, delivery_id=delivery_id,
                                      detail=parsed.ignored))
+        if parsed.note:
+            # An event about an alert that changes no incident (Opsgenie's acknowledge): kept, nothing sent.
+            at = datetime.now(timezone.utc)
+            await self.unrouted.append([UnroutedRecord(at=at, kind="event", source=parsed.source,
+                                                       delivery_id=delivery_id, reason=parsed.note, alert=sa.alert)
+                                        for sa in parsed.alerts])
+            return accepted(Accepted(status="recorded", source=parsed.source, delivery_id=delivery_id,
+                                     detail=parsed.note, counts=Counts(alerts=len(parsed.alerts))))
         received_at = datetime.now(timezone.utc)
         by_alert = {id(sa.alert): sa for sa in parsed.alerts}
         routing = route_alerts(self.runbooks, (sa.alert for sa in parsed.alerts))
@@ -163,7 +171,9 @@ class Intake:
         ]
         unrouted = [
             UnroutedRecord(at=received_at, kind="unrouted", source=parsed.source, delivery_id=delivery_id,
-                           reason=u.reason, alert=u.alert)
+                           reason=u.reason + by_alert[id(u.alert)].unrouted_hint,
+                           field=by_alert[id(u.alert)].missing_at if by_alert[id(u.alert)].unrouted_hint else None,
+                           alert=u.alert)
             for u in routing.unrouted
         ]
         if refused and not routing.routed and not routing.unrouted:

@@ -32,20 +32,34 @@ PagerDuty V3 webhook, one Alert for an incident event:
   (``sha256:<hex>`` of it when longer than 128 characters), else ``data.id``.
   Labels are derived, since PagerDuty has none:
 
-  - ``alertname``: the first word of ``data.title`` when the title has
-    Alertmanager's ``[FIRING:n]`` / ``[RESOLVED]`` prefix or the word is a
-    CamelCase alert name (``HighErrorRate``); otherwise ``PagerDutyIncident``;
-  - ``service``, ``namespace``, ``env``: from ``data.service.summary`` written
-    as ``NAME (NAMESPACE/ENV)``, e.g. ``checkout (shop/prod)``; a summary of
-    another form becomes ``service`` as it is (a runbook pattern then decides);
-  - ``severity``: ``critical`` for urgency ``high``, ``warning`` for ``low``;
-  - ``urgency``, ``priority`` (its summary, e.g. ``P1``), ``pagerduty_incident``
-    (``data.id``), ``pagerduty_service`` (``data.service.id``).
+  - **mapped service** (``LabelMapping.pagerduty_services``: from the API's settings, or from a
+    catalog entity annotated ``pagerduty.com/service-id``, :func:`pagerduty_services_from_catalog`):
+    the mapping's labels for ``data.service.id`` win over everything below, except that an
+    ``alertname`` in Alertmanager's title form (``[FIRING:n] Name``) stays the incident's own;
+  - otherwise ``alertname`` is the first word of ``data.title`` when the title has
+    Alertmanager's ``[FIRING:n]`` / ``[RESOLVED]`` prefix or the word is a CamelCase alert name
+    (``HighErrorRate``), else ``PagerDutyIncident``; and ``service``, ``namespace``, ``env`` come
+    from ``data.service.summary`` written ``NAME (NAMESPACE/ENV)`` (a summary of another form
+    becomes ``service`` as it is). An unmapped incident that no runbook matches is recorded as
+    unrouted, its reason naming the service id to map;
+  - always: ``severity`` (``critical`` for urgency ``high``, ``warning`` for ``low``),
+    ``urgency``, ``priority`` (its summary, e.g. ``P1``), ``pagerduty_incident`` (``data.id``),
+    ``pagerduty_service`` (``data.service.id``).
 
   Annotations: ``summary`` (the title), ``pagerduty_url``, ``pagerduty_event``,
-  ``pagerduty_incident_number``. starts = ``data.created_at``; ends =
-  ``event.occurred_at`` when resolved. A refused derived label is reported at
-  the PagerDuty field it came from (``event.data.service.summary``).
+  ``pagerduty_incident_number``, ``pagerduty_service_name``; the Events API's ``custom_details``
+  where the webhook carries them (``data.custom_details``, or ``data.body.details``) as one JSON
+  annotation ``pagerduty_custom_details``: evidence, never a label. starts = ``data.created_at``;
+  ends = ``event.occurred_at`` when resolved. Every error names a path in the body: a label from the
+  mapping, or one a runbook needs that nothing gave, at ``event.data.service.id``; a label from the
+  summary at ``event.data.service.summary``.
+
+Opsgenie outgoing webhook, one Alert for ``action`` ``Create`` (firing), ``Close`` (resolved) or
+  ``Acknowledge`` (recorded, no incident changes: :attr:`Parsed.note`); other actions are ignored.
+  source ``opsgenie``; fingerprint = ``alert.alias`` (else ``alert.alertId``). Labels by the same
+  rules: the alert's own ``details`` (scalar values) and ``name:value`` tags, ``alertname`` from them
+  or from ``alert.message`` as from a PagerDuty title (else ``OpsgenieAlert``), ``priority``. A label
+  a runbook needs that is not there is reported at ``alert.details``.
 
 Firebreak's own format (``POST /v1/alerts``): a JSON list of
   :class:`firebreak.contracts.Alert` objects, exactly as that model defines
@@ -65,7 +79,7 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
@@ -83,11 +97,17 @@ class SourceAlert:
     alert: Alert
     path: str
     derived: dict[str, str] = field(default_factory=dict)
+    # Sources whose labels are derived (PagerDuty, Opsgenie): the body field a label that is not there
+    # would come from (the key of the label mapping), so an error never names a path the body lacks.
+    missing_at: str | None = None
+    unrouted_hint: str = ""  # added to "no runbook matches": why this alert's labels are what they are
 
     def field_for(self, alert_field: str) -> str:
-        """The body path of an Alert field such as ``labels.service``."""
+        """The body path of an Alert field such as ``labels.service``: always a path in the body."""
         if alert_field in self.derived:
             return self.derived[alert_field]
+        if self.missing_at is not None:
+            return self.missing_at
         return f"{self.path}.{alert_field}" if self.path else alert_field
 
 
@@ -110,6 +130,7 @@ class Parsed:
     event_id: str | None = None  # PagerDuty: the event's own id, the same on every retry and every copy
     occurred_at: datetime | None = None  # PagerDuty: when the event happened, for the freshness window
     test: str | None = None  # a recognised test notification (which one): answered 2xx, recorded, opens nothing
+    note: str | None = None  # an event that changes no incident (Opsgenie's acknowledge): recorded, nothing sent
 
 
 # -- test notifications ---------------------------------------------------------------
@@ -483,6 +504,10 @@ class PagerDutyIncident(_Wire):
     urgency: str | None = None
     service: PagerDutyReference | None = None
     priority: PagerDutyReference | None = None
+    # The Events API v2 event's custom_details, where a webhook carries them (``custom_details``, or
+    # ``body.details`` as the REST API's incident body names them): kept as evidence, never as labels.
+    custom_details: dict[str, Any] | None = None
+    body: dict[str, Any] | None = None
 
 
 class PagerDutyEvent(_Wire):
@@ -506,13 +531,20 @@ _CAMEL_NAME = re.compile(r"^([A-Z][a-z0-9]+(?:[A-Z][A-Za-z0-9]*)+)(?:\s|$)")
 _ALERT_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_:]*$")
 _SERVICE_SUMMARY = re.compile(r"^(?P<service>[^\s()]+)\s+\((?P<namespace>[^\s()/]+)/(?P<env>[^\s()/]+)\)$")
 PAGERDUTY_DEFAULT_ALERTNAME = "PagerDutyIncident"
+OPSGENIE_DEFAULT_ALERTNAME = "OpsgenieAlert"
+DETAILS_ANNOTATION_CHARS = 4000  # custom_details / details kept as one JSON annotation, cut to this
 
 
-def pagerduty_alertname(title: str) -> str:
+def title_alertname(title: str, default: str = PAGERDUTY_DEFAULT_ALERTNAME) -> str:
+    """The alert name a title carries: Alertmanager's ``[FIRING:n] Name`` prefix, or a leading CamelCase word."""
     match = _AM_TITLE.match(title) or _CAMEL_NAME.match(title)
     if match and _ALERT_NAME.fullmatch(match.group(1)):
         return match.group(1)
-    return PAGERDUTY_DEFAULT_ALERTNAME
+    return default
+
+
+def pagerduty_alertname(title: str) -> str:
+    return title_alertname(title, PAGERDUTY_DEFAULT_ALERTNAME)
 
 
 def pagerduty_fingerprint(incident: PagerDutyIncident) -> str:
@@ -522,7 +554,84 @@ def pagerduty_fingerprint(incident: PagerDutyIncident) -> str:
     return key if len(key) <= 128 else "sha256:" + hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
-def parse_pagerduty(body: bytes, webhook_id: str | None = None) -> Parsed:
+def _details_json(details: dict[str, Any]) -> str:
+    """Sender key/values as one inert JSON string (an annotation: shown escaped, never substituted)."""
+    text = json.dumps(details, sort_keys=True, ensure_ascii=False, default=str)
+    return _clean(text, DETAILS_ANNOTATION_CHARS)
+
+
+# -- label mapping, shared by PagerDuty and Opsgenie ----------------------------------------------------
+
+# What a label mapping may set: any label name Alert accepts, short values.
+MappedLabels = dict[str, str]
+
+
+class LabelMapping(BaseModel):
+    """Service id -> labels: how an incident system's service becomes the labels runbooks match on."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    pagerduty_services: dict[str, MappedLabels] = Field(
+        default_factory=dict,
+        description="PagerDuty service id (event.data.service.id) -> labels, e.g. "
+                    "{alertname: HighErrorRate, namespace: shop, service: checkout}")
+
+    @field_validator("pagerduty_services")
+    @classmethod
+    def _valid_labels(cls, services: dict[str, MappedLabels]) -> dict[str, MappedLabels]:
+        for service_id, labels in services.items():
+            for name, value in labels.items():
+                if not LABEL_NAME.fullmatch(name) or not isinstance(value, str) or not value or len(value) > 1024:
+                    raise ValueError(f"pagerduty_services.{service_id}.{name}: a label needs a name without control "
+                                     "characters (1-128) and a value of 1-1024 characters")
+        return services
+
+
+PAGERDUTY_SERVICE_ANNOTATION = "pagerduty.com/service-id"  # the one Backstage's PagerDuty plugin reads
+ALERT_NAMESPACE_ANNOTATION = "firebreak.dev/namespace"
+ALERTNAME_ANNOTATION = "firebreak.dev/alertname"
+RUNBOOK_ANNOTATION = "firebreak.dev/runbook"
+
+
+def pagerduty_services_from_catalog(entities: Sequence[Any],
+                                    runbook_alertnames: dict[str, list[str]] | None = None) -> dict[str, MappedLabels]:
+    """PagerDuty service id -> labels, from catalog entities annotated ``pagerduty.com/service-id``.
+
+    ``service`` is the entity's name; ``namespace`` its ``firebreak.dev/namespace`` annotation (the
+    alerts' namespace, not Backstage's); ``alertname`` its ``firebreak.dev/alertname`` annotation, else
+    the one alert name of the runbook its ``firebreak.dev/runbook`` annotation names (when that runbook
+    matches exactly one). An entity without what a label needs gives that label no value: the title
+    may still name the alert. Entities that are not mappings are skipped.
+    """
+    out: dict[str, MappedLabels] = {}
+    for entity in entities:
+        if not isinstance(entity, dict):
+            continue
+        meta = entity.get("metadata")
+        meta = meta if isinstance(meta, dict) else {}
+        annotations = meta.get("annotations")
+        annotations = annotations if isinstance(annotations, dict) else {}
+        service_id, name = annotations.get(PAGERDUTY_SERVICE_ANNOTATION), meta.get("name")
+        if not isinstance(service_id, str) or not service_id.strip() or not isinstance(name, str) or not name:
+            continue
+        labels: MappedLabels = {"service": name}
+        namespace = annotations.get(ALERT_NAMESPACE_ANNOTATION)
+        if isinstance(namespace, str) and namespace:
+            labels["namespace"] = namespace
+        alertname = annotations.get(ALERTNAME_ANNOTATION)
+        if not isinstance(alertname, str) or not alertname:
+            names = (runbook_alertnames or {}).get(str(annotations.get(RUNBOOK_ANNOTATION, "")), [])
+            alertname = names[0] if len(names) == 1 else None
+        if alertname:
+            labels["alertname"] = alertname
+        if any(len(value) > 1024 for value in labels.values()):
+            continue  # written by other teams: an entity that cannot be a label set maps nothing
+        out[service_id.strip()] = labels
+    return out
+
+
+def parse_pagerduty(body: bytes, webhook_id: str | None = None, mapping: LabelMapping | None = None) -> Parsed:
+    """See the module docstring: labels from the mapping of ``data.service.id``, else the summary convention."""
     hook: PagerDutyWebhook = _validate(PagerDutyWebhook, load_json(body), "invalid PagerDuty webhook")
     event = hook.event
     if event.event_type == PAGERDUTY_PING:
@@ -542,14 +651,17 @@ def parse_pagerduty(body: bytes, webhook_id: str | None = None) -> Parsed:
     labels: dict[str, str] = {"alertname": pagerduty_alertname(incident.title), "pagerduty_incident": incident.id}
     derived = {"labels.alertname": "event.data.title", "labels.pagerduty_incident": "event.data.id"}
     service = incident.service
-    if service and service.summary:
+    service_id = service.id if service and service.id else None
+    mapped = (mapping or LabelMapping()).pagerduty_services.get(service_id) if service_id else None
+    if mapped is None and service and service.summary:
+        # No mapping: the older convention, a summary written "NAME (NAMESPACE/ENV)".
         match = _SERVICE_SUMMARY.match(service.summary.strip())
         parts = match.groupdict() if match else {"service": service.summary.strip()}
         for name, value in parts.items():
             labels[name] = value
             derived[f"labels.{name}"] = "event.data.service.summary"
-    if service and service.id:
-        labels["pagerduty_service"] = service.id
+    if service_id:
+        labels["pagerduty_service"] = service_id
         derived["labels.pagerduty_service"] = "event.data.service.id"
     if incident.urgency:
         labels["urgency"] = incident.urgency
@@ -561,12 +673,28 @@ def parse_pagerduty(body: bytes, webhook_id: str | None = None) -> Parsed:
     if incident.priority and incident.priority.summary:
         labels["priority"] = incident.priority.summary
         derived["labels.priority"] = "event.data.priority.summary"
+    if mapped is not None:
+        # The operator's word about this service wins over what is read from the incident's text, but
+        # for one thing: an incident Alertmanager raised names its own alert ("[FIRING:1] Name ...").
+        named_by_alertmanager = _AM_TITLE.match(incident.title) is not None and labels["alertname"] != \
+            PAGERDUTY_DEFAULT_ALERTNAME
+        for name, value in mapped.items():
+            if name == "alertname" and named_by_alertmanager:
+                continue
+            labels[name] = value
+            derived[f"labels.{name}"] = "event.data.service.id"
     annotations = {
         "summary": incident.title,
         "pagerduty_url": incident.html_url or "",
         "pagerduty_event": event.id,
         "pagerduty_incident_number": str(incident.number) if incident.number is not None else "",
+        "pagerduty_service_name": service.summary if service and service.summary else "",
     }
+    details = incident.custom_details
+    if details is None and incident.body and isinstance(incident.body.get("details"), dict):
+        details = incident.body["details"]
+    if details:
+        annotations["pagerduty_custom_details"] = _details_json(details)
     values = {
         "source": "pagerduty",
         "fingerprint": pagerduty_fingerprint(incident),
@@ -577,7 +705,8 @@ def parse_pagerduty(body: bytes, webhook_id: str | None = None) -> Parsed:
         "ends_at": event.occurred_at if resolved else None,
         "generator_url": incident.html_url,
     }
-    derived |= {"fingerprint": "event.data.incident_key", "starts_at": "event.data.created_at"}
+    derived |= {"fingerprint": "event.data.incident_key", "starts_at": "event.data.created_at",
+                "ends_at": "event.occurred_at", "generator_url": "event.data.html_url"}
     try:
         alert = Alert.model_validate(values)
     except ValidationError as exc:
@@ -587,8 +716,146 @@ def parse_pagerduty(body: bytes, webhook_id: str | None = None) -> Parsed:
             errors.append(err)
         _raise_invalid(errors, "invalid PagerDuty incident")
         raise
-    return Parsed("pagerduty", [SourceAlert(alert, "event.data", derived)], webhook_id, event_id=event.id,
-                  occurred_at=event.occurred_at)
+    hint = ""
+    if mapped is None:
+        shown = f" ({service.summary!r})" if service and service.summary else ""
+        hint = (f"; PagerDuty service {service_id!r}{shown} is not mapped to labels (map it in the API's "
+                f"pagerduty_services, or annotate its catalog entity {PAGERDUTY_SERVICE_ANNOTATION})"
+                if service_id else "; the incident names no service (event.data.service.id) to map to labels")
+    return Parsed("pagerduty", [SourceAlert(alert, "event.data", derived, missing_at="event.data.service.id",
+                                            unrouted_hint=hint)],
+                  webhook_id, event_id=event.id, occurred_at=event.occurred_at)
+
+
+# -- Opsgenie outgoing webhook ------------------------------------------------------------------------
+
+
+class OpsgenieAlert(_Wire):
+    alertId: str = Field(min_length=1)
+    alias: str | None = None
+    message: str = ""
+    description: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    details: dict[str, Any] = Field(default_factory=dict)
+    entity: str | None = None
+    source: str | None = None
+    priority: str | int | None = None
+    tinyId: str | None = None
+    createdAt: int | None = None  # milliseconds since the epoch
+    updatedAt: int | None = None  # nanoseconds since the epoch
+
+
+class OpsgenieWebhook(_Wire):
+    """Opsgenie's outgoing webhook (a Webhook integration's "post to url" actions)."""
+
+    action: str = Field(min_length=1)
+    alert: OpsgenieAlert
+    integrationId: str | None = None
+    integrationName: str | None = None
+
+
+OPSGENIE_FIRING = "Create"
+OPSGENIE_RESOLVED = "Close"
+OPSGENIE_ACKNOWLEDGED = "Acknowledge"
+_TAG_LABEL = re.compile(r"^(?P<name>[A-Za-z_][A-Za-z0-9_./-]{0,127})[:=](?P<value>.{1,1024})$", re.DOTALL)
+
+
+def _epoch(value: int | None) -> datetime | None:
+    """Opsgenie's times: ``createdAt`` in milliseconds, ``updatedAt`` in nanoseconds."""
+    if value is None or value <= 0:
+        return None
+    seconds = value / 1e9 if value > 10**15 else value / 1e3
+    try:
+        return datetime.fromtimestamp(seconds, tz=timezone.utc)
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
+def opsgenie_fingerprint(alert: OpsgenieAlert) -> str:
+    key = alert.alias or alert.alertId
+    return key if len(key) <= 128 else "sha256:" + hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def parse_opsgenie(body: bytes) -> Parsed:
+    """Create -> firing, Close -> resolved, Acknowledge -> recorded (``Parsed.note``), anything else ignored.
+
+    Labels, by the rules PagerDuty's follow: the alert's own key/values (``details`` entries whose
+    value is a string, number or boolean; tags written ``name:value`` or ``name=value``; details win
+    over tags); ``alertname`` from them, else the message's (``[FIRING:n] Name`` or a leading CamelCase
+    word), else ``OpsgenieAlert``; ``priority`` (``P1``...). Plain tags, every detail (JSON), the
+    description, entity, source and ids become annotations.
+    """
+    hook: OpsgenieWebhook = _validate(OpsgenieWebhook, load_json(body), "invalid Opsgenie webhook")
+    wire = hook.alert
+    # The same for every retry of one action on one alert; a hash, as the sender's ids reach logs.
+    delivery_key = f"{wire.alertId}\x00{hook.action}\x00{wire.updatedAt or wire.createdAt or 0}"
+    delivery_id = "opsgenie-" + hashlib.sha256(delivery_key.encode("utf-8", "replace")).hexdigest()[:32]
+    if hook.action not in (OPSGENIE_FIRING, OPSGENIE_RESOLVED, OPSGENIE_ACKNOWLEDGED):
+        return Parsed("opsgenie", [], delivery_id, ignored=f"Opsgenie action {hook.action!r} opens or closes nothing")
+    labels: dict[str, str] = {}
+    derived: dict[str, str] = {}
+    plain_tags: list[str] = []
+    for i, tag in enumerate(wire.tags):
+        match = _TAG_LABEL.match(tag.strip()) if isinstance(tag, str) else None
+        if match is None:
+            plain_tags.append(str(tag))
+            continue
+        labels[match["name"]] = match["value"]
+        derived[f"labels.{match['name']}"] = f"alert.tags[{i}]"
+    for name, value in wire.details.items():
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        elif isinstance(value, (int, float)):
+            value = str(value)
+        if isinstance(value, str) and value and len(value) <= 1024 and LABEL_NAME.fullmatch(name):
+            labels[name] = value
+            derived[f"labels.{name}"] = f"alert.details.{field_path([name])}"
+    if not labels.get("alertname"):
+        labels["alertname"] = title_alertname(wire.message, OPSGENIE_DEFAULT_ALERTNAME)
+        derived["labels.alertname"] = "alert.message"
+    if wire.priority is not None and "priority" not in labels:
+        labels["priority"] = wire.priority if isinstance(wire.priority, str) else f"P{wire.priority}"
+        derived["labels.priority"] = "alert.priority"
+    annotations = {
+        "summary": wire.message,
+        "description": wire.description or "",
+        "opsgenie_alert_id": wire.alertId,
+        "opsgenie_tiny_id": wire.tinyId or "",
+        "opsgenie_entity": wire.entity or "",
+        "opsgenie_source": wire.source or "",
+        "opsgenie_integration": hook.integrationName or "",
+        "opsgenie_tags": ", ".join(plain_tags),
+        "opsgenie_details": _details_json(wire.details) if wire.details else "",
+    }
+    resolved = hook.action == OPSGENIE_RESOLVED
+    values = {
+        "source": "opsgenie",
+        "fingerprint": opsgenie_fingerprint(wire),
+        "status": "resolved" if resolved else "firing",
+        "labels": labels,
+        "annotations": {k: v for k, v in annotations.items() if v},
+        "starts_at": _epoch(wire.createdAt),
+        "ends_at": _epoch(wire.updatedAt) if resolved else None,
+    }
+    derived |= {"fingerprint": "alert.alias" if wire.alias else "alert.alertId", "starts_at": "alert.createdAt",
+                "ends_at": "alert.updatedAt"}
+    try:
+        alert = Alert.model_validate(values)
+    except ValidationError as exc:
+        errors = []
+        for err in _errors(exc):
+            err["field"] = derived.get(err["field"], "alert." + err["field"])
+            errors.append(err)
+        _raise_invalid(errors, "invalid Opsgenie alert")
+        raise
+    hint = "" if "namespace" in labels and "service" in labels else (
+        "; an Opsgenie alert's labels come from its details and name:value tags (add them with the "
+        "integration's 'Add Alert Details to Payload')")
+    parsed = Parsed("opsgenie", [SourceAlert(alert, "alert", derived, missing_at="alert.details",
+                                             unrouted_hint=hint)], delivery_id)
+    if hook.action == OPSGENIE_ACKNOWLEDGED:
+        parsed.note = "Opsgenie alert acknowledged: recorded; the incident goes on unchanged"
+    return parsed
 
 
 # -- Firebreak's own format --------------------------------------------------------

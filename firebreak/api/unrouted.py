@@ -8,7 +8,9 @@
   alert itself could not be taken (a field missing), or its delivery was a
   replay, a stale event or a spoof;
 - ``kind: "test"``: a recognised test notification (Grafana's contact-point
-  test, PagerDuty's ping): answered 2xx, opened nothing.
+  test, PagerDuty's ping): answered 2xx, opened nothing;
+- ``kind: "event"``: an event that changes no incident but is worth keeping
+  (Opsgenie's acknowledge), with the ``reason``.
 
 Each write is flushed and fsynced before the webhook is answered, so an
 acknowledged alert is on disk. The file is append-only; past ``MAX_BYTES`` it
@@ -39,7 +41,7 @@ class UnroutedRecord(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     at: datetime
-    kind: Literal["unrouted", "refused", "test"]
+    kind: Literal["unrouted", "refused", "test", "event"]
     source: str
     delivery_id: str | None = None
     reason: str
