@@ -100,6 +100,15 @@ def test_a_walk_that_was_read_names_the_real_dependents_with_their_owners(servic
         assert {d.name: d.traffic_share for d in radius.dependents} == {"checkout": 0.75, "orders": 0.25}
 
 
+def test_the_dependency_sample_names_who_depends_on_the_failing_dependency_on_every_view() -> None:
+    ev = evidence(own_deploy=False, payments_failing=True)
+    plan = plan_for("bad-deploy", "checkout", "rollback_dependency", {"dependency": "payments"})
+    plan = plan.model_copy(update={"impact": impact_of(plan, ev, truthful=True)})
+    for name, text in views(plan, ev, "checkout").items():
+        assert "checkout (team-storefront" in text and "orders (team-fulfilment" in text, (name, text)
+        assert NO_DEPENDENTS not in text and NOT_READ not in text and "did not answer" not in text, (name, text)
+
+
 def test_a_target_read_with_no_dependents_says_so_and_asks_no_traffic() -> None:
     # checkout is read, and nothing depends on it: "no dependents in the catalog" is then true, and no
     # traffic figure is missing, so none is said to be.
