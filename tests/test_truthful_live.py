@@ -96,6 +96,10 @@ async def test_a_rollback_the_second_fault_defeats_ends_failed_escalated_with_th
     settings.targets["prometheus"] = scraped_prometheus.url
     bad = inject(fleet.url, "checkout", "bad_deploy")["version"]
     inject(fleet.url, "payments", "dependency")  # the second fault: checkout's calls to payments fail
+    # Both faults in the metrics before the incident opens: the verification must read them, not a window
+    # still made of the healthy time before them.
+    await asyncio.to_thread(poll_until, lambda: (scraped_prometheus.query_value(CHECKOUT_ERRORS) or 0) > 0.2, 60,
+                            "checkout 5xx above 20%")
     client = dev_env.client
     async with build_worker(client, settings):
         handle = await open_incident(client, settings, make_alert("DrillUnfixed", "checkout"), requested_by="bob")
@@ -131,6 +135,8 @@ async def test_a_rollback_the_second_fault_defeats_ends_failed_escalated_with_th
         WorkflowHistory.from_json(handle.id, history.to_json()))
 
 
+CHECKOUT_ERRORS = ('sum(rate(http_requests_total{namespace="shop",service="checkout",code=~"5.."}[30s])) / '
+                   'sum(rate(http_requests_total{namespace="shop",service="checkout"}[30s]))')
 PAYMENTS_ERRORS = ('sum(rate(http_requests_total{namespace="shop",service="payments",code=~"5.."}[30s])) / '
                    'sum(rate(http_requests_total{namespace="shop",service="payments"}[30s]))')
 
