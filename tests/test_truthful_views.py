@@ -21,6 +21,7 @@ from firebreak.correlation import correlation_lines, impact_of
 from firebreak.plan import build_plan
 from firebreak.plan_view import render_plan
 from firebreak.runbook import default_runbook_dir, load_runbook
+from firebreak.watch import changes
 from test_correlation import GATHERED, evidence, walk
 from workflows.summary import phase_label, plan_markdown, status_markdown, waiting_for
 
@@ -162,5 +163,6 @@ def test_a_rollback_that_left_the_alert_firing_reads_as_needing_a_human() -> Non
                             outcome="step s1 did not help; rolled back, and the alert still fires", needs_a_human=True)
     assert status_markdown(status).startswith("### ROLLED_BACK: needs a human")
     assert waiting_for(status) == "a human (escalated)"
+    assert "phase ROLLED_BACK: needs a human" in changes(None, status)  # `status --watch` says it too
     green = status.model_copy(update={"needs_a_human": False})
     assert phase_label(green.phase) == "rolled_back" and waiting_for(green) == "-"
