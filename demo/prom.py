@@ -264,6 +264,10 @@ class PrometheusProcess(_ManagedProcess):
 
     ``alertmanager_url`` (e.g. ``http://127.0.0.1:9093``) wires alerts to an
     Alertmanager; None leaves alerting out (rules are still evaluated).
+
+    Each start begins with no metrics (``keep_data`` False): the demo fleet it scrapes starts anew
+    on every ``firebreak up``, so series kept from an earlier run would be evidence of faults this run
+    never had (a range query's lookback reaching into the last demo).
     """
 
     name = "prometheus"
@@ -271,12 +275,14 @@ class PrometheusProcess(_ManagedProcess):
     def __init__(self, state_dir: str | Path, port: int, fleet_target: str, alertmanager_url: str | None = None,
                  *, binary: str | None = None, rules_file: str | Path | None = None, host: str = "127.0.0.1",
                  broker_target: str | None = None, alertmanager_auth: WebAuth | None = None,
-                 security_receiver_target: str | None = None) -> None:
+                 security_receiver_target: str | None = None, keep_data: bool = False) -> None:
         """``broker_target`` (``host:port``): also scrape the credential broker and evaluate
         Firebreak's security rules on it. ``alertmanager_auth``: the credentials Alertmanager's API
         requires (an :class:`AlertmanagerProcess`'s ``web_auth``). ``security_receiver_target``
-        (``host:port``): also scrape the security receiver (its dropped alerts and watched silences)."""
+        (``host:port``): also scrape the security receiver (its dropped alerts and watched silences).
+        ``keep_data``: keep the metrics of an earlier start."""
         super().__init__(state_dir, port, binary, host)
+        self.keep_data = keep_data
         self.fleet_target = fleet_target
         self.alertmanager_url = alertmanager_url
         self.alertmanager_auth = alertmanager_auth
@@ -290,6 +296,8 @@ class PrometheusProcess(_ManagedProcess):
         # A copy of the rules sits next to the config, so the state dir alone
         # says exactly what this Prometheus evaluated.
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        if not self.keep_data:
+            shutil.rmtree(self.data_dir, ignore_errors=True)  # this run's metrics only (see the class)
         rules = self.state_dir / "alert_rules.yml"
         shutil.copyfile(self.rules_source, rules)
         values = {"rules_file": str(rules), "fleet_target": self.fleet_target}

@@ -561,6 +561,9 @@ class IncidentStatus(Model):
     reinvestigated: str | None = Field(default=None, description="why the diagnosis looked once more before deciding")
     closed_at: datetime | None = None
     outcome: str = ""
+    needs_a_human: bool = Field(default=False, description=(
+        "an ending a human must take over although its phase alone does not say so: rolled back, yet the "
+        "alert still fires"))
 
 
 class IncidentReport(Model):

@@ -12,6 +12,9 @@ from firebreak.catalog import CatalogEntry, CatalogWalk
 from firebreak.contracts import Evidence, Hypothesis, Plan
 from firebreak.diagnosis import PER_DEPENDENCY
 
+# The evidence id of calls to the alerting service itself, by caller (mesh client metrics).
+CALLERS = "callers"
+
 
 def walk_of(evidence: Iterable[Evidence]) -> CatalogWalk | None:
     return next((ev.catalog for ev in evidence if ev.kind == "catalog" and ev.catalog is not None), None)
@@ -25,18 +28,56 @@ def calls_to(target: str, evidence: Iterable[Evidence]) -> dict[str, float]:
     return {}
 
 
+def traffic_to(target: str, service: str, evidence: Iterable[Evidence]) -> tuple[dict[str, float], str]:
+    """Calls/s to ``target`` by caller, and why there are none ("" when there are).
+
+    Read from ``dep_traffic:{target}`` (a dependency's callers) or, for the alerting service itself,
+    from its ``callers`` evidence. The reason says what happened: not asked, not answered, or no calls.
+    """
+    wanted = CALLERS if target == service else f"dep_traffic{PER_DEPENDENCY}{target}"
+    ev = next((e for e in evidence if e.id == wanted), None)
+    if ev is None:
+        return {}, f"this runbook does not read the calls to {target} by caller"
+    if not ev.ok:
+        return {}, f"Prometheus did not answer ({ev.gap or 'no reason given'})"[:300]
+    calls = {s.labels.get("source", "?"): s.samples[-1].v for s in ev.series if s.samples}
+    if not calls or sum(calls.values()) <= 0:
+        return {}, f"Prometheus answered: no calls to {target} by caller in the query's window"
+    return calls, ""
+
+
+def catalog_unread(evidence: Iterable[Evidence]) -> str:
+    """Why the catalog walk is missing from the evidence, or "" when it is there."""
+    walks = [e for e in evidence if e.kind == "catalog"]
+    if not walks:
+        return "this runbook does not read the catalog"
+    if not any(e.ok and e.catalog is not None for e in walks):
+        return f"the catalog read failed: {walks[0].gap or 'no reason given'}"[:300]
+    return ""
+
 def step_target(resource: str) -> str:
     """``service/payments`` -> ``payments``."""
     return resource.partition("/")[2] or resource
 
 
-def impact_of(plan: Plan, evidence: list[Evidence]) -> dict[str, BlastRadius]:
-    """Each step's blast radius: its target's transitive dependents, owners, lifecycle and traffic shares."""
+def impact_of(plan: Plan, evidence: list[Evidence], *, truthful: bool = False) -> dict[str, BlastRadius]:
+    """Each step's blast radius: its target's transitive dependents, owners, lifecycle and traffic shares.
+
+    ``truthful``: what was not read says so, with why (dependents unknown, traffic not asked or not
+    answered). False computes the radius as plans proposed before that did: it is hashed with the plan,
+    so an incident that proposed one replays with the same.
+    """
     walk = walk_of(evidence)
+    service = (plan.params or {}).get("service", "")
+    unread = catalog_unread(evidence)
     out: dict[str, BlastRadius] = {}
     for step in plan.steps:
         target = step_target(step.resource)
-        out[step.id] = compute(target, walk, calls_to(target, evidence) or None)
+        if not truthful:
+            out[step.id] = compute(target, walk, calls_to(target, evidence) or None)
+            continue
+        calls, why = traffic_to(target, service, evidence)
+        out[step.id] = compute(target, walk, calls or None, unread=unread, traffic_note=why)
     return out
 
 

@@ -86,7 +86,8 @@ def _test(cond: Condition, ev: Evidence, evidence: dict[str, Evidence], started:
     if cond.test == "above" or cond.test == "below":
         latest = ev.latest
         if latest is None:
-            return False, f"{ev.id}: no data"
+            # Asked and answered, with nothing to read (no series, or only NaN): said as such, never "down".
+            return False, f"{ev.id}: no data ({ev.source or 'the source'} answered with no value)"
         held = latest > cond.threshold if cond.test == "above" else latest < cond.threshold
         return held, f"{ev.id} is {_fmt(latest)} ({cond.test} {_fmt(cond.threshold)}: {'yes' if held else 'no'})"
     if cond.test in ("recent_change", "absent"):

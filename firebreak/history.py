@@ -86,8 +86,12 @@ async def _failure_message(failure: Any, converter: DataConverter) -> str:
         await converter.payload_codec.decode_failure(failure)
     message = failure.message
     if failure.HasField("encoded_attributes"):
-        decoded = await decode_json([failure.encoded_attributes], converter)
-        message = (decoded[0] or {}).get("message", message) if isinstance(decoded[0], dict) else message
+        # decode_failure above already ran the codec over it: read it as JSON, not through the codec twice.
+        try:
+            decoded = json.loads(failure.encoded_attributes.data) if failure.encoded_attributes.data else None
+        except ValueError:
+            decoded = None
+        message = decoded.get("message", message) if isinstance(decoded, dict) else message
     return str(message)
 
 

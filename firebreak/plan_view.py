@@ -57,9 +57,25 @@ def render_plan(plan: Plan) -> list[str]:
     """Every field of the plan, as lines; what the hash covers is exactly what is shown."""
     data = json.loads(plan.canonical())
     steps = data.pop("steps")
+    impact = data.pop("impact", None)
     out = _lines(_ordered(data, _HEAD), "  ")
     for step in steps:
         step_id = step.pop("id")
         out.append(f"  step {step_id}:")
         out.extend(_lines(_ordered(step, _STEP_HEAD), "    "))
+    if impact is not None:
+        out.append("  impact:" if impact else "  impact: (none)")
+        for step_id, radius in impact.items():
+            out.extend(_radius_lines(step_id, radius, plan))
+    return out
+
+
+def _radius_lines(step_id: str, radius: dict[str, Any], plan: Plan) -> list[str]:
+    """A step's blast radius: its summary, then every field; dependents that were not read never read as none."""
+    known = (plan.impact or {}).get(step_id)
+    out = [f"    {step_id}: {_scalar(known.line()) if known is not None else ''}".rstrip()]
+    for line in _lines(radius, "      "):
+        if line.strip() == "dependents: (none)" and known is not None and known.dependents_unknown:
+            line = "      dependents: unknown (not read)"
+        out.append(line)
     return out

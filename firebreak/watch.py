@@ -20,7 +20,7 @@ def changes(before: IncidentStatus | None, after: IncidentStatus) -> list[str]:
     """Lines for what is new in ``after``: phase, plan, approvals, held, step results, outcome."""
     out: list[str] = []
     if before is None or before.phase != after.phase:
-        out.append(f"phase {phase_label(after.phase)}")
+        out.append(f"phase {phase_label(after.phase, after.needs_a_human)}")
     if after.plan_hash and (before is None or before.plan_hash != after.plan_hash):
         steps = ", ".join(f"{s.id} {s.verb} {s.resource}" for s in after.plan.steps) if after.plan else ""
         out.append(f"plan {after.plan_hash[:12]}: {steps}")

@@ -120,10 +120,10 @@ async def test_the_broker_refuses_a_catalog_read_no_runbook_declares(broker) -> 
     client = BrokerClient(broker.url, broker.agent_token)
     common = dict(audience="catalog", verb="catalog.read", ttl_s=30, workflow_id="inventory.saturation",
                   run_id=str(uuid.uuid4()), activity_id="1", step_id="catalog")
-    # saturation declares no catalog walk: refused.
+    # drill-pair declares no catalog walk: refused.
     with pytest.raises(MintRefused, match="declares no read 'catalog.read'"):
-        async with client.credential(resource="component/inventory", runbook="saturation",
-                                     params={"namespace": "shop", "service": "inventory"}, **common):
+        async with client.credential(resource="component/inventory", runbook="drill-pair",
+                                     params={"service": "inventory"}, **common):
             pass
     # bad-deploy declares one: a named entity is issued; a name off the pattern is refused.
     async with client.credential(resource="component/payments", runbook="bad-deploy",

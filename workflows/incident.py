@@ -157,6 +157,8 @@ class IncidentWorkflow:
         self.v2 = False  # set in run(): False only when replaying an incident started before lifecycle v2
         self.console = False  # set in run(): the operator's console (endings as Failed, refusals as failed updates)
         self.correlation = False  # set in run(): the catalog walk and per-dependency evidence
+        self.unfixed_escalates = False  # set in run(): a rollback with the alert still firing needs a human
+        self.needs_a_human = False  # an ending that needs a human although its phase alone does not say so
         self.waiting_shown = ""
         self.approval_lock = asyncio.Lock()
         self.in_time = False  # set in run(): an approval is judged by when it arrived, not when a worker took it
@@ -279,6 +281,7 @@ class IncidentWorkflow:
             reinvestigated=self.reinvestigated,
             closed_at=self.closed_at,
             outcome=self.outcome,
+            needs_a_human=self.needs_a_human,
         )
 
     # -- the run --------------------------------------------------------------
@@ -304,6 +307,9 @@ class IncidentWorkflow:
         self.in_time = self.v2 and workflow.patched("approval-in-time")
         if self.in_time and self.plan is not None and self.received:
             self.verdict = self._evaluate()  # carried from a run before: re-judged against the deadline
+        # A rollback that leaves the alert firing did not fix the incident: it ends needing a human (escalated
+        # with the evidence, a Failed run), not green. Incidents started before it replay as they ran.
+        self.unfixed_escalates = self.console and workflow.patched("rolled-back-while-firing-needs-a-human")
         incident = self.incident
         runbook = incident.runbook
         # Signal-with-start delivers the alert with the first task; wait in case it came apart.
@@ -398,7 +404,10 @@ class IncidentWorkflow:
         assert self.plan is not None  # top.actions is not empty
         if self.correlation:
             # Shown to the approvers and hashed with the plan: who else is hurt if each step's target misbehaves.
-            self.plan = self.plan.model_copy(update={"impact": impact_of(self.plan, self.evidence)})
+            # Patched: what was not read says so, with why (dependents unknown, traffic not asked or not
+            # answered); the radius is hashed with the plan, so earlier incidents replay with the old one.
+            truthful = workflow.patched("blast-radius-says-how-it-knows")
+            self.plan = self.plan.model_copy(update={"impact": impact_of(self.plan, self.evidence, truthful=truthful)})
         cap = over_caps(self.plan, runbook) if self.v2 else None
         if cap is not None:
             # An unsafe output is never proposed: a human gets the incident, and the cap it broke.
@@ -694,9 +703,12 @@ class IncidentWorkflow:
                 result.verified, result.verification = None, why
                 if self.incident.runbook.remediate.on_unverified == "escalate":
                     return await self._close(Phase.failed, f"{why}; left in place and escalated (runbook policy)")
-                # Rolled back by policy, but a human should know a check could not run.
-                await self._notify("escalation", f"{why}; rolling it back (runbook policy)")
-                return await self._roll_back(done[: index + 1], approvals, f"{why}; rolled back (runbook policy)")
+                # Rolled back by policy, but a human should know a check could not run: told now, or (patched)
+                # once, by the ending, after the rollback, with whether the alert still fires.
+                if not self.unfixed_escalates:
+                    await self._notify("escalation", f"{why}; rolling it back (runbook policy)")
+                return await self._roll_back(done[: index + 1], approvals, f"{why}; rolled back (runbook policy)",
+                                             tell_a_human=True)
             result.verified, result.verification = check.held, check.detail
             if not check.held:
                 return await self._roll_back(done[: index + 1], approvals, f"step {step.id} did not help ({check.detail})")
@@ -720,14 +732,24 @@ class IncidentWorkflow:
         ))
 
     async def _roll_back(self, done: list[tuple[PlanStep, StepResult]], approvals: list[Approval],
-                         why: str) -> IncidentReport:
-        """Undo what ran; the ending says truthfully whether every undo succeeded."""
+                         why: str, *, tell_a_human: bool = False) -> IncidentReport:
+        """Undo what ran; the ending says truthfully whether every undo succeeded, and whether the alert still fires.
+
+        ``tell_a_human``: a human must hear of this rollback even if the alert cleared (a check could not run).
+        """
         if not done:
             return await self._close(Phase.failed, f"{why}; nothing had run, nothing to roll back")
         not_undone = await self._undo_all(done, approvals)
         if not_undone and self.v2:
             return await self._close(Phase.rollback_failed,
                                      f"{why}; rollback failed for {', '.join(not_undone)}: a human must restore it")
+        if self.unfixed_escalates:
+            if not self._all_resolved():
+                # The remediation did not fix the incident: the service is still broken, so a human takes it.
+                return await self._close(Phase.rolled_back, f"{why}; rolled back, and the alert still fires: "
+                                         "the incident is not fixed, escalated to a human", needs_a_human=True)
+            if tell_a_human:
+                await self._notify("escalation", f"{why}; rolled back; the alert has cleared")
         return await self._close(Phase.rolled_back, f"{why}; rolled back")
 
     async def _run_step(self, step: PlanStep, approvals: list[Approval], *, undo: dict | None = None) -> StepResult:
@@ -901,11 +923,14 @@ class IncidentWorkflow:
                 self.waiting_shown = waiting
                 workflow.upsert_memo({WAITING_KEY: waiting})
 
-    async def _close(self, phase: Phase, outcome: str) -> IncidentReport:
+    async def _close(self, phase: Phase, outcome: str, *, needs_a_human: bool = False) -> IncidentReport:
+        """End the incident; ``needs_a_human`` for an ending whose phase alone does not say a human must take it."""
         self.outcome = outcome
         self.closed_at = workflow.now()
+        self.needs_a_human = needs_a_human
+        needs_a_human = needs_a_human or phase in NEEDS_A_HUMAN
         await self._enter(phase)
-        if self.v2 and phase in NEEDS_A_HUMAN:
+        if self.v2 and needs_a_human:
             await self._notify("expired" if phase == Phase.expired else "escalation", f"{phase.value}: {outcome}")
         await asyncio.gather(*self.background)  # the proposal's ticket lands before the closing one
         if self.v2:
@@ -917,7 +942,7 @@ class IncidentWorkflow:
         report = IncidentReport(
             incident_id=self.incident.incident_id, phase=phase, outcome=outcome, status=self.status()
         )
-        if self.console and phase in NEEDS_A_HUMAN:
+        if self.console and needs_a_human:
             # Failed in Temporal: red in the UI's list, found by ExecutionStatus="Failed"; the report rides along.
             raise ApplicationError(f"{phase.value}: {outcome}", report, type=NEEDS_A_HUMAN_FAILURE, non_retryable=True)
         return report

@@ -25,9 +25,9 @@ MAX_CARD_CHARS = 16_000
 _TIME = "%H:%M:%S UTC"
 
 
-def phase_label(phase: Phase) -> str:
+def phase_label(phase: Phase, needs_a_human: bool = False) -> str:
     """The phase as the first words an operator reads: the endings that need a human say so."""
-    if phase in NEEDS_A_HUMAN:
+    if phase in NEEDS_A_HUMAN or needs_a_human:
         return f"{phase.value.upper()}: needs a human"
     if phase == Phase.rejected:
         return "REJECTED: nothing executed"
@@ -52,7 +52,7 @@ def approval_line(record: ApprovalRecord) -> str:
 
 def status_markdown(status: IncidentStatus) -> str:
     """The incident card."""
-    out = [f"### {phase_label(status.phase)}",
+    out = [f"### {phase_label(status.phase, status.needs_a_human)}",
            f"{_t(status.runbook)} v{status.runbook_version} on **{_t(status.service or status.incident_id)}**"
            + (f" · severity {_t(status.severity)}" if status.severity else "")
            + (f" · raised by {_t(status.requested_by)}" if status.requested_by else "")]
@@ -174,7 +174,7 @@ _WORKING = {
 
 def waiting_for(status: IncidentStatus) -> str:
     """What the incident waits for, in a few words: the last column of `firebreak list`."""
-    if status.phase in NEEDS_A_HUMAN:
+    if status.phase in NEEDS_A_HUMAN or status.needs_a_human:
         return "a human (escalated)"
     if status.phase.closed:
         return "-"

@@ -61,6 +61,12 @@ PATCHES: tuple[Patch, ...] = (
           histories=(*_BEFORE_PATCHES, *_ENDINGS_6461365, *_DEADLINE_6BAE36E)),
     Patch("broker-run-closed", "6c1fcbe", "the workflow tells the broker its run closed, so nothing more is minted for it",
           histories=_ALL),
+    Patch("blast-radius-says-how-it-knows", "7c1302f",
+          "a blast radius whose dependents were not read says so, and a missing traffic figure says why",
+          histories=_ALL),
+    Patch("rolled-back-while-firing-needs-a-human", "7c1302f",
+          "a rollback that leaves the alert firing escalates and ends Failed, never green",
+          histories=_ALL),
 )
 
 # The oldest code whose open incidents this worker still replays: the first recorded history's.
