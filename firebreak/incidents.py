@@ -17,6 +17,7 @@ Failed run; :func:`final_report` reads its report from the failure as from a res
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -69,13 +70,18 @@ async def read_status(handle: WorkflowHandle[Any, Any], wait: timedelta = WORKER
 
 
 async def submit_approval(handle: WorkflowHandle[Any, Any], approval: Approval,
-                          wait: timedelta = WORKER_WAIT) -> ApprovalOutcome | None:
+                          wait: timedelta = WORKER_WAIT,
+                          sending: Callable[[], None] | None = None) -> ApprovalOutcome | None:
     """The workflow's answer, or None when no worker answered and the approval went as a signal.
 
     A quick status query first tells whether a worker is there: without one, an update would only
     be held in the server's memory, so the approval goes straight to history as a signal instead.
+    ``sending`` is called just before the approval itself goes out: a failure after it leaves the
+    outcome unknown (it may have reached the incident), one before it delivered nothing.
     """
     _, source = await read_status(handle, wait)
+    if sending is not None:
+        sending()
     if source != "the workflow":
         await handle.signal("approval", approval.model_dump(mode="json"))
         return None
