@@ -48,7 +48,8 @@ def identity_section(settings: Settings) -> dict[str, Any]:
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
     directory = Path(args.runbooks_dir) if args.runbooks_dir else settings.resolved_runbooks_dir()
-    current = privileges.report(load_runbooks(directory))
+    books = load_runbooks(directory)
+    current = privileges.report(books)
     lock = Path(args.lock)
     if args.action == "lock":
         lock.write_text(privileges.dump(current))
@@ -74,7 +75,8 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.usage:
         audit = settings.state_dir / "broker" / "audit.jsonl"
         records = [json.loads(line) for line in audit.read_text().splitlines() if line.strip()] if audit.exists() else []
-        current = privileges.usage(current, records, since=time.time() - parse_duration(args.window).total_seconds())
+        current = privileges.usage(current, records, since=time.time() - parse_duration(args.window).total_seconds(),
+                                   runbooks=books)
     if args.json:
         print(json.dumps(current, indent=2, sort_keys=True))
     elif args.markdown or not args.usage:
@@ -82,9 +84,13 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.usage and not args.json:
         if not args.markdown:
             print("\n".join(privileges.identity_lines(current["identity"])))
-        for row in current["privileges"]:
-            print(f"{row['uses']:>6}  {row['last_used'] or 'never':<32}  {row['kind']:<5} {row['target']} "
-                  f"{row['verb']} {row['resource']}")
+        from firebreak.tables import render_table
+
+        # One row per privilege of the report (its resource template), each mint counted once.
+        print(f"Uses in the last {args.window}, from {audit}:")
+        print(render_table(["uses", "last used", "kind", "target", "verb", "resource"],
+                           [[str(row["uses"]), row["last_used"] or "never", row["kind"], row["target"], row["verb"],
+                             row["resource"]] for row in current["privileges"]]))
         for key in current["never_used"]:
             print(f"unused: {key} (a candidate for removal)")
     return 0
