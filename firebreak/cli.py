@@ -263,7 +263,7 @@ def _key_path(args: argparse.Namespace, settings: Settings) -> Path:
         if not path.exists():
             raise Refused(f"no key for {args.as_} at {path}; use --key PATH")
         return path
-    raise Refused("say who you are: --key PATH (or --as NAME for a demo person)")
+    raise Usage("say who you are: --key PATH (or --as NAME for a demo person)")
 
 
 async def _incident_status(settings: Settings, incident_id: str) -> tuple[Any, str]:
@@ -674,9 +674,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if exc.status == RPCStatusCode.UNAVAILABLE:
                 print(f"firebreak: {temporal_down(load_settings(getattr(args, 'state_dir', None)))}", file=sys.stderr)
             else:
-                print(f"firebreak: Temporal: {exc.message}", file=sys.stderr)
+                print(f"firebreak: Temporal: {' '.join(exc.message.split())[:500]}", file=sys.stderr)
             return 1
-        print(f"firebreak: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"firebreak: {type(exc).__name__}: {' '.join(str(exc).split())[:500]}", file=sys.stderr)  # one line
         return 1
 
 

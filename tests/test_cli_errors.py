@@ -20,7 +20,6 @@ from api_harness import api_settings
 from conftest import BIN, CLOSED_PORT_URL
 from firebreak.api import ApiServer
 from firebreak.broker.audit import AuditLog
-from firebreak.cli_incidents import terminal_text
 from firebreak.config import TemporalSettings
 from firebreak.contracts import Phase
 from incidents import inject, make_alert, open_incident, report_of, wait_for_phase, wait_until
@@ -113,6 +112,8 @@ async def test_a_held_incident_says_held_everywhere_and_a_closed_one_says_closed
 
 
 def test_status_text_has_no_markdown_and_shortens_links():
+    from firebreak.cli_incidents import terminal_text
+
     link = ("http://127.0.0.1:9090/graph?g0.expr=sum%28rate%28http_requests_total%7Bnamespace%3D%22shop%22%7D"
             "%5B1m%5D%29%29&g0.tab=0")
     card = f"# [resolved] x\n\n### RESOLVED\n**Outcome:** done\n#### Plan `abc`\n- **s1** `fleet.restart`\n" \
@@ -139,6 +140,9 @@ def test_a_missing_or_garbage_key_file_is_bad_usage_in_one_line(down_state: Path
             assert done.returncode == 2, (argv, done.stderr)
             assert done.stderr.startswith(f"firebreak: {key}: {why}"), done.stderr
             assert len(done.stderr.strip().splitlines()) == 1 and "Error" not in done.stderr, done.stderr
+    anonymous = firebreak("approve", "some.incident", "--state-dir", str(down_state))
+    assert anonymous.returncode == 2
+    assert anonymous.stderr == "firebreak: say who you are: --key PATH (or --as NAME for a demo person)\n"
 
 
 def test_with_the_stack_down_each_command_says_so_in_one_line_with_what_to_run(down_state: Path):
