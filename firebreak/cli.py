@@ -357,14 +357,14 @@ async def _submit(settings: Settings, incident_id: str, signed: Any) -> Any:
         if response.status_code == 202:
             return None  # queued as a signal: no worker answered
         why = _error_text(response)
-        if response.status_code == 404:
-            raise Refused(f"{incident_id} is not open: {why}")
+        if response.status_code == 404:  # closed since its status was read
+            raise Refused(why)
         if response.status_code != 503:
             raise Refused(f"the API refused it: HTTP {response.status_code}: {why}")
         if response.headers.get("x-firebreak-delivery") != "none":
             # "unknown", or an API too old to say: Temporal may have recorded it.
             raise OutcomeUnknown("the API answered 503 while delivering it", f"the API answered 503: {why}")
-        not_via_api = f"the API answered 503 (it could not reach Temporal; nothing was delivered)"
+        not_via_api = "the API answered 503 (it could not reach Temporal; nothing was delivered)"
     _note(f"{not_via_api}; sending to Temporal directly")
     from temporalio.client import WorkflowUpdateFailedError
 
@@ -381,7 +381,7 @@ async def _submit(settings: Settings, incident_id: str, signed: Any) -> Any:
                                      sending=lambda: sent.append(True))
     except WorkflowUpdateFailedError as exc:
         raise Refused(f"refused: {exc.cause.message if exc.cause else exc}") from None
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever failed, sent or not decides what may be said
         if not_found(exc):
             raise Refused(f"no incident {incident_id!r}") from None
         if sent:
@@ -438,7 +438,7 @@ async def _settle_unknown(settings: Settings, incident_id: str, decision: str, a
              "says so if yours already counted")
     try:
         status, source = await _incident_status(settings, incident_id)
-    except Exception as exc:  # down, or not answering: the lookup says so, nothing more
+    except Exception as exc:  # noqa: BLE001 - down, or not answering: the lookup says so, nothing more
         reason = " ".join(str(exc).split())[:300] or type(exc).__name__
         raise Refused(f"{decision} by {approver}: outcome unknown ({why}), and the incident could not be read: "
                       f"{reason}. It may have counted. Once Temporal answers again, {retry}.") from None
@@ -513,7 +513,7 @@ async def _decide(args: argparse.Namespace, decision: str) -> int:
         # Refused: maybe because an earlier one of the same person already counted (a retry after a lost answer).
         try:
             again, _ = await _incident_status(settings, args.id)
-        except Exception:  # the refusal stands as answered
+        except Exception:  # noqa: BLE001 - the refusal stands as answered
             again = None
         prior = _counted_record(again, approver, decision) if again is not None else None
         if prior is None:

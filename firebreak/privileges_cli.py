@@ -12,8 +12,9 @@ from typing import Any
 
 from firebreak import privileges
 from firebreak.broker import agent_credential
+from firebreak.cli_common import Usage
 from firebreak.config import Settings
-from firebreak.runbook import load_runbooks, parse_duration
+from firebreak.runbook import RunbookError, load_runbooks, parse_duration
 
 REPO_LOCK = Path(__file__).resolve().parent.parent / privileges.LOCK_FILE
 
@@ -48,11 +49,26 @@ def identity_section(settings: Settings) -> dict[str, Any]:
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
     directory = Path(args.runbooks_dir) if args.runbooks_dir else settings.resolved_runbooks_dir()
-    books = load_runbooks(directory)
+    if not Path(directory).is_dir():
+        # An empty report would say the agent can do nothing: never, for a directory that is not there.
+        raise Usage(f"{directory}: no such runbooks directory")
+    try:
+        books = load_runbooks(directory)
+    except RunbookError as exc:
+        raise Usage(" ".join(str(exc).split())) from None
+    window = None
+    if args.usage:
+        try:
+            window = parse_duration(args.window).total_seconds()
+        except ValueError as exc:
+            raise Usage(f"--window: {exc}") from None
     current = privileges.report(books)
     lock = Path(args.lock)
     if args.action == "lock":
-        lock.write_text(privileges.dump(current))
+        try:
+            lock.write_text(privileges.dump(current))
+        except OSError as exc:
+            raise Usage(f"{lock}: {exc.strerror or exc}") from None
         print(f"wrote {lock}: {len(current['privileges'])} privileges")
         return 0
     if args.action == "diff":
@@ -75,8 +91,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.usage:
         audit = settings.state_dir / "broker" / "audit.jsonl"
         records = [json.loads(line) for line in audit.read_text().splitlines() if line.strip()] if audit.exists() else []
-        current = privileges.usage(current, records, since=time.time() - parse_duration(args.window).total_seconds(),
-                                   runbooks=books)
+        current = privileges.usage(current, records, since=time.time() - (window or 0.0), runbooks=books)
     if args.json:
         print(json.dumps(current, indent=2, sort_keys=True))
     elif args.markdown or not args.usage:

@@ -14,16 +14,23 @@ from pathlib import Path
 
 import httpx
 import pytest
-from temporalio.testing import WorkflowEnvironment
-
 from api_harness import api_settings
 from conftest import BIN, CLOSED_PORT_URL
+from incidents import (
+    inject,
+    make_alert,
+    open_incident,
+    report_of,
+    wait_for_phase,
+    wait_until,
+)
+from temporalio.testing import WorkflowEnvironment
+from test_cli import _run, cli_state  # noqa: F401 - cli_state is a fixture
+
 from firebreak.api import ApiServer
 from firebreak.broker.audit import AuditLog
 from firebreak.config import TemporalSettings
 from firebreak.contracts import Phase
-from incidents import inject, make_alert, open_incident, report_of, wait_for_phase, wait_until
-from test_cli import _run, cli_state  # noqa: F401 - cli_state is a fixture
 from worker import build_worker
 
 CLOSED_TEMPORAL = "127.0.0.1:9"  # the discard port: no Temporal there
@@ -31,7 +38,7 @@ CLOSED_TEMPORAL = "127.0.0.1:9"  # the discard port: no Temporal there
 
 def firebreak(*argv: str) -> subprocess.CompletedProcess[str]:
     """The installed command, as a person runs it."""
-    return subprocess.run([str(BIN / "firebreak"), *argv], capture_output=True, text=True, timeout=60)
+    return subprocess.run([str(BIN / "firebreak"), *argv], capture_output=True, text=True, timeout=60, check=False)
 
 
 @pytest.fixture
@@ -211,3 +218,19 @@ def test_privileges_usage_counts_each_mint_once_for_its_template_under_a_header(
     counted = {f"{p['kind']} {p['resource']}": p["uses"] for p in json.loads(done.stdout)["privileges"]
                if p["verb"] == "fleet.rollback"}
     assert counted == {"write service/{service}": 1, "write service/{dependency}": 1}
+
+
+def test_privileges_bad_usage_and_bad_files_exit_2_in_one_line(tmp_path: Path):
+    bad = tmp_path / "bad-runbooks"
+    bad.mkdir()
+    (bad / "broken.yaml").write_text("x: [\n")
+    for argv, said in (
+        (["--runbooks-dir", str(tmp_path / "nowhere")], f"{tmp_path / 'nowhere'}: no such runbooks directory"),
+        (["--runbooks-dir", str(bad)], f"{bad / 'broken.yaml'}:2: (yaml):"),
+        (["--usage", "--window", "forever"], "--window: 'forever' is not a duration"),
+        (["lock", "--lock", str(tmp_path / "no" / "lock.json")], f"{tmp_path / 'no' / 'lock.json'}: No such file"),
+    ):
+        done = firebreak("privileges", *argv, "--state-dir", str(tmp_path))
+        assert done.returncode == 2, (argv, done.stderr)
+        assert done.stderr.startswith(f"firebreak: {said}") and len(done.stderr.splitlines()) == 1, done.stderr
+        assert done.stdout == "", done.stdout  # no report that would say the agent can do nothing

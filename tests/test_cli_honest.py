@@ -10,27 +10,27 @@ approval and before anyone could answer whether it counted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from temporalio.api.enums.v1 import EventType
-
 from api_harness import TOKEN, api_settings
 from conftest import BIN, PAYLOAD_KEY_FILE, temporal_bin
+from incidents import inject, make_alert, open_incident, wait_for_phase
+from temporalio.api.enums.v1 import EventType
+
 from demo.prom import free_port
 from firebreak.api import ApiServer
 from firebreak.config import TemporalSettings
 from firebreak.contracts import IncidentStatus, Phase
 from firebreak.receipts import ensure_intake_key
 from firebreak.temporal import SEARCH_ATTRIBUTES, connect
-from incidents import inject, make_alert, open_incident, wait_for_phase
 from worker import build_worker
 
 
@@ -65,20 +65,20 @@ def dev_server(tmp_path: Path) -> Iterator[DevServer]:
         server.kill()
 
 
-async def _connected(temporal: TemporalSettings, timeout: float = 60.0):  # noqa: ANN202 - a Client
+async def _connected(temporal: TemporalSettings, timeout: float = 60.0):
     deadline = time.monotonic() + timeout
     while True:
         try:
             client = await connect(temporal)
             await client.service_client.check_health()
             return client
-        except Exception:  # noqa: BLE001 - not up yet
+        except Exception:
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.3)
 
 
-def _cli_state(tmp_path: Path, state_dir: Path, settings, api_url: str) -> Path:  # noqa: ANN001
+def _cli_state(tmp_path: Path, state_dir: Path, settings, api_url: str) -> Path:
     """A state dir as `firebreak up` writes it, pointing the command at this test's servers."""
     cli = tmp_path / "cli"
     cli.mkdir()
@@ -99,7 +99,7 @@ async def _firebreak(*argv: str) -> asyncio.subprocess.Process:
                                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-async def _approval_reached_temporal(client, incident_id: str) -> bool:  # noqa: ANN001
+async def _approval_reached_temporal(client, incident_id: str) -> bool:
     history = await client.get_workflow_handle(incident_id).fetch_history()
     return any(e.event_type in (EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ACCEPTED,
                                 EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED)
@@ -157,12 +157,10 @@ async def test_server_killed_during_approve_never_says_failed_and_the_retry_says
         handle = client.get_workflow_handle(handle.id)
         deadline = time.monotonic() + 60
         while True:
-            try:
+            with contextlib.suppress(Exception):  # the worker may still be reconnecting
                 status: IncidentStatus = await handle.query("status", result_type=IncidentStatus)
                 if any(a.approver == "alice" and a.counted for a in status.approvals):
                     break
-            except Exception:  # noqa: BLE001 - the worker is reconnecting
-                pass
             assert time.monotonic() < deadline, "alice's approval never counted"
             await asyncio.sleep(0.3)
 
