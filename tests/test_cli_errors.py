@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
-from api_harness import api_settings
+from api_harness import api_settings, running_api, wait_status
 from conftest import BIN, CLOSED_PORT_URL
 from incidents import (
     inject,
@@ -39,6 +40,12 @@ CLOSED_TEMPORAL = "127.0.0.1:9"  # the discard port: no Temporal there
 def firebreak(*argv: str) -> subprocess.CompletedProcess[str]:
     """The installed command, as a person runs it."""
     return subprocess.run([str(BIN / "firebreak"), *argv], capture_output=True, text=True, timeout=60, check=False)
+
+
+def firebreak_each(*argvs: list[str]) -> list[subprocess.CompletedProcess[str]]:
+    """Several runs side by side (each waits on its own imports and connects), answers in order."""
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return list(pool.map(lambda argv: firebreak(*argv), argvs))
 
 
 @pytest.fixture
@@ -139,40 +146,42 @@ def test_a_missing_or_garbage_key_file_is_bad_usage_in_one_line(down_state: Path
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("not a key\n")
     garbage.chmod(0o600)
-    for key, why in ((tmp_path / "missing.pem", "no such key file"),
-                     (garbage, "not an unencrypted Ed25519 private key in PEM"),
-                     (tmp_path, "is a directory")):
-        for argv in (["approve", "some.incident", "--key", str(key)], ["inbox", "--key", str(key)]):
-            done = firebreak(*argv, "--state-dir", str(down_state))
-            assert done.returncode == 2, (argv, done.stderr)
-            assert done.stderr.startswith(f"firebreak: {key}: {why}"), done.stderr
-            assert len(done.stderr.strip().splitlines()) == 1 and "Error" not in done.stderr, done.stderr
-    anonymous = firebreak("approve", "some.incident", "--state-dir", str(down_state))
+    cases = [(argv, key, why)
+             for key, why in ((tmp_path / "missing.pem", "no such key file"),
+                              (garbage, "not an unencrypted Ed25519 private key in PEM"),
+                              (tmp_path, "is a directory"))
+             for argv in (["approve", "some.incident", "--key", str(key)], ["inbox", "--key", str(key)])]
+    runs = firebreak_each(*[[*argv, "--state-dir", str(down_state)] for argv, _, _ in cases],
+                          ["approve", "some.incident", "--state-dir", str(down_state)])
+    for (argv, key, why), done in zip(cases, runs):
+        assert done.returncode == 2, (argv, done.stderr)
+        assert done.stderr.startswith(f"firebreak: {key}: {why}"), done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1 and "Error" not in done.stderr, done.stderr
+    anonymous = runs[-1]
     assert anonymous.returncode == 2
     assert anonymous.stderr == "firebreak: say who you are: --key PATH (or --as NAME for a demo person)\n"
 
 
 def test_with_the_stack_down_each_command_says_so_in_one_line_with_what_to_run(down_state: Path):
     sd = ["--state-dir", str(down_state)]
-    for argv in (["status", "some.incident"], ["list"], ["history", "some.incident"],
-                 ["approve", "some.incident", "--as", "alice"]):
-        done = firebreak(*argv, *sd)
+    reads = [["status", "some.incident"], ["list"], ["history", "some.incident"],
+             ["approve", "some.incident", "--as", "alice"]]
+    *answers, thaw, required, auto = firebreak_each(*[[*argv, *sd] for argv in reads], ["creds", "thaw", *sd],
+                                                    ["audit", "verify", "--history", *sd], ["audit", "verify", *sd])
+    for argv, done in zip(reads, answers):
         assert done.returncode == 1, (argv, done.stderr)
         assert done.stderr.strip() == (f"firebreak: no Temporal at {CLOSED_TEMPORAL}: run `firebreak up` "
                                        "(or point FIREBREAK_TEMPORAL_ADDRESS at your cluster)"), (argv, done.stderr)
 
-    thaw = firebreak("creds", "thaw", *sd)
     assert thaw.returncode == 1
     assert thaw.stderr.strip() == (f"thaw not done: no broker answered at {CLOSED_PORT_URL} (ConnectError): "
                                    "run `firebreak up`, or give --broker-url")
 
-    required = firebreak("audit", "verify", "--history", *sd)
     assert required.returncode == 1
     assert required.stderr.splitlines()[-1] == (f"history cross-check failed: no Temporal answered at "
                                                 f"{CLOSED_TEMPORAL}: run `firebreak up`")
     assert "tonic" not in required.stderr
     # By default the history check is skipped when Temporal is down (as documented), and it says so plainly.
-    auto = firebreak("audit", "verify", *sd)
     assert "tonic" not in auto.stderr and "transport" not in auto.stderr, auto.stderr
     assert (f"history: not checked (no Temporal answered at {CLOSED_TEMPORAL}: run `firebreak up`); --history "
             "makes this an error") in auto.stderr
@@ -234,3 +243,28 @@ def test_privileges_bad_usage_and_bad_files_exit_2_in_one_line(tmp_path: Path):
         assert done.returncode == 2, (argv, done.stderr)
         assert done.stderr.startswith(f"firebreak: {said}") and len(done.stderr.splitlines()) == 1, done.stderr
         assert done.stdout == "", done.stdout  # no report that would say the agent can do nothing
+
+
+async def test_the_api_answers_an_approval_it_queued_as_a_signal_202_saying_so(
+    dev_env: WorkflowEnvironment, settings, fleet, approvers
+):
+    inject(fleet.url, "checkout", "bad_deploy")
+    async with running_api(dev_env.client, settings, settings.state_dir, worker=False) as api:
+        async with build_worker(dev_env.client, settings):
+            handle = await open_incident(dev_env.client, settings, make_alert("DrillPair"))
+            waiting = await wait_for_phase(handle, Phase.awaiting_approval)
+        # No worker answers now: the approval is recorded in history as a signal, judged later.
+        approval = approvers.approval("alice", handle.id, waiting.plan_hash)
+        async with httpx.AsyncClient(timeout=30) as http:
+            # As `firebreak approve` does, read it first (from its memo, once Temporal gives up on the worker).
+            await wait_status(http, api, handle.id, lambda s: s["phase"] == "awaiting_approval")
+            answer = await http.post(f"{api.url}/v1/incidents/{handle.id}/approvals",
+                                     json=approval.model_dump(mode="json"))
+    assert answer.status_code == 202, answer.text
+    assert answer.headers["x-firebreak-delivery"] == "queued"
+    body = answer.json()
+    assert body["queued"] is True and body["via"] == "signal" and "it has not counted yet" in body["detail"]
+    history = await handle.fetch_history()
+    assert sum(e.workflow_execution_signaled_event_attributes.signal_name == "approval" for e in history.events
+               if e.HasField("workflow_execution_signaled_event_attributes")) == 1
+    await handle.terminate("test over")
