@@ -178,12 +178,12 @@ def test_with_the_stack_down_each_command_says_so_in_one_line_with_what_to_run(d
                                    "run `firebreak up`, or give --broker-url")
 
     assert required.returncode == 1
-    assert required.stderr.splitlines()[-1] == (f"history cross-check failed: no Temporal answered at "
-                                                f"{CLOSED_TEMPORAL}: run `firebreak up`")
+    assert required.stderr.splitlines()[-1] == (f"history cross-check failed: Temporal at {CLOSED_TEMPORAL} did "
+                                                "not answer: run `firebreak up`")
     assert "tonic" not in required.stderr
     # By default the history check is skipped when Temporal is down (as documented), and it says so plainly.
     assert "tonic" not in auto.stderr and "transport" not in auto.stderr, auto.stderr
-    assert (f"history: not checked (no Temporal answered at {CLOSED_TEMPORAL}: run `firebreak up`); --history "
+    assert (f"history: not checked (Temporal at {CLOSED_TEMPORAL} did not answer: run `firebreak up`); --history "
             "makes this an error") in auto.stderr
 
 

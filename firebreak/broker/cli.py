@@ -288,7 +288,7 @@ def _temporal_problem(settings: Settings, exc: Exception) -> str:
     if isinstance(exc, (asyncio.TimeoutError, ConnectionError)) or (
             isinstance(exc, RuntimeError) and "connect" in text.lower()):
         # The SDK's own text here is a transport error's debug dump: the address and the remedy say more.
-        return f"no Temporal answered at {settings.temporal.address}: run `firebreak up`"
+        return f"Temporal at {settings.temporal.address} did not answer: run `firebreak up`"
     return f"Temporal at {settings.temporal.address}: {type(exc).__name__}: {text[:200]}"
 
 
