@@ -381,9 +381,16 @@ async def _submit(settings: Settings, incident_id: str, signed: Any) -> Any:
                                      sending=lambda: sent.append(True))
     except WorkflowUpdateFailedError as exc:
         raise Refused(f"refused: {exc.cause.message if exc.cause else exc}") from None
-    except Exception as exc:  # noqa: BLE001 - whatever failed, sent or not decides what may be said
+    except Exception as exc:  # whatever failed: sent or not decides what may be said
+        from firebreak.api.gateway import is_unavailable
+        from firebreak.incidents import WorkerDown
+
         if not_found(exc):
             raise Refused(f"no incident {incident_id!r}") from None
+        if isinstance(exc, WorkerDown):  # nothing was sent: no worker, and nothing proposed to approve
+            raise Refused(str(exc)) from None
+        if not is_unavailable(exc):
+            raise  # a definite answer from Temporal: said as it is
         if sent:
             raise OutcomeUnknown(f"Temporal at {settings.temporal.address} stopped answering while the approval "
                                  f"was being delivered ({type(exc).__name__})") from None
