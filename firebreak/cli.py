@@ -414,7 +414,7 @@ def _now_words(decision: str, status: Any) -> str:
     if status.phase.closed:
         return f"the incident is closed: {status.phase.value}" + (f" ({status.outcome})" if status.outcome else "")
     if status.held:
-        return f"held: nothing executes until credentials are thawed (`firebreak creds thaw`): {status.held}"
+        return _held_words(status.held)
     waiting = [f"{n.step}: {n.approvers - len(n.approved_by)} more from {', '.join(n.groups)}"
                for n in status.needed if not n.met]
     if decision == "approve" and waiting and status.phase.value == "awaiting_approval":
@@ -422,12 +422,16 @@ def _now_words(decision: str, status: Any) -> str:
     return f"phase {status.phase.value}"
 
 
+def _held_words(held: str) -> str:
+    return ("held: nothing executes until credentials are thawed (`firebreak creds thaw`): "
+            + held.removeprefix("held: "))
+
+
 def _outcome_words(decision: str, outcome: Any) -> str:
     """What a counted approval leads to. Held: nothing claims execution before the thaw."""
     if decision == "reject" and outcome.decided:
         return "rejected: nothing will execute"
-    held = (f"held: nothing executes until credentials are thawed (`firebreak creds thaw`): {outcome.held}"
-            if outcome.held else "")
+    held = _held_words(outcome.held) if outcome.held else ""
     if outcome.decided:
         return f"approved, but {held}" if held else "approved: executing now"
     waiting = "still waiting for " + "; ".join(outcome.waiting_for)
@@ -492,7 +496,7 @@ async def _decide(args: argparse.Namespace, decision: str) -> int:
     # What you see is what you sign: render every field, hash what was rendered, sign that.
     shown_hash = plan.hash
     _print(f"Incident {args.id} ({status.phase.value}), from {source}",
-           *([f"HELD: {status.held} (nothing executes until credentials are thawed)"] if status.held else []),
+           *([f"HELD: {_held_words(status.held).removeprefix('held: ')}"] if status.held else []),
            f"Plan (workflow {plan.incident_id}, run {plan.run_id}), every field:", *render_plan(plan),
            f"Plan hash, recomputed here: {shown_hash}")
     if plan.incident_id != args.id:
@@ -512,7 +516,7 @@ async def _decide(args: argparse.Namespace, decision: str) -> int:
         await _settle_unknown(settings, args.id, decision, approver, str(exc), exc.detail)
         return await _maybe_wait(args, settings)
     if outcome is None:
-        held = f" The incident is held ({status.held}): nothing executes until the thaw." if status.held else ""
+        held = f" The incident is {_held_words(status.held)}." if status.held else ""
         _print(f"{decision} by {approver} recorded, not yet counted: no worker is answering right now (down, or too "
                "busy to answer in time); it will be judged as soon as a worker picks the incident up. Follow it "
                f"with `firebreak status {args.id}`.{held}")
