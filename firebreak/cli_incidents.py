@@ -202,6 +202,9 @@ async def _status(args: argparse.Namespace) -> int:
     if source != "the workflow":
         print(f"(from {source})", file=sys.stderr)
     titles = {e.link: e.title or e.id for e in status.evidence if e.link}
+    if status.held:
+        # First, before a phase such as "executing" that would claim what is not happening.
+        out(f"HELD: nothing executes until credentials are thawed: {status.held.removeprefix('held: ')}", "")
     out(terminal_text(plan_markdown(status), titles, links=args.links))
     return 0
 

@@ -59,7 +59,8 @@ async def read_status(handle: WorkflowHandle[Any, Any], wait: timedelta = WORKER
     except WorkflowQueryFailedError:
         pass
     except RPCError as exc:
-        if exc.status not in _NO_ANSWER and "Timeout" not in exc.message:
+        # "no poller seen for task queue recently": no worker at all (a closed incident's last word is its memo).
+        if exc.status not in _NO_ANSWER and "Timeout" not in exc.message and "no poller" not in exc.message:
             raise
     description = await handle.describe()
     memo = await description.memo_value(MEMO_KEY, None)

@@ -90,6 +90,7 @@ async def test_a_held_incident_says_held_everywhere_and_a_closed_one_says_closed
             # The card says it is held, rendered for a terminal: no Markdown marks.
             assert await _run(["status", handle.id, *sd]) == 0
             card = capsys.readouterr().out
+            assert card.startswith("HELD: nothing executes until credentials are thawed: "), card
             held = next(line for line in card.splitlines() if line.startswith("Held: "))
             assert "credentials frozen by carol" in held
             assert "**" not in card and "#### " not in card and "`" not in card, card
