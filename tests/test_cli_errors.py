@@ -250,7 +250,9 @@ async def test_the_api_answers_an_approval_it_queued_as_a_signal_202_saying_so(
     dev_env: WorkflowEnvironment, settings, fleet, approvers
 ):
     inject(fleet.url, "checkout", "bad_deploy")
-    async with running_api(dev_env.client, settings, settings.state_dir, worker=False) as api:
+    # A generous deadline: this is about what a delivery as a signal is answered, not about a slow machine.
+    async with running_api(dev_env.client, settings, settings.state_dir, worker=False,
+                           temporal_timeout_s=30.0) as api:
         async with build_worker(dev_env.client, settings):
             handle = await open_incident(dev_env.client, settings, make_alert("DrillPair"))
             waiting = await wait_for_phase(handle, Phase.awaiting_approval)
