@@ -263,7 +263,7 @@ def _key_path(args: argparse.Namespace, settings: Settings) -> Path:
         if not path.exists():
             raise Refused(f"no key for {args.as_} at {path}; use --key PATH")
         return path
-    raise Refused("say who you are: --key PATH (or --as NAME for a demo person)")
+    raise Usage("say who you are: --key PATH (or --as NAME for a demo person)")
 
 
 async def _incident_status(settings: Settings, incident_id: str) -> tuple[Any, str]:
@@ -309,8 +309,35 @@ def _approval_window(settings: Settings, runbook: str) -> timedelta:
     return parse_duration(book.remediate.windows.expire_after) if book else timedelta(hours=2)
 
 
+class OutcomeUnknown(Exception):
+    """The approval may have reached the incident, and no answer said whether it counted."""
+
+    def __init__(self, why: str, detail: str = "") -> None:
+        super().__init__(why)
+        self.detail = detail  # the answer in full, for the note
+
+
+def _note(line: str) -> None:
+    print(f"note: {line}", file=sys.stderr)
+
+
+def _error_text(response: Any) -> str:
+    """An API error answer's message, on one line."""
+    try:
+        why = response.json().get("error") or response.text
+    except ValueError:
+        why = response.text
+    return " ".join(str(why).split())[:300]
+
+
 async def _submit(settings: Settings, incident_id: str, signed: Any) -> Any:
-    """Through the API, authenticated by the signature alone; straight to Temporal if the API is down."""
+    """Through the API, authenticated by the signature alone; straight to Temporal if the API is not there.
+
+    The workflow's outcome, or None when it was queued as a signal (no worker answered). Raises
+    OutcomeUnknown when the approval may have reached the incident with no answer saying whether it
+    counted: the caller looks it up before saying anything. "Unreachable" is said only when nothing
+    was sent; an API that answered 503 is named as such.
+    """
     import httpx
 
     from firebreak.contracts import ApprovalOutcome
@@ -319,56 +346,157 @@ async def _submit(settings: Settings, incident_id: str, signed: Any) -> Any:
         async with httpx.AsyncClient(timeout=30) as http:
             response = await http.post(f"{settings.api_url}/v1/incidents/{incident_id}/approvals",
                                        json=signed.model_dump(mode="json"))
-    except httpx.HTTPError:
-        response = None
-    if response is not None:
+    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # nothing was sent
+        not_via_api = f"the API at {settings.api_url} is unreachable ({type(exc).__name__})"
+    except httpx.HTTPError as exc:  # sent, and no answer came back
+        raise OutcomeUnknown(f"the API at {settings.api_url} took it and gave no answer ({type(exc).__name__})") \
+            from None
+    else:
         if response.status_code in (200, 409) and "counted" in response.text:
             return ApprovalOutcome.model_validate(response.json())
         if response.status_code == 202:
             return None  # queued as a signal: no worker answered
+        why = _error_text(response)
+        if response.status_code == 404:  # closed since its status was read
+            raise Refused(why)
         if response.status_code != 503:
-            try:
-                why = response.json().get("error") or response.text[:200]
-            except ValueError:
-                why = response.text[:200]
             raise Refused(f"the API refused it: HTTP {response.status_code}: {why}")
+        if response.headers.get("x-firebreak-delivery") != "none":
+            # "unknown", or an API too old to say: Temporal may have recorded it.
+            raise OutcomeUnknown("the API answered 503 while delivering it", f"the API answered 503: {why}")
+        not_via_api = "the API answered 503 (it could not reach Temporal; nothing was delivered)"
+    _note(f"{not_via_api}; sending to Temporal directly")
     from temporalio.client import WorkflowUpdateFailedError
 
+    from firebreak.cli_common import not_found
     from firebreak.incidents import submit_approval
 
-    print(f"note: the API at {settings.api_url} is unreachable; sending to Temporal directly", file=sys.stderr)
-    temporal = await client(settings)
     try:
-        return await submit_approval(temporal.get_workflow_handle(incident_id), signed, settings.worker_wait)
+        temporal = await client(settings)
+    except Refused as exc:
+        raise Refused(f"not delivered: {not_via_api}, and {exc}") from None
+    sent: list[bool] = []
+    try:
+        return await submit_approval(temporal.get_workflow_handle(incident_id), signed, settings.worker_wait,
+                                     sending=lambda: sent.append(True))
     except WorkflowUpdateFailedError as exc:
         raise Refused(f"refused: {exc.cause.message if exc.cause else exc}") from None
+    except Exception as exc:  # whatever failed: sent or not decides what may be said
+        from firebreak.api.gateway import is_unavailable
+        from firebreak.incidents import WorkerDown
+
+        if not_found(exc):
+            raise Refused(f"no incident {incident_id!r}") from None
+        if isinstance(exc, WorkerDown):  # nothing was sent: no worker, and nothing proposed to approve
+            raise Refused(str(exc)) from None
+        if not is_unavailable(exc):
+            raise  # a definite answer from Temporal: said as it is
+        if sent:
+            raise OutcomeUnknown(f"Temporal at {settings.temporal.address} stopped answering while the approval "
+                                 f"was being delivered ({type(exc).__name__})") from None
+        raise Refused(f"not delivered: {not_via_api}, and Temporal at {settings.temporal.address} did not answer "
+                      f"({type(exc).__name__}): run `firebreak up`") from None
+
+
+def _counted_record(status: Any, approver: str, decision: str) -> Any:
+    """This approver's counted approval (or rejection) of the plan the incident holds now, if any."""
+    return next((a for a in status.approvals if a.approver == approver and a.decision == decision and a.counted
+                 and a.plan_hash == status.plan_hash), None)
+
+
+def _record_words(record: Any) -> str:
+    steps = f" (steps {', '.join(record.steps)})" if record.steps else ""
+    return f"received {record.received_at:%H:%M:%S} UTC via {record.via}{steps}"
+
+
+def _now_words(decision: str, status: Any) -> str:
+    """What happens next, read from the incident itself: held and closed say so."""
+    if status.phase.closed:
+        return f"the incident is closed: {status.phase.value}" + (f" ({status.outcome})" if status.outcome else "")
+    if status.held:
+        return _held_words(status.held)
+    waiting = [f"{n.step}: {n.approvers - len(n.approved_by)} more from {', '.join(n.groups)}"
+               for n in status.needed if not n.met]
+    if decision == "approve" and waiting and status.phase.value == "awaiting_approval":
+        return "still waiting for " + "; ".join(waiting)
+    return f"phase {status.phase.value}"
+
+
+def _held_words(held: str) -> str:
+    return ("held: nothing executes until credentials are thawed (`firebreak creds thaw`): "
+            + held.removeprefix("held: "))
+
+
+def _outcome_words(decision: str, outcome: Any) -> str:
+    """What a counted approval leads to. Held: nothing claims execution before the thaw."""
+    if decision == "reject" and outcome.decided:
+        return "rejected: nothing will execute"
+    held = _held_words(outcome.held) if outcome.held else ""
+    if outcome.decided:
+        return f"approved, but {held}" if held else "approved: executing now"
+    waiting = "still waiting for " + "; ".join(outcome.waiting_for)
+    return f"{waiting}; {held}" if held else waiting
+
+
+async def _settle_unknown(settings: Settings, incident_id: str, decision: str, approver: str, why: str,
+                          detail: str = "") -> None:
+    """An approval whose outcome is unknown, looked up before anything is said about it.
+
+    Counted: say so (exit 0). Otherwise the outcome stays unknown, and the answer says how to check.
+    """
+    _note(f"{detail or why}; looking the approval up in the incident")
+    retry = (f"check with `firebreak status {incident_id}`; running this `firebreak {decision}` again is safe: it "
+             "says so if yours already counted")
+    try:
+        status, source = await _incident_status(settings, incident_id)
+    except Exception as exc:  # noqa: BLE001 - down, or not answering: the lookup says so, nothing more
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise Refused(f"{decision} by {approver}: outcome unknown ({why}), and the incident could not be read: "
+                      f"{reason}. It may have counted. Once Temporal answers again, {retry}.") from None
+    record = _counted_record(status, approver, decision)
+    if record is None:
+        raise Refused(f"{decision} by {approver}: outcome unknown ({why}): the incident ({source}) shows no counted "
+                      f"{decision} by {approver} yet, and it may still be judged; {retry}.")
+    _print(f"{decision} by {approver} counted ({_record_words(record)}; confirmed from {source}); "
+           f"{_now_words(decision, status)}")
 
 
 async def _decide(args: argparse.Namespace, decision: str) -> int:
     from firebreak import signing
+    from firebreak.cli_common import load_key
     from firebreak.contracts import Approval
     from firebreak.plan_view import render_plan
     from firebreak.roster import Roster
 
     settings = _settings(args)
     key_path = _key_path(args, settings)
-    key = signing.load_private_key(key_path)
+    key = load_key(key_path)
     roster = Roster.load(settings.resolved_roster())
     public = signing.public_pem(key).strip()
     person = next((p for p in roster.people if p.public_key.strip() == public), None)
     approver = person.name if person else (args.as_ or key_path.stem)
     status, source = await _incident_status(settings, args.id)
+    # A retry of what already counted: say so, sign nothing (one person counts once).
+    prior = _counted_record(status, approver, decision) if status.plan_hash else None
+    if prior is not None:
+        _print(f"{decision} by {approver} already counted ({_record_words(prior)}); nothing sent. "
+               f"{_now_words(decision, status)}")
+        return await _maybe_wait(args, settings)
+    if status.phase.closed:
+        raise Refused(f"{args.id} is closed ({status.phase.value}): nothing to {decision}"
+                      + (f"; {status.outcome}" if status.outcome else ""))
     plan = status.plan
     if plan is None or status.plan_hash is None:
         raise Refused(f"{args.id} has no plan to decide on (phase {status.phase.value})")
     window = _approval_window(settings, plan.runbook)
     valid_for = timedelta(minutes=args.valid_for)
     if not timedelta(0) < valid_for <= window:
-        raise Refused(f"--valid-for must be between 1 and {int(window.total_seconds() // 60)} minutes "
-                      f"(the runbook's approval window)")
+        raise Usage(f"--valid-for must be between 1 and {int(window.total_seconds() // 60)} minutes "
+                    f"(the runbook's approval window)")
     # What you see is what you sign: render every field, hash what was rendered, sign that.
     shown_hash = plan.hash
     _print(f"Incident {args.id} ({status.phase.value}), from {source}",
+           *([f"HELD: {_held_words(status.held).removeprefix('held: ')}"] if status.held else []),
            f"Plan (workflow {plan.incident_id}, run {plan.run_id}), every field:", *render_plan(plan),
            f"Plan hash, recomputed here: {shown_hash}")
     if plan.incident_id != args.id:
@@ -382,24 +510,38 @@ async def _decide(args: argparse.Namespace, decision: str) -> int:
         expires_at=(datetime.now(timezone.utc) + valid_for).isoformat(timespec="seconds"),
         approver=approver, comment=(args.comment if decision == "approve" else args.reason) or "",
     )
-    outcome = await _submit(settings, args.id, signing.sign_approval(approval, key))
+    try:
+        outcome = await _submit(settings, args.id, signing.sign_approval(approval, key))
+    except OutcomeUnknown as exc:
+        await _settle_unknown(settings, args.id, decision, approver, str(exc), exc.detail)
+        return await _maybe_wait(args, settings)
     if outcome is None:
-        _print(f"{decision} by {approver} recorded: no worker is answering right now (down, or too busy to "
-               "answer in time); it will be judged as soon as a worker picks the incident up. Follow it "
-               "with `firebreak status`.")
-    else:
-        if outcome.held:
-            _print(f"note: the incident is held: {outcome.held}")
-        if not outcome.counted:
+        held = f" The incident is {_held_words(status.held)}." if status.held else ""
+        _print(f"{decision} by {approver} recorded, not yet counted: no worker is answering right now (down, or too "
+               "busy to answer in time); it will be judged as soon as a worker picks the incident up. Follow it "
+               f"with `firebreak status {args.id}`.{held}")
+    elif not outcome.counted:
+        # Refused: maybe because an earlier one of the same person already counted (a retry after a lost answer).
+        try:
+            again, _ = await _incident_status(settings, args.id)
+        except Exception:  # noqa: BLE001 - the refusal stands as answered
+            again = None
+        prior = _counted_record(again, approver, decision) if again is not None else None
+        if prior is None:
+            if outcome.held:
+                print(f"note: the incident is held: {outcome.held}", file=sys.stderr)
             raise Refused(f"{decision} by {approver} refused: {outcome.reason}")
-        if outcome.decided:
-            nxt = "rejected: nothing will execute" if decision == "reject" else "approved: executing now"
-        else:
-            nxt = "still waiting for " + "; ".join(outcome.waiting_for)
-        _print(f"{decision} by {approver} counted; {nxt}")
+        _print(f"{decision} by {approver} already counted ({_record_words(prior)}); this one was not needed. "
+               f"{_now_words(decision, again)}")
+    else:
+        _print(f"{decision} by {approver} counted; {_outcome_words(decision, outcome)}")
+    return await _maybe_wait(args, settings)
+
+
+async def _maybe_wait(args: argparse.Namespace, settings: Settings) -> int:
+    """--wait: follow the incident to its end, through the API like the approval (Temporal if it is down)."""
     if not getattr(args, "wait", False):
         return 0
-    # --wait: follow the incident to its end, through the API like the approval (Temporal if it is down).
     final = await cli_incidents.follow_to_end(lambda: _read_status_only(settings, args.id), args.interval)
     return cli_incidents.exit_code(final)
 
@@ -547,9 +689,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if exc.status == RPCStatusCode.UNAVAILABLE:
                 print(f"firebreak: {temporal_down(load_settings(getattr(args, 'state_dir', None)))}", file=sys.stderr)
             else:
-                print(f"firebreak: Temporal: {exc.message}", file=sys.stderr)
+                print(f"firebreak: Temporal: {' '.join(exc.message.split())[:500]}", file=sys.stderr)
             return 1
-        print(f"firebreak: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"firebreak: {type(exc).__name__}: {' '.join(str(exc).split())[:500]}", file=sys.stderr)  # one line
         return 1
 
 

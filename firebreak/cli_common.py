@@ -10,6 +10,7 @@ import argparse
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from firebreak.config import Settings, load_settings
@@ -52,6 +53,25 @@ async def client(settings: Settings) -> Any:
         if "connect" in str(exc).lower():
             raise temporal_down(settings) from None
         raise
+
+
+def load_key(path: str | Path) -> Any:
+    """An approver's Ed25519 private key, or one line saying what is wrong with the file (exit 2)."""
+    from firebreak import signing
+
+    try:
+        return signing.load_private_key(path)
+    except PermissionError as exc:  # ours says why and how to fix it; the OS's names the file
+        raise Usage(str(exc) if str(path) in str(exc) else f"{path}: {exc.strerror or exc}") from None
+    except FileNotFoundError:
+        raise Usage(f"{path}: no such key file") from None
+    except IsADirectoryError:
+        raise Usage(f"{path}: is a directory, not a key file") from None
+    except OSError as exc:
+        raise Usage(f"{path}: {exc.strerror or exc}") from None
+    except (ValueError, TypeError):  # not PEM, a password-protected key, or not Ed25519
+        raise Usage(f"{path}: not an unencrypted Ed25519 private key in PEM (make one with `firebreak keys new`)") \
+            from None
 
 
 def not_found(exc: BaseException) -> bool:

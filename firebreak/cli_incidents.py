@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
@@ -46,11 +47,15 @@ def register(sub: Any, common: argparse.ArgumentParser, run: Callable[[AsyncComm
     p.add_argument("--watch", "-w", action="store_true",
                    help="print each change until the incident closes; exit 0 only if it resolved")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between polls with --watch")
+    p.add_argument("--links", action="store_true", help="print the evidence links in full (default: shortened)")
     p.set_defaults(func=run(_status))
 
     p = sub.add_parser("history", parents=[common], help="an incident's events as a table")
     p.add_argument("id")
     p.add_argument("--run", default=None, help="an earlier run (default: the latest)")
+    p.add_argument("--all", action="store_true",
+                   help="every event in event order, the SDK's bookkeeping too (default: what an operator reads, "
+                        "in time order)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run(_history))
 
@@ -96,7 +101,9 @@ def _who(args: argparse.Namespace, settings: Settings) -> tuple[str, list[str]]:
         if person is None:
             raise Refused(f"{args.as_} is not in the roster {settings.resolved_roster()}")
         return person.name, list(person.groups)
-    public = signing.public_pem(signing.load_private_key(args.key)).strip()
+    from firebreak.cli_common import load_key
+
+    public = signing.public_pem(load_key(args.key)).strip()
     person = next((p for p in roster.people if p.public_key.strip() == public), None)
     if person is None:
         raise Refused(f"the key {args.key} belongs to nobody in the roster {settings.resolved_roster()}")
@@ -194,8 +201,66 @@ async def _status(args: argparse.Namespace) -> int:
 
     if source != "the workflow":
         print(f"(from {source})", file=sys.stderr)
-    out(plan_markdown(status))
+    titles = {e.link: e.title or e.id for e in status.evidence if e.link}
+    if status.held:
+        # First, before a phase such as "executing" that would claim what is not happening.
+        out(f"HELD: nothing executes until credentials are thawed: {status.held.removeprefix('held: ')}", "")
+    out(terminal_text(plan_markdown(status), titles, links=args.links))
     return 0
+
+
+_HEADING = re.compile(r"^(#{1,6})\s+(.*)$")
+_MD_LINK = re.compile(r"\[([^\]]*)\]\((\S+?)\)")
+_URL = re.compile(r"https?://[^\s)>\]]+")
+_STRONG = re.compile(r"\*\*(.+?)\*\*")
+_CODE = re.compile(r"`([^`]*)`")
+SHORT_URL = 60
+
+
+def short_url(url: str) -> str:
+    """The address without its query, at most SHORT_URL characters: enough to see where it goes."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    short = f"{parts.scheme}://{parts.netloc}{parts.path}"
+    if parts.query or parts.fragment:
+        short += "?…"
+    return short if len(short) <= SHORT_URL else short[: SHORT_URL - 1] + "…"
+
+
+def terminal_text(markdown: str, titles: dict[str, str] | None = None, *, links: bool = False) -> str:
+    """The card's Markdown for a terminal: headings as plain lines, no emphasis marks or backticks.
+
+    A link reads as its title (an evidence link as its evidence's title) and a shortened address;
+    ``links`` prints each in full instead.
+    """
+    titles = titles or {}
+    shortened = 0
+
+    def url(match: re.Match[str]) -> str:
+        nonlocal shortened
+        address = match.group(0)
+        title = titles.get(address)
+        if links:
+            return f"{title}: {address}" if title else address
+        if short_url(address) != address:
+            shortened += 1
+        return f"{title} ({short_url(address)})" if title else short_url(address)
+
+    lines: list[str] = []
+    for line in markdown.splitlines():
+        line = _MD_LINK.sub(lambda m: f"{m.group(1)} {m.group(2)}" if links else m.group(1), line)
+        line = _URL.sub(url, line)
+        line = _CODE.sub(lambda m: m.group(1), _STRONG.sub(lambda m: m.group(1), line))
+        heading = _HEADING.match(line)
+        if heading:
+            level, text = len(heading.group(1)), heading.group(2).strip()
+            line = text if level <= 3 else f"{text}:"
+        lines.append(line)
+    text = "\n".join(lines)
+    if shortened:
+        text += f"\n({shortened} link(s) shortened; --links prints them in full)"
+    return text
 
 
 def exit_code(final: IncidentStatus) -> int:
@@ -229,7 +294,7 @@ async def _history(args: argparse.Namespace) -> int:
         if not_found(exc):
             raise Refused(f"no incident {args.id!r}" + (f" with run {args.run}" if args.run else "")) from None
         raise
-    rows = await history_rows(history, temporal.data_converter)
+    rows = await history_rows(history, temporal.data_converter, everything=args.all)
     if args.json:
         print(json.dumps([row._asdict() for row in rows], indent=2))
         return 0

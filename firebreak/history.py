@@ -110,7 +110,47 @@ async def _memo_words(fields: Any, converter: DataConverter) -> str:
     return "; ".join(words)
 
 
-async def history_rows(history: WorkflowHistory, converter: DataConverter) -> list[HistoryRow]:
+# Rows only Temporal and the SDK need: patch markers, activity starts, memo writes (what `list` and
+# `status` read), updates admitted before being accepted. `history --all` shows them.
+_INTERNAL = frozenset({"marker_recorded", "activity_task_started", "workflow_properties_modified",
+                       "workflow_execution_update_admitted"})
+_ENDED = {"ACTIVITY_TASK_COMPLETED": "activity_task_completed_event_attributes",
+          "ACTIVITY_TASK_FAILED": "activity_task_failed_event_attributes",
+          "ACTIVITY_TASK_TIMED_OUT": "activity_task_timed_out_event_attributes",
+          "ACTIVITY_TASK_CANCELED": "activity_task_canceled_event_attributes"}
+_SDK_ATTRIBUTE = "TemporalChangeVersion"  # the SDK's record of `workflow.patched`
+
+
+async def history_rows(history: WorkflowHistory, converter: DataConverter, *,
+                       everything: bool = True) -> list[HistoryRow]:
+    """Every event's row in event order; ``everything=False``: what an operator reads, in time order.
+
+    The operator's view leaves out the SDK's bookkeeping (:data:`_INTERNAL`, patch versions) and an
+    activity's "scheduled" row once its ending row (which repeats what it was) is there.
+    """
+    rows = await _all_rows(history, converter)
+    if everything:
+        return rows
+    ended: set[int] = set()
+    for event in history.events:
+        attrs = _ENDED.get(EventType.Name(event.event_type).removeprefix("EVENT_TYPE_"))
+        if attrs:
+            ended.add(getattr(event, attrs).scheduled_event_id)
+    shown: list[HistoryRow] = []
+    for row in rows:
+        if row.kind in _INTERNAL or (row.kind == "activity_task_scheduled" and row.event_id in ended):
+            continue
+        if row.kind == "upsert_workflow_search_attributes":
+            detail = ", ".join(part for part in row.detail.split(", ") if not part.startswith(_SDK_ATTRIBUTE))
+            if not detail:
+                continue
+            row = row._replace(detail=detail)
+        shown.append(row)
+    # Signals and updates are written when their workflow task ends, so event order is not time order.
+    return sorted(shown, key=lambda r: (r.time, r.event_id))
+
+
+async def _all_rows(history: WorkflowHistory, converter: DataConverter) -> list[HistoryRow]:
     rows: list[HistoryRow] = []
     scheduled: dict[int, str] = {}
     for event in history.events:

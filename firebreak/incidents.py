@@ -17,6 +17,7 @@ Failed run; :func:`final_report` reads its report from the failure as from a res
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -59,7 +60,8 @@ async def read_status(handle: WorkflowHandle[Any, Any], wait: timedelta = WORKER
     except WorkflowQueryFailedError:
         pass
     except RPCError as exc:
-        if exc.status not in _NO_ANSWER and "Timeout" not in exc.message:
+        # "no poller seen for task queue recently": no worker at all (a closed incident's last word is its memo).
+        if exc.status not in _NO_ANSWER and "Timeout" not in exc.message and "no poller" not in exc.message:
             raise
     description = await handle.describe()
     memo = await description.memo_value(MEMO_KEY, None)
@@ -70,17 +72,21 @@ async def read_status(handle: WorkflowHandle[Any, Any], wait: timedelta = WORKER
 
 
 async def submit_approval(handle: WorkflowHandle[Any, Any], approval: Approval,
-                          wait: timedelta = WORKER_WAIT, *, arrival: ApprovalArrival | None = None
-                          ) -> ApprovalOutcome | None:
+                          wait: timedelta = WORKER_WAIT, *, arrival: ApprovalArrival | None = None,
+                          sending: Callable[[], None] | None = None) -> ApprovalOutcome | None:
     """The workflow's answer, or None when no worker answered and the approval went as a signal.
 
     A quick status query first tells whether a worker is there: without one, an update would only
     be held in the server's memory, so the approval goes straight to history as a signal instead.
     The signal carries ``arrival`` (the API's signed receipt) beside the approval: judged after the
-    approval deadline, it still counts if it arrived before.
+    approval deadline, it still counts if it arrived before. ``sending`` is called just before the
+    approval itself goes out: a failure after it leaves the outcome unknown (it may have reached the
+    incident), one before it delivered nothing.
     """
     signal = {**approval.model_dump(mode="json"), **({"arrival": arrival.model_dump(mode="json")} if arrival else {})}
     _, source = await read_status(handle, wait)
+    if sending is not None:
+        sending()
     if source != "the workflow":
         await handle.signal("approval", signal)
         return None

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -258,23 +258,66 @@ def covers(privilege: dict[str, Any], kind: str, target: str, verb: str, resourc
     return re.fullmatch("".join(parts), resource) is not None
 
 
-def usage(data: dict[str, Any], audit_records: Iterable[dict[str, Any]], *, since: float) -> dict[str, Any]:
+def incident_params(runbooks: Iterable[Runbook]) -> Callable[[str], dict[str, str] | None]:
+    """An incident id -> the params its runbook's ``incident_key`` was rendered from (None if no runbook's).
+
+    Matched as a prefix, each placeholder against its param's pattern: what a mint recorded (its
+    workflow id) then says which template it used, where two templates cover the same resource.
+    """
+    keys: list[re.Pattern[str]] = []
+    for book in runbooks:
+        template, parts, pos = book.match.incident_key, [], 0
+        for m in re.finditer(r"\{([a-z][a-z0-9_]*)\}", template):
+            param = book.params.get(m.group(1))
+            pattern = param.pattern.removeprefix("^").removesuffix("$") if param else "[^.]+"
+            parts.append(re.escape(template[pos:m.start()]) + f"(?P<{m.group(1)}>{pattern})")
+            pos = m.end()
+        keys.append(re.compile("".join(parts) + re.escape(template[pos:])))
+
+    def params(incident_id: str) -> dict[str, str] | None:
+        for key in keys:
+            if (found := key.match(incident_id)) is not None:
+                return found.groupdict()
+        return None
+
+    return params
+
+
+def _bound(template: str, params: dict[str, str]) -> str | None:
+    """The template with every placeholder filled from ``params``; None if one is not among them."""
+    names = placeholders(template)
+    if not names or any(n not in params for n in names):
+        return None
+    return re.sub(r"\{([a-z][a-z0-9_]*)\}", lambda m: params[m.group(1)], template)
+
+
+def usage(data: dict[str, Any], audit_records: Iterable[dict[str, Any]], *, since: float,
+          runbooks: Iterable[Runbook] = ()) -> dict[str, Any]:
     """Each privilege with its mints since ``since`` (count, last use) from the broker's audit log,
-    and the never-used ones flagged, like a cloud IAM "last accessed" report."""
+    and the never-used ones flagged, like a cloud IAM "last accessed" report.
+
+    A mint counts once, for the template it was made from: the one its incident's params fill in
+    exactly (``service/{service}`` for the alerting service), else one filled by a derived param
+    (``service/{dependency}``). Where the incident cannot be told (no ``runbooks``, an unknown id), it
+    counts for every template that covers it: "never used" then flags only what surely was not."""
     rows = [{**p, "uses": 0, "last_used": None} for p in data["privileges"]]
+    params_of = incident_params(runbooks)
     for record in audit_records:
         if record.get("event") != "mint" or not isinstance(record.get("scope"), dict):
             continue
         if datetime.fromisoformat(str(record["at"]).replace("Z", "+00:00")).timestamp() < since:
             continue
         verb, resource = record["scope"].get("verb", ""), str(record["scope"].get("resource", ""))
-        for row in rows:
-            if row["kind"] != "read" and verb.endswith(".read"):
-                continue
-            if covers({**row, "kind": "x"}, "x", str(record.get("audience")), verb, resource):
-                # Counted for every template that covers it (service/{service} and service/{dependency} both
-                # grant service/checkout): "never used" then flags only what surely was not.
-                row["uses"] += 1
-                row["last_used"] = max(row["last_used"] or "", str(record["at"]))
+        covering = [row for row in rows
+                    if not (row["kind"] != "read" and verb.endswith(".read"))
+                    and covers({**row, "kind": "x"}, "x", str(record.get("audience")), verb, resource)]
+        params = params_of(str(record.get("workflow_id", "")))
+        if params is not None and len(covering) > 1:
+            exact = [row for row in covering if _bound(row["resource"], params) == resource]
+            derived = [row for row in covering if placeholders(row["resource"]) - set(params)]
+            covering = exact or derived or covering
+        for row in covering:
+            row["uses"] += 1
+            row["last_used"] = max(row["last_used"] or "", str(record["at"]))
     return {**data, "usage_since": since, "privileges": rows,
             "never_used": [_key(r) for r in rows if r["uses"] == 0]}

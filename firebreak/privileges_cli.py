@@ -12,8 +12,9 @@ from typing import Any
 
 from firebreak import privileges
 from firebreak.broker import agent_credential
+from firebreak.cli_common import Usage
 from firebreak.config import Settings
-from firebreak.runbook import load_runbooks, parse_duration
+from firebreak.runbook import RunbookError, load_runbooks, parse_duration
 
 REPO_LOCK = Path(__file__).resolve().parent.parent / privileges.LOCK_FILE
 
@@ -61,10 +62,26 @@ def agents_section(settings: Settings) -> list[dict[str, Any]]:
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
     directory = Path(args.runbooks_dir) if args.runbooks_dir else settings.resolved_runbooks_dir()
-    current = privileges.report(load_runbooks(directory))
+    if not Path(directory).is_dir():
+        # An empty report would say the agent can do nothing: never, for a directory that is not there.
+        raise Usage(f"{directory}: no such runbooks directory")
+    try:
+        books = load_runbooks(directory)
+    except RunbookError as exc:
+        raise Usage(" ".join(str(exc).split())) from None
+    window = None
+    if args.usage:
+        try:
+            window = parse_duration(args.window).total_seconds()
+        except ValueError as exc:
+            raise Usage(f"--window: {exc}") from None
+    current = privileges.report(books)
     lock = Path(args.lock)
     if args.action == "lock":
-        lock.write_text(privileges.dump(current))
+        try:
+            lock.write_text(privileges.dump(current))
+        except OSError as exc:
+            raise Usage(f"{lock}: {exc.strerror or exc}") from None
         print(f"wrote {lock}: {len(current['privileges'])} privileges")
         return 0
     if args.action == "diff":
@@ -87,7 +104,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.usage:
         audit = settings.state_dir / "broker" / "audit.jsonl"
         records = [json.loads(line) for line in audit.read_text().splitlines() if line.strip()] if audit.exists() else []
-        current = privileges.usage(current, records, since=time.time() - parse_duration(args.window).total_seconds())
+        current = privileges.usage(current, records, since=time.time() - (window or 0.0), runbooks=books)
     if args.json:
         print(json.dumps(current, indent=2, sort_keys=True))
     elif args.markdown or not args.usage:
@@ -95,9 +112,13 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.usage and not args.json:
         if not args.markdown:
             print("\n".join(privileges.identity_lines(current["identity"])))
-        for row in current["privileges"]:
-            print(f"{row['uses']:>6}  {row['last_used'] or 'never':<32}  {row['kind']:<5} {row['target']} "
-                  f"{row['verb']} {row['resource']}")
+        from firebreak.tables import render_table
+
+        # One row per privilege of the report (its resource template), each mint counted once.
+        print(f"Uses in the last {args.window}, from {audit}:")
+        print(render_table(["uses", "last used", "kind", "target", "verb", "resource"],
+                           [[str(row["uses"]), row["last_used"] or "never", row["kind"], row["target"], row["verb"],
+                             row["resource"]] for row in current["privileges"]]))
         for key in current["never_used"]:
             print(f"unused: {key} (a candidate for removal)")
     return 0

@@ -126,7 +126,8 @@ async def test_refusals_read_refused_and_comments_and_reasons_are_kept_everywher
     by_who = {a["approver"]: a for a in shown["approvals"]}
     assert by_who["alice"]["comment"] == "restart then scale, as agreed" and by_who["alice"]["counted"]
     assert not by_who["bob"]["counted"]
-    assert 'comment: "restart then scale, as agreed"' in card and "**REFUSED**: bob requested" in card
+    assert 'comment: "restart then scale, as agreed"' in card and "REFUSED: bob requested" in card
+    assert "**" not in card  # rendered for a terminal, not raw Markdown
     assert history.splitlines()[0].split() == ["EVENT", "TIME", "TYPE", "DETAIL"]
     assert "REFUSED: bob requested this incident and cannot approve it" in history
     assert 'from alice: approve; comment "restart then scale, as agreed"' in history

@@ -17,7 +17,11 @@ Read: ``GET /v1/incidents``, ``GET /v1/incidents/{id}``, ``GET /v1/unrouted``
 ``/openapi.json`` and ``/docs``.
 
 Approvals: ``POST /v1/incidents/{id}/approvals``, a signed ``Approval``,
-authenticated by the approver's signature (no token): 200 counted, 409 refused.
+authenticated by the approver's signature (no token): 200 counted, 409 refused,
+202 queued as a signal (no worker answered: judged later, not counted yet), 503
+with ``Retry-After`` when Temporal could not take it, ``X-Firebreak-Delivery``
+saying ``none`` (not delivered) or ``unknown`` (it may have reached the
+incident: read its approvals before sending it again).
 
 Answers: 202 accepted; 400 not JSON or wrong shape; 401 bad or missing token
 or signature; 413 body over ``max_body_bytes``; 422 every alert refused by a
@@ -87,6 +91,9 @@ _WEBHOOK_ID = re.compile(r"^[\x21-\x7e]{1,200}$")
 RETRY_AFTER_S = "5"
 GRAFANA_SEEN_FILE = "grafana_signatures.jsonl"
 GRAFANA_UNBOUNDED_MEMORY_S = 7 * 24 * 3600  # how long a signature is remembered when the skew check is off
+# On an approval's answer: "queued" (202, as a signal), "none" (503, not delivered), "unknown" (503, may
+# have reached the incident: look it up before sending it again).
+DELIVERY_HEADER = "X-Firebreak-Delivery"
 
 
 class ApiError(Exception):
@@ -384,6 +391,7 @@ def create_app(
 
     @app.post("/v1/incidents/{incident_id}/approvals", response_model=ApprovalOutcome,
               responses={**{k: v for k, v in ERRORS.items() if k in (400, 401, 503)},
+                         202: {"description": "no worker answered: recorded as a signal, judged later"},
                          404: {"model": ErrorBody, "description": "no such incident"},
                          409: {"model": ErrorBody, "description": "the incident refused the approval"}},
               summary="An approval or rejection, authenticated by the approver's own signature")
@@ -394,11 +402,24 @@ def create_app(
         _auth(lambda: approvals.authenticate(approval))
         arrival = approvals.arrival(approval)  # signed now: the time that decides whether it came in time
 
+        sent: list[bool] = []  # set once the approval itself is on its way to Temporal
+
         async def update(client: Client) -> ApprovalOutcome | None:
-            return await deliver_approval(client.get_workflow_handle(incident_id), approval, arrival=arrival)
+            return await deliver_approval(client.get_workflow_handle(incident_id), approval, arrival=arrival,
+                                          sending=lambda: sent.append(True))
 
         try:
             outcome = await gateway.call(update)
+        except TemporalUnavailable as exc:
+            # Never "nothing was accepted" once the approval went out: Temporal may have recorded it.
+            log.warning("approval 503 (%s): %s", "outcome unknown" if sent else "not delivered", exc)
+            if sent:
+                raise ApiError(503, "Temporal stopped answering while the approval was being delivered: it may "
+                               f"have reached the incident. Read GET /v1/incidents/{incident_id} (approvals) "
+                               f"before sending it again ({exc})",
+                               headers={"Retry-After": RETRY_AFTER_S, DELIVERY_HEADER: "unknown"}) from None
+            raise ApiError(503, f"Temporal is unreachable; the approval was not delivered, retry later ({exc})",
+                           headers={"Retry-After": RETRY_AFTER_S, DELIVERY_HEADER: "none"}) from None
         except RPCError as exc:
             if exc.status == RPCStatusCode.NOT_FOUND:
                 raise ApiError(404, f"no open incident {incident_id!r}", "path.incident_id") from None
@@ -408,9 +429,11 @@ def create_app(
         if outcome is None:
             # No worker answered: the approval is in the incident's history as a signal, judged by the
             # same path as soon as a worker runs it again.
-            return JSONResponse({"queued": True, "detail": "no worker answered within 2s: the approval was "
-                                 "recorded as a signal and will be judged when a worker picks the incident up"},
-                                status_code=202)
+            return JSONResponse({"queued": True, "via": "signal",
+                                 "detail": "no worker answered within 2s: the approval was recorded in the "
+                                 "incident's history as a signal and will be judged when a worker picks the "
+                                 "incident up; it has not counted yet"},
+                                status_code=202, headers={DELIVERY_HEADER: "queued"})
         return JSONResponse(outcome.model_dump(mode="json"), status_code=200 if outcome.counted else 409)
 
     @app.get("/v1/unrouted", response_model=UnroutedList, dependencies=[Depends(require_reader)],

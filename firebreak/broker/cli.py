@@ -146,10 +146,11 @@ def _admin_post(args: argparse.Namespace, settings: Settings, path: str, what: s
         response = httpx.post(f"{url}{path}", json={**body, "reason": args.reason, "by": args.by or getpass.getuser()},
                               headers={"Authorization": f"Bearer {token}"}, timeout=10)
     except httpx.HTTPError as exc:
-        print(f"broker at {url} unreachable: {type(exc).__name__}", file=sys.stderr)
+        print(f"{what} not done: no broker answered at {url} ({type(exc).__name__}): run `firebreak up`, or give "
+              "--broker-url", file=sys.stderr)
         return 1
     if response.status_code != 200:
-        print(f"{what} failed: HTTP {response.status_code} {response.text[:500]}", file=sys.stderr)
+        print(f"{what} refused: HTTP {response.status_code}: {' '.join(response.text.split())[:300]}", file=sys.stderr)
         return 1
     return response.json()
 
@@ -275,7 +276,7 @@ def _audit_history(mode: str, settings: Settings) -> tuple[HistoryGrants | None,
     try:
         found = asyncio.run(gather())
     except Exception as exc:  # unreachable, TLS, visibility not supported: what failed, in one line
-        reason = f"Temporal at {settings.temporal.address}: {type(exc).__name__}: {str(exc)[:300]}"
+        reason = _temporal_problem(settings, exc)
         if mode == "require":
             return None, f"history cross-check failed: {reason}"
         print(f"history: not checked ({reason}): Temporal could not be reached, so the grants it recorded were not"
@@ -284,6 +285,18 @@ def _audit_history(mode: str, settings: Settings) -> tuple[HistoryGrants | None,
     print(f"history: {found.workflows} IncidentWorkflow runs, {len(found.by_seq)} grants with an audit seq",
           file=sys.stderr)
     return found, None
+
+
+def _temporal_problem(settings: Settings, exc: Exception) -> str:
+    """Why Temporal could not be read, in one line; not reached at all says what to run."""
+    import asyncio
+
+    text = " ".join(str(exc).split())
+    if isinstance(exc, (asyncio.TimeoutError, ConnectionError)) or (
+            isinstance(exc, RuntimeError) and "connect" in text.lower()):
+        # The SDK's own text here is a transport error's debug dump: the address and the remedy say more.
+        return f"Temporal at {settings.temporal.address} did not answer: run `firebreak up`"
+    return f"Temporal at {settings.temporal.address}: {type(exc).__name__}: {text[:200]}"
 
 
 def _broker(args: argparse.Namespace, settings: Settings) -> int:
