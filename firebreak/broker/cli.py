@@ -279,8 +279,8 @@ def _audit_history(mode: str, settings: Settings) -> tuple[HistoryGrants | None,
         reason = _temporal_problem(settings, exc)
         if mode == "require":
             return None, f"history cross-check failed: {reason}"
-        print(f"history: not checked ({reason}): Temporal could not be reached, so the grants it recorded were not"
-              " compared with the log; --history makes this an error", file=sys.stderr)
+        print(f"history: not checked ({reason}); --history makes this an error. The grants Temporal recorded"
+              " were not compared with the log.", file=sys.stderr)
         return None, None
     print(f"history: {found.workflows} IncidentWorkflow runs, {len(found.by_seq)} grants with an audit seq",
           file=sys.stderr)
