@@ -33,7 +33,7 @@ from fastapi import FastAPI
 from demo.catalog import add_routes as add_catalog_routes
 from firebreak import signing
 from firebreak.blast_radius import BlastRadius
-from firebreak.broker import cli
+from firebreak.broker import cli, storage
 from firebreak.broker.audit import GENESIS, AuditLog, record_hash, verify_chain
 from firebreak.broker.models import MintRequest
 from firebreak.broker.server import BrokerServer
@@ -354,6 +354,55 @@ def test_full_disk_never_issues_a_credential_without_its_audit_record_and_the_lo
     assert cli.main(["audit", "verify", "--state-dir", str(broker.state), "--no-history"]) == 0
     out = capsys.readouterr().out
     assert "chain intact" in out and "repair(s) the broker recorded" in out and "was cut short" in out
+
+
+@pytest.mark.integration
+def test_a_catalog_read_whose_record_failed_refuses_the_write_as_storage_never_as_the_catalog(
+        tmp_path: Path, runbooks: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The broker's own catalog read goes on its audit log: when that record cannot be made durable (an
+    fsync that fails once, as a writeback error does), the write is refused for storage, with no credential,
+    and counted as storage; the catalog answered, and blaming it would page the wrong people."""
+    writes = Writes(runbooks, tmp_path / "roster.yaml")
+    server = BrokerServer(tmp_path / "state", roster_path=tmp_path / "roster.yaml", runbooks_dir=runbooks).start()
+    verifier = signing.TargetVerifier.from_broker(server.url, "catalog")
+    app = FastAPI()
+    add_catalog_routes(app, verifier)
+    catalog = ThreadedServer(app, name="catalog").start()
+    try:
+        server.use_catalog(catalog.url)
+        writes.intake = ensure_intake_key(tmp_path / "state")
+        headers = {"Authorization": f"Bearer {server.agent_token}"}
+        body = MintRequest.model_validate(writes.request(1)).model_dump(mode="json")
+        real_fsync_path = storage.fsync_path
+        failed: list[Path] = []
+
+        def fails_once_for_the_audit_log(path: Path) -> None:
+            if path == server.audit_path and not failed:
+                failed.append(path)
+                raise storage.StorageError(path, "fsync of", OSError(errno.EIO, os.strerror(errno.EIO)))
+            real_fsync_path(path)
+
+        monkeypatch.setattr(storage, "fsync_path", fails_once_for_the_audit_log)
+        response = httpx.post(f"{server.url}/v1/mint", json=body, headers=headers, timeout=10)
+        assert failed, "the catalog read's record was never synced: the test did not reach it"
+        assert response.status_code == 503 and "token" not in response.text, response.text
+        assert response.json()["error"] == "storage_unavailable", response.text
+        metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+        unavailable = {m.group(1): float(m.group(2)) for m in re.finditer(
+            r'^firebreak_broker_unavailable_total\{dependency="(\w+)"\} (\S+)$', metrics, re.MULTILINE)}
+        assert unavailable.get("storage", 0) >= 1 and unavailable.get("catalog", 0) == 0, unavailable
+        # The storage is back: the same write (the activity's next attempt) is minted, its catalog read recorded.
+        again = httpx.post(f"{server.url}/v1/mint", json=body | {"attempt": 2}, headers=headers, timeout=10)
+        assert again.status_code == 200, again.text
+    finally:
+        catalog.stop()
+        verifier.close()
+        server.stop()
+    records = lines(server.audit_path)
+    # The read whose fsync failed, then the failure on the record; no denial blames the catalog.
+    assert [r["event"] for r in records] == ["catalog_read", "repair", "catalog_read", "mint"], records
+    assert records[1]["reason"].startswith("an fsync of records up to 1 failed (EIO")
+    assert verify_chain(server.audit_path)[0]
 
 
 # -- torn writes, without a full disk ----------------------------------------------------------------------
