@@ -2,9 +2,11 @@
 
 The full-disk test runs the real broker process with its state directory on a small tmpfs, mounted in a
 mount namespace of the test's own (``unshare --mount``; the test reaches the files through
-``/proc/PID/root``). Every mint and revoke must either succeed with its audit record whole or fail with
-no credential; once space returns and the broker restarts, ``firebreak audit verify`` passes and names the
-repair. Without root or ``unshare`` the test says why and is skipped, except in CI, where it fails.
+``/proc/PID/root``). Every mint and revoke, of reads and of writes (each with its plan, signed approval and
+receipt, checked against the demo catalog), must either succeed with its audit record whole or fail with
+no credential; a refused write is minted by its activity's next attempt once space returns; after a
+restart, ``firebreak audit verify`` passes and names the repair. Without root or ``unshare`` the test says
+why and is skipped, except in CI, where it fails.
 """
 
 from __future__ import annotations
@@ -19,21 +21,31 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import yaml
+from fastapi import FastAPI
 
+from demo.catalog import add_routes as add_catalog_routes
 from firebreak import signing
-from firebreak.broker import cli
+from firebreak.blast_radius import BlastRadius
+from firebreak.broker import cli, storage
 from firebreak.broker.audit import GENESIS, AuditLog, record_hash, verify_chain
+from firebreak.broker.models import MintRequest
 from firebreak.broker.server import BrokerServer
-from firebreak.runbook import default_runbook_dir
+from firebreak.contracts import Approval, Hypothesis
+from firebreak.plan import build_plan
+from firebreak.receipts import ensure_intake_key, intake_signer
+from firebreak.roster import entry_yaml
+from firebreak.runbook import default_runbook_dir, load_runbooks
+from firebreak.serving import ThreadedServer
 
 PARAMS = {"namespace": "shop", "service": "checkout"}
+APPROVER = "fault-approver"
 SECURITY_RULES = Path(__file__).resolve().parents[1] / "firebreak" / "security_rules.yml"
 
 
@@ -132,10 +144,10 @@ def small_disk(tmp_path: Path) -> Iterator[SmallDisk]:
 
 
 class BrokerProcess:
-    """``python -m firebreak.broker`` inside the namespace, state on the tmpfs."""
+    """``python -m firebreak.broker`` inside the namespace, state on the tmpfs; roster and catalog outside it."""
 
-    def __init__(self, disk: SmallDisk, runbooks: Path) -> None:
-        self.disk, self.runbooks = disk, runbooks
+    def __init__(self, disk: SmallDisk, runbooks: Path, *, roster: Path, catalog_url: str) -> None:
+        self.disk, self.runbooks, self.roster, self.catalog_url = disk, runbooks, roster, catalog_url
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -144,6 +156,7 @@ class BrokerProcess:
         self.proc = self.disk.run(
             sys.executable, "-m", "firebreak.broker", "--host", "127.0.0.1", "--port", str(self.port),
             "--state-dir", str(self.disk.mountpoint / "state"), "--runbooks-dir", str(self.runbooks),
+            "--roster", str(self.roster), "--catalog-url", self.catalog_url,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 30
@@ -173,61 +186,145 @@ class BrokerProcess:
         return {"Authorization": f"Bearer {token}"}
 
 
+class Writes:
+    """Valid write mints, as a worker sends them: the rollback step of bad-deploy, each for its own incident
+    and run, with the plan's honest impact, the approver's signature on it and the intake's receipt."""
+
+    def __init__(self, runbooks: Path, roster: Path) -> None:
+        self.runbook = load_runbooks(runbooks)[0]
+        groups = self.runbook.remediate.policy_for(self.runbook.remediate.actions["rollback"]).groups
+        self.key = signing.generate_key()
+        roster.write_text("people:\n" + entry_yaml(APPROVER, list(groups), signing.public_pem(self.key)))
+        self.intake: signing.Ed25519PrivateKey | None = None
+
+    def request(self, n: int, service: str = "checkout") -> dict[str, Any]:
+        assert self.intake is not None, "the intake's key is made in the broker's state directory first"
+        incident = f"shop.disk-{n}.error-rate"
+        params = {"namespace": "shop", "service": service}
+        hypothesis = Hypothesis(id="bad_deploy", title="bad deploy", score=0.9, findings=[], actions=["rollback"])
+        plan = build_plan(self.runbook, params, hypothesis, incident_id=incident, run_id=f"run-{n}")
+        assert plan is not None, "the bad-deploy runbook proposes no rollback"
+        # The blast radius the demo catalog gives (nothing depends on checkout or orders), as the worker's
+        # walk finds it.
+        plan = plan.model_copy(update={"impact": {s.id: BlastRadius(target=service) for s in plan.steps}})
+        approval = signing.sign_approval(Approval(
+            workflow_id=incident, plan_hash=plan.hash, decision="approve", nonce=f"full-disk-{n:04d}",
+            expires_at=(datetime.now(UTC) + timedelta(minutes=30)).isoformat(), approver=APPROVER,
+        ), self.key)
+        step = plan.steps[0]
+        return {"audience": step.target, "verb": step.verb, "resource": step.resource, "ttl_s": 60,
+                "workflow_id": incident, "run_id": plan.run_id, "activity_id": "7", "step_id": step.id,
+                "runbook": self.runbook.name, "params": params, "plan": plan.model_dump(mode="json"),
+                "approvals": [approval.model_dump(mode="json")],
+                "receipts": [intake_signer(self.intake)(incident).model_dump(mode="json")]}
+
+
+def catalog_for(broker: BrokerProcess) -> tuple[ThreadedServer, signing.TargetVerifier]:
+    """The demo's catalog where the broker was told it is, verifying the broker's own catalog tokens."""
+    verifier = signing.TargetVerifier.from_broker(broker.url, "catalog")
+    app = FastAPI()
+    add_catalog_routes(app, verifier)
+    port = int(broker.catalog_url.rsplit(":", 1)[1])
+    return ThreadedServer(app, port=port, name="full-disk-catalog").start(), verifier
+
+
 @pytest.mark.integration
 def test_full_disk_never_issues_a_credential_without_its_audit_record_and_the_log_heals(
-        small_disk: SmallDisk, runbooks: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    broker = BrokerProcess(small_disk, runbooks).start()
+        small_disk: SmallDisk, runbooks: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Reads and writes (each write with its plan, signed approval and receipt), and their revokes."""
+    writes = Writes(runbooks, tmp_path / "roster.yaml")
+    broker = BrokerProcess(small_disk, runbooks, roster=tmp_path / "roster.yaml",
+                           catalog_url=f"http://127.0.0.1:{free_port()}").start()
+    catalog: ThreadedServer | None = None
+    verifier: signing.TargetVerifier | None = None
     try:
+        catalog, verifier = catalog_for(broker)
         headers = broker.headers()
+        writes.intake = ensure_intake_key(broker.state)  # where the broker reads the intake's public key
         issued: dict[int, str] = {}  # audit seq -> grant id, of every credential handed out
+        written: dict[str, dict[str, Any]] = {}  # grant id -> the write request it was handed out for
         revoked: list[str] = []
         refusals: list[tuple[int, str]] = []  # (status, body) of every request that failed
+        refused_writes: list[dict[str, Any]] = []  # write mints refused: the worker's activity retries them
+        refused_revokes: list[dict[str, Any]] = []
 
-        def mint(n: int) -> str | None:
-            response = httpx.post(f"{broker.url}/v1/mint", json=read_mint(n), headers=headers, timeout=10)
+        def mint(body: dict[str, Any]) -> str | None:
+            response = httpx.post(f"{broker.url}/v1/mint", json=body, headers=headers, timeout=10)
             if response.status_code == 200:
-                body = response.json()
-                assert body["token"]
-                issued[body["audit_seq"]] = body["grant_id"]
-                return str(body["grant_id"])
+                answer = response.json()
+                assert answer["token"]
+                issued[answer["audit_seq"]] = answer["grant_id"]
+                if "plan" in body:
+                    written[answer["grant_id"]] = body
+                return str(answer["grant_id"])
             # Fails closed: no credential in the answer (and why, checked once the log is).
             assert "token" not in response.text
             refusals.append((response.status_code, response.text))
+            if "plan" in body:
+                refused_writes.append(body)
             return None
 
-        def revoke(grant_id: str) -> None:
-            response = httpx.post(f"{broker.url}/v1/revoke", json={"grant_id": grant_id}, headers=headers, timeout=10)
+        def write(n: int, service: str = "checkout") -> str | None:
+            return mint(MintRequest.model_validate(writes.request(n, service)).model_dump(mode="json"))
+
+        def revoke(grant_id: str, *, wrote: bool = False) -> bool:
+            body = {"grant_id": grant_id, "wrote": wrote}
+            response = httpx.post(f"{broker.url}/v1/revoke", json=body, headers=headers, timeout=10)
             if response.status_code == 200:
                 revoked.append(grant_id)
-            else:
-                refusals.append((response.status_code, response.text))
+                return True
+            refusals.append((response.status_code, response.text))
+            refused_revokes.append(body)
+            return False
 
         for n in range(3):
-            assert mint(n) is not None
+            assert mint(read_mint(n)) is not None
+            assert write(n) is not None  # (the first reads the catalog, cached while the disk is full)
         filler = small_disk.fill()
-        live = [g for g in issued.values()]
+        live = list(issued.values())
+        live_writes = list(written)
         for n in range(3, 43):  # mints and revokes on a full disk
-            grant = mint(n)
+            grant = mint(read_mint(n))
             if n % 3 == 0 and live:
                 revoke(live.pop())
             if grant is not None:
                 live.append(grant)
+            if n % 2 == 0:
+                # One write needs a catalog read the broker has not cached: that read's record meets the full
+                # disk too (a storage refusal, never a catalog one).
+                written_grant = write(n, "orders" if n == 20 else "checkout")
+                if n % 4 == 0 and live_writes:
+                    revoke(live_writes.pop(), wrote=n % 8 == 0)
+                if written_grant is not None:
+                    live_writes.append(written_grant)
         assert refusals, "the full disk refused nothing: the test did not exercise a full disk"
+        assert refused_writes, "the full disk refused no write mint: writes were not exercised on a full disk"
         metrics = httpx.get(f"{broker.url}/metrics", timeout=10).text
         errors = [line for line in metrics.splitlines() if line.startswith("firebreak_broker_storage_errors_total")]
         assert any(not line.endswith(" 0") for line in errors), errors
 
         filler.unlink()  # space returns
         for n in range(43, 46):
-            assert mint(n) is not None
+            assert mint(read_mint(n)) is not None
+        # A refused write spent nothing for good: the activity's next attempt mints it (the same plan, signed
+        # approval and receipt), and a refused revoke, retried, is answered and recorded.
+        for body in refused_writes:
+            assert mint(body | {"attempt": 2}) is not None, refusals[-1]
+        for body in refused_revokes:
+            assert revoke(body["grant_id"], wrote=body["wrote"]), refusals[-1]
         broker.stop()
         broker.start()  # the restart: a torn tail left anywhere is cut and recorded now
-        assert mint(46) is not None
+        assert mint(read_mint(46)) is not None
+        assert write(46) is not None
         for grant_id in revoked:  # an answered revoke survived the restart
             assert grant_id in httpx.get(f"{broker.url}/v1/revoked", timeout=10).json()["revoked"]
     finally:
         if broker.proc is not None and broker.proc.poll() is None:
             broker.stop()
+        if catalog is not None:
+            catalog.stop()
+        if verifier is not None:
+            verifier.close()  # its revocation poll would outlive the broker
 
     audit_path = broker.state / "broker" / "audit.jsonl"
     key = signing.load_private_key(broker.state / "broker" / "signing-key.pem")
@@ -235,6 +332,14 @@ def test_full_disk_never_issues_a_credential_without_its_audit_record_and_the_lo
     ok, bad, message = verify_chain(audit_path, public_key=key.public_key(), history=issued)
     assert ok, (bad, message)
     records = {r["seq"]: r for r in lines(audit_path)}
+    # Every write handed out was recorded as that write: its plan's step, incident, run and approver.
+    by_grant = {r["grant_id"]: r for r in records.values() if r["event"] == "mint" and r["decision"] == "issued"}
+    assert len(written) >= 3 + len(refused_writes) + 1
+    for grant_id, body in written.items():
+        record = by_grant[grant_id]
+        assert (record["workflow_id"], record["run_id"], record["step_id"], record["approvers"]) == (
+            body["workflow_id"], body["run_id"], body["step_id"], [APPROVER]), record
+        assert record["scope"]["verb"] == body["verb"] and record["reason"].startswith("approved plan ")
     for grant_id in revoked:
         assert any(r["event"] == "revoke" and r["grant_id"] == grant_id for r in records.values()), grant_id
     repairs = [r for r in records.values() if r["event"] == "repair"]
@@ -244,11 +349,60 @@ def test_full_disk_never_issues_a_credential_without_its_audit_record_and_the_lo
 
     # Each refusal said plainly that it was storage, retryable.
     assert {status for status, _ in refusals} == {503}, refusals[:3]
-    assert all(json.loads(body)["error"] == "storage_unavailable" for _, body in refusals)
+    assert all(json.loads(body)["error"] == "storage_unavailable" for _, body in refusals), refusals
 
     assert cli.main(["audit", "verify", "--state-dir", str(broker.state), "--no-history"]) == 0
     out = capsys.readouterr().out
     assert "chain intact" in out and "repair(s) the broker recorded" in out and "was cut short" in out
+
+
+@pytest.mark.integration
+def test_a_catalog_read_whose_record_failed_refuses_the_write_as_storage_never_as_the_catalog(
+        tmp_path: Path, runbooks: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The broker's own catalog read goes on its audit log: when that record cannot be made durable (an
+    fsync that fails once, as a writeback error does), the write is refused for storage, with no credential,
+    and counted as storage; the catalog answered, and blaming it would page the wrong people."""
+    writes = Writes(runbooks, tmp_path / "roster.yaml")
+    server = BrokerServer(tmp_path / "state", roster_path=tmp_path / "roster.yaml", runbooks_dir=runbooks).start()
+    verifier = signing.TargetVerifier.from_broker(server.url, "catalog")
+    app = FastAPI()
+    add_catalog_routes(app, verifier)
+    catalog = ThreadedServer(app, name="catalog").start()
+    try:
+        server.use_catalog(catalog.url)
+        writes.intake = ensure_intake_key(tmp_path / "state")
+        headers = {"Authorization": f"Bearer {server.agent_token}"}
+        body = MintRequest.model_validate(writes.request(1)).model_dump(mode="json")
+        real_fsync_path = storage.fsync_path
+        failed: list[Path] = []
+
+        def fails_once_for_the_audit_log(path: Path) -> None:
+            if path == server.audit_path and not failed:
+                failed.append(path)
+                raise storage.StorageError(path, "fsync of", OSError(errno.EIO, os.strerror(errno.EIO)))
+            real_fsync_path(path)
+
+        monkeypatch.setattr(storage, "fsync_path", fails_once_for_the_audit_log)
+        response = httpx.post(f"{server.url}/v1/mint", json=body, headers=headers, timeout=10)
+        assert failed, "the catalog read's record was never synced: the test did not reach it"
+        assert response.status_code == 503 and "token" not in response.text, response.text
+        assert response.json()["error"] == "storage_unavailable", response.text
+        metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+        unavailable = {m.group(1): float(m.group(2)) for m in re.finditer(
+            r'^firebreak_broker_unavailable_total\{dependency="(\w+)"\} (\S+)$', metrics, re.MULTILINE)}
+        assert unavailable.get("storage", 0) >= 1 and unavailable.get("catalog", 0) == 0, unavailable
+        # The storage is back: the same write (the activity's next attempt) is minted, its catalog read recorded.
+        again = httpx.post(f"{server.url}/v1/mint", json=body | {"attempt": 2}, headers=headers, timeout=10)
+        assert again.status_code == 200, again.text
+    finally:
+        catalog.stop()
+        verifier.close()
+        server.stop()
+    records = lines(server.audit_path)
+    # The read whose fsync failed, then the failure on the record; no denial blames the catalog.
+    assert [r["event"] for r in records] == ["catalog_read", "repair", "catalog_read", "mint"], records
+    assert records[1]["reason"].startswith("an fsync of records up to 1 failed (EIO")
+    assert verify_chain(server.audit_path)[0]
 
 
 # -- torn writes, without a full disk ----------------------------------------------------------------------

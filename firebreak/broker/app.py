@@ -168,6 +168,8 @@ class Broker:
             check_request(self.catalog, req, runbook)
         except (Denied, CatalogUnavailable) as exc:
             return exc
+        except StorageError:
+            raise  # its own catalog read is not on the record: a storage refusal (503), never the catalog's
         except Exception as exc:  # fail closed: an unexpected error is a refusal, not a pass
             log.exception("catalog check failed")
             return CatalogUnavailable(f"catalog check failed ({type(exc).__name__})")
