@@ -8,21 +8,22 @@ run in eight aborted at exit with code 134 (``PyGILState_Release ... finalizing`
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
-import secrets
 import sys
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from firebreak import cli_incidents
 from firebreak.cli_common import Refused, Usage, client, out, settings_of, stack_value, temporal_down
-from firebreak.config import Settings, load_settings
-from firebreak.runbook import RunbookError
+
+# Light on purpose: `firebreak --version` imports this module and nothing heavy. Settings (pydantic),
+# runbooks, asyncio and the Temporal SDK are imported by the commands that use them (issue 26).
+if TYPE_CHECKING:
+    from firebreak.config import Settings
 
 SAMPLES: dict[str, dict[str, Any]] = {
     "bad-deploy": {
@@ -299,7 +300,7 @@ _stack_value = stack_value
 
 def _approval_window(settings: Settings, runbook: str) -> timedelta:
     """The longest an approval may be valid: the runbook's approval window (2 h if unknown here)."""
-    from firebreak.runbook import load_runbooks, parse_duration
+    from firebreak.runbook import RunbookError, load_runbooks, parse_duration
 
     try:
         books = {b.name: b for b in load_runbooks(settings.resolved_runbooks_dir())}
@@ -462,6 +463,8 @@ async def _settle_unknown(settings: Settings, incident_id: str, decision: str, a
 
 
 async def _decide(args: argparse.Namespace, decision: str) -> int:
+    import secrets
+
     from firebreak import signing
     from firebreak.cli_common import load_key
     from firebreak.contracts import Approval
@@ -555,7 +558,7 @@ async def _read_status_only(settings: Settings, incident_id: str) -> Any:
 
 
 def cmd_runbook(args: argparse.Namespace) -> int:
-    from firebreak.runbook import json_schema, load_runbook
+    from firebreak.runbook import RunbookError, json_schema, load_runbook
 
     if args.runbook_command == "schema":
         print(json_schema())
@@ -578,7 +581,12 @@ def cmd_runbook(args: argparse.Namespace) -> int:
 
 
 def _async(fn: Callable[[argparse.Namespace], Any]) -> Callable[[argparse.Namespace], int]:
-    return lambda args: asyncio.run(fn(args))
+    def run(args: argparse.Namespace) -> int:
+        import asyncio  # here: building the parser (and `--version`) needs no event loop
+
+        return asyncio.run(fn(args))  # type: ignore[no-any-return]
+
+    return run
 
 
 def _version() -> str:
@@ -604,6 +612,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; ``command`` (the first word given) lets a core command skip loading the extensions."""
     parser = argparse.ArgumentParser(prog="firebreak", description="Remediation runbooks as durable Temporal workflows.")
     parser.add_argument("--version", action="version", version=_version())
+    if command == "--version":
+        return parser  # it prints and exits before any command is looked at: load none of them
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--state-dir", default=None, help="default: $FIREBREAK_STATE_DIR or ~/.firebreak")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -654,6 +664,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     from firebreak.api.cli import register as register_api
     from firebreak.broker.cli import register as register_broker
     from firebreak.cli_upgrade import register as register_upgrade
+    from firebreak.config import load_settings
     from firebreak.privileges_cli import register as register_privileges
 
     register_broker(sub, load_settings)
@@ -684,6 +695,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as exc:  # the CLI says what failed, without a traceback
         from temporalio.service import RPCError, RPCStatusCode
+
+        from firebreak.config import load_settings
 
         if isinstance(exc, RPCError):
             if exc.status == RPCStatusCode.UNAVAILABLE:

@@ -11,9 +11,10 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from firebreak.config import Settings, load_settings
+if TYPE_CHECKING:  # pydantic: loaded by the commands that read settings, not by `--version`
+    from firebreak.config import Settings
 
 
 class Refused(Exception):
@@ -25,6 +26,8 @@ class Usage(Exception):
 
 
 def settings_of(args: argparse.Namespace) -> Settings:
+    from firebreak.config import load_settings
+
     return load_settings(getattr(args, "state_dir", None))
 
 

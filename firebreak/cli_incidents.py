@@ -8,17 +8,18 @@ when no worker answers), so these work without the API.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import re
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from firebreak.cli_common import Refused, Usage, client, not_found, out, reading_incident, settings_of
-from firebreak.config import Settings
-from firebreak.contracts import IncidentStatus, Phase
+
+if TYPE_CHECKING:  # the contracts (pydantic) are loaded by the commands, not by `firebreak --version`
+    from firebreak.config import Settings
+    from firebreak.contracts import IncidentStatus, Phase
 
 AsyncCommand = Callable[[argparse.Namespace], Awaitable[int]]
 
@@ -26,7 +27,8 @@ AsyncCommand = Callable[[argparse.Namespace], Awaitable[int]]
 def register(sub: Any, common: argparse.ArgumentParser, run: Callable[[AsyncCommand], Any]) -> None:
     """Add the read commands to the main parser; ``run`` turns an async command into a handler."""
     p = sub.add_parser("list", parents=[common], help="incidents, newest first (like `kubectl get`)")
-    p.add_argument("--phase", choices=[ph.value for ph in Phase])
+    # Set after add_argument, which would read the choices at once (to check the metavar).
+    p.add_argument("--phase").choices = _PhaseValues()
     p.add_argument("--service")
     p.add_argument("--runbook")
     p.add_argument("--open", action="store_true", help="only incidents still running")
@@ -60,6 +62,22 @@ def register(sub: Any, common: argparse.ArgumentParser, run: Callable[[AsyncComm
     p.set_defaults(func=run(_history))
 
 
+class _PhaseValues:
+    """`--phase`'s choices, read from the contracts only when argparse looks at them (a `--phase`
+    given, `--help`, an error): a plain `firebreak list` then never imports the pydantic models."""
+
+    def _values(self) -> list[str]:
+        from firebreak.contracts import Phase
+
+        return [ph.value for ph in Phase]
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._values()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values())
+
+
 # -- list ------------------------------------------------------------------------------
 
 
@@ -67,7 +85,7 @@ async def _list(args: argparse.Namespace) -> int:
     from firebreak.listing import Filters, list_incidents
     from firebreak.tables import age, render_table
 
-    filters = Filters(phase=Phase(args.phase) if args.phase else None, service=args.service, runbook=args.runbook,
+    filters = Filters(phase=_phase(args.phase) if args.phase else None, service=args.service, runbook=args.runbook,
                       open=True if args.open else None)
     try:
         filters.query()
@@ -86,6 +104,12 @@ async def _list(args: argparse.Namespace) -> int:
         [[r.incident_id, r.run_id, r.execution_status.lower(), r.phase or "-", r.service or "-", r.runbook or "-",
           age(r.started_at, now), r.waiting_for] for r in rows]))
     return 0
+
+
+def _phase(value: str) -> Phase:
+    from firebreak.contracts import Phase
+
+    return Phase(value)
 
 
 # -- inbox -----------------------------------------------------------------------------
@@ -111,6 +135,7 @@ def _who(args: argparse.Namespace, settings: Settings) -> tuple[str, list[str]]:
 
 
 async def _inbox(args: argparse.Namespace) -> int:
+    from firebreak.contracts import Phase
     from firebreak.inbox import inbox_items
     from firebreak.incidents import WorkerDown, read_status
     from firebreak.listing import Filters
@@ -304,4 +329,6 @@ async def _history(args: argparse.Namespace) -> int:
 
 
 def run_async(fn: AsyncCommand) -> Callable[[argparse.Namespace], int]:
+    import asyncio
+
     return lambda args: asyncio.run(fn(args))

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from temporalio.client import (
     WorkflowFailureError,
@@ -31,15 +31,14 @@ from temporalio.client import (
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
-from firebreak.contracts import (
-    APPROVAL_REFUSED,
-    NEEDS_A_HUMAN_FAILURE,
-    Approval,
-    ApprovalArrival,
-    ApprovalOutcome,
-    IncidentReport,
-    IncidentStatus,
-)
+if TYPE_CHECKING:  # the contracts are imported where read: `firebreak list` needs only the memo keys
+    from firebreak.contracts import (
+        Approval,
+        ApprovalArrival,
+        ApprovalOutcome,
+        IncidentReport,
+        IncidentStatus,
+    )
 
 MEMO_KEY = "firebreak"  # what an approver needs, readable from visibility without a worker
 WAITING_KEY = "firebreak_waiting"  # what the incident waits for, in a few words (`firebreak list`)
@@ -54,6 +53,8 @@ def memo_status(status: IncidentStatus) -> dict[str, Any]:
 
 async def read_status(handle: WorkflowHandle[Any, Any], wait: timedelta = WORKER_WAIT) -> tuple[IncidentStatus, str]:
     """The incident's status and where it came from ("the workflow", or its memo when no worker answers)."""
+    from firebreak.contracts import IncidentStatus
+
     try:
         status: IncidentStatus = await handle.query("status", result_type=IncidentStatus, rpc_timeout=wait)
         return status, "the workflow"
@@ -104,6 +105,8 @@ async def submit_approval(handle: WorkflowHandle[Any, Any], approval: Approval,
 async def approval_outcome(handle: WorkflowHandle[Any, Any], approval: Approval,
                            wait: timedelta | None = None) -> ApprovalOutcome:
     """The ``submit_approval`` update's answer, counted or refused (a refusal fails the update)."""
+    from firebreak.contracts import APPROVAL_REFUSED, ApprovalOutcome
+
     try:
         outcome: ApprovalOutcome = await handle.execute_update(
             "submit_approval", approval, result_type=ApprovalOutcome, rpc_timeout=wait)
@@ -117,6 +120,8 @@ async def approval_outcome(handle: WorkflowHandle[Any, Any], approval: Approval,
 
 async def final_report(handle: WorkflowHandle[Any, Any]) -> IncidentReport:
     """The incident's report, whether the run completed or failed because it needs a human."""
+    from firebreak.contracts import NEEDS_A_HUMAN_FAILURE, IncidentReport
+
     try:
         result = await handle.result()
     except WorkflowFailureError as exc:

@@ -10,14 +10,15 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from temporalio.client import Client, WorkflowExecution, WorkflowExecutionStatus
 
-from firebreak.contracts import IncidentStatus, Phase
 from firebreak.incidents import MEMO_KEY, WAITING_KEY
 from firebreak.temporal import PHASE, RUNBOOK, SERVICE, SEVERITY
-from workflows.summary import waiting_for
+
+if TYPE_CHECKING:  # the contracts (pydantic models) are imported where a memo is read, not by every `list`
+    from firebreak.contracts import IncidentStatus, Phase
 
 PLAIN = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")  # filter values: never quoted into a query otherwise
 
@@ -73,6 +74,8 @@ async def list_incidents(client: Client, filters: Filters, limit: int = 100) -> 
 
 async def memo_status(wf: WorkflowExecution) -> IncidentStatus | None:
     """The status the workflow left in its memo (at its proposal, each approval and its end), if any."""
+    from firebreak.contracts import IncidentStatus
+
     try:
         memo = await wf.memo_value(MEMO_KEY, None)
         return IncidentStatus.model_validate(memo) if memo is not None else None
@@ -101,6 +104,9 @@ async def _waiting(wf: WorkflowExecution, status: str, phase: str | None) -> str
     if isinstance(waiting, str):
         return waiting
     # An incident started before the workflow kept this in its memo: say what its phase implies.
+    from firebreak.contracts import IncidentStatus, Phase
+    from workflows.summary import waiting_for
+
     known = await memo_status(wf)
     if known is not None and phase is not None and known.phase.value == phase:
         return waiting_for(known)
