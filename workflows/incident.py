@@ -114,6 +114,23 @@ def _refusal(incident: Any) -> str | None:
     return None
 
 
+
+class _Ending(ApplicationError):
+    """A chosen ending shown as Failed: its message is the reason, with no stack trace beside it.
+
+    The SDK's failure converter writes ``__traceback__`` into the failure as its stack trace, which the UI
+    shows under the message; this ending is no crash, so it has none (raising still records one, unread).
+    """
+
+    @property  # type: ignore[override]
+    def __traceback__(self) -> None:  # noqa: PLW3201
+        return None
+
+    @__traceback__.setter
+    def __traceback__(self, _tb: object) -> None:
+        pass
+
+
 @workflow.defn
 class IncidentWorkflow:
     @workflow.init
@@ -944,7 +961,7 @@ class IncidentWorkflow:
         )
         if self.console and needs_a_human:
             # Failed in Temporal: red in the UI's list, found by ExecutionStatus="Failed"; the report rides along.
-            raise ApplicationError(f"{phase.value}: {outcome}", report, type=NEEDS_A_HUMAN_FAILURE, non_retryable=True)
+            raise _Ending(f"{phase.value}: {outcome}", report, type=NEEDS_A_HUMAN_FAILURE, non_retryable=True)
         return report
 
     async def _report_run_closed(self, phase: Phase) -> None:

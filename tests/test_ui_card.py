@@ -1,0 +1,103 @@
+"""What the Temporal UI shows of an incident, pure: the card's markdown lays findings out under their
+hypothesis, commands copy as the ASCII they are, and a Failed ending carries no stack trace."""
+
+from __future__ import annotations
+
+import re
+
+from temporalio.api.failure.v1 import Failure
+from temporalio.converter import DataConverter
+
+from firebreak.contracts import NEEDS_A_HUMAN_FAILURE, Finding, Hypothesis, IncidentInput
+from firebreak.escaping import markdown_text
+from test_console_views import incident, resolved
+from workflows.incident import _Ending
+from workflows.summary import plan_markdown, status_markdown
+
+
+def test_each_finding_is_a_tight_list_item_under_its_hypothesis() -> None:
+    card = status_markdown(resolved())
+    lines = card.splitlines()
+    top = lines.index("**A recent deploy** 92%")
+    # The hypothesis is a paragraph of its own; its findings follow as one tight list (no blank line
+    # between items: a loose list puts each in a paragraph, shown as a bullet alone on its line).
+    assert lines[top + 1] == ""
+    assert lines[top + 2:top + 4] == ["- ✔ error_rate 0.31 above 0.05",
+                                      "- ✔ deploy v2.4.1 at 03:01:00, 3m before the alert"]
+    assert lines[top + 4] == "" and lines[top + 5] == "**CPU saturation** 10%"
+    # No nested list anywhere (the UI's stylesheet lays a nested list inline, into one run of text).
+    assert not [line for line in lines if re.match(r"\s+[-*] ", line)], card
+    # Every list in the card is tight.
+    assert not re.search(r"^- .*\n\n- ", card, re.MULTILINE), card
+
+
+def test_a_refuted_finding_is_shown_under_its_hypothesis_too() -> None:
+    hyp = Hypothesis(id="saturation", title="CPU saturation", score=0.1, actions=[], findings=[
+        Finding(evidence="cpu", test="above", held=False, weight=1, detail="cpu 0.2 not above 0.9")])
+    card = status_markdown(incident(hypotheses=[hyp]))
+    assert "**CPU saturation** 10%\n\n- ✘ cpu 0.2 not above 0.9" in card
+
+
+def _commands_outside_code(markdown: str) -> list[str]:
+    without_code = re.sub(r"(`+)(.+?)\1", "", markdown)
+    return re.findall(r"firebreak [^\n]*", without_code)
+
+
+def test_commands_are_ascii_code_spans_and_text_never_renders_a_double_dash_as_a_dash() -> None:
+    waiting = incident()
+    for shown in (status_markdown(waiting), plan_markdown(waiting), plan_markdown(resolved())):
+        spans = [span for _, span in re.findall(r"(`+)(.+?)\1", shown) if span.strip().startswith("firebreak")]
+        assert all(span.isascii() for span in spans), spans
+        assert not _commands_outside_code(shown), shown
+    assert "`firebreak approve shop.checkout.error-rate --key PATH`" in plan_markdown(waiting)
+    # Text from an alert (a sample's description is a command): "--" is escaped, so the UI's typographer
+    # cannot turn it into an en dash; CommonMark renders the escape as the same "-".
+    escaped = markdown_text("firebreak alert --sample stuck")
+    assert not re.search(r"(?<!\\)--", escaped) and escaped.replace("\\-", "-") == "firebreak alert --sample stuck"
+
+
+def test_the_details_of_a_sample_alert_show_its_commands_as_ascii() -> None:
+    from pathlib import Path
+
+    from firebreak.contracts import Alert
+    from firebreak.intake import route_alerts, run_details
+    from firebreak.runbook import load_runbooks
+
+    runbooks = load_runbooks(Path(__file__).resolve().parent.parent / "runbooks")
+    # The alert `firebreak alert --sample stuck` sends: its description is the command that sent it.
+    alert = Alert(fingerprint="sample-stuck-payments", source="cli", annotations={
+        "summary": "payments stopped serving", "description": "firebreak alert --sample stuck"},
+        labels={"alertname": "ServiceStuck", "namespace": "shop", "service": "payments", "severity": "critical"})
+    [routed] = route_alerts(runbooks, [alert]).routed
+    details = run_details(routed, IncidentInput(incident_id=routed.incident_id, runbook=routed.runbook,
+                                                params=routed.params))
+    assert not re.search(r"(?<!\\)--", re.sub(r"(`+)(.+?)\1", "", details)), details  # no en dash in what the UI renders
+    assert "firebreak alert \\-\\-sample stuck" not in details  # one escape is enough: "\--"
+    assert "firebreak alert \\--sample stuck" in details
+    assert f"`firebreak status {routed.incident_id} --watch`" in details
+
+
+def test_a_failed_ending_is_sent_with_its_reason_and_no_stack_trace() -> None:
+    def close() -> None:
+        raise _Ending("failed: escalated to a human: no hypothesis is supported well enough", {"phase": "failed"},
+                      type=NEEDS_A_HUMAN_FAILURE, non_retryable=True)
+
+    try:
+        close()
+    except _Ending as raised:
+        error = raised
+    failure = Failure()
+    converter = DataConverter.default
+    converter.failure_converter.to_failure(error, converter.payload_converter, failure)
+    assert failure.message.startswith("failed: escalated to a human")
+    assert failure.stack_trace == ""
+    assert failure.application_failure_info.type == NEEDS_A_HUMAN_FAILURE
+    assert failure.application_failure_info.non_retryable
+    assert failure.application_failure_info.HasField("details")  # the report still rides along
+    # Any other error keeps its stack trace: only the chosen ending drops it.
+    try:
+        raise ValueError("a bug")
+    except ValueError as bug:
+        other = Failure()
+        converter.failure_converter.to_failure(bug, converter.payload_converter, other)
+    assert other.stack_trace
