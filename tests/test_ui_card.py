@@ -7,10 +7,15 @@ import re
 
 from temporalio.api.failure.v1 import Failure
 from temporalio.converter import DataConverter
-
-from firebreak.contracts import NEEDS_A_HUMAN_FAILURE, Finding, Hypothesis, IncidentInput
-from firebreak.escaping import markdown_text
 from test_console_views import incident, resolved
+
+from firebreak.contracts import (
+    NEEDS_A_HUMAN_FAILURE,
+    Finding,
+    Hypothesis,
+    IncidentInput,
+)
+from firebreak.escaping import markdown_text
 from workflows.incident import _Ending
 from workflows.summary import plan_markdown, status_markdown
 

@@ -123,7 +123,7 @@ class _Ending(ApplicationError):
     """
 
     @property  # type: ignore[override]
-    def __traceback__(self) -> None:  # noqa: PLW3201
+    def __traceback__(self) -> None:
         return None
 
     @__traceback__.setter
