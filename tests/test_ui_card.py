@@ -14,6 +14,7 @@ from firebreak.contracts import (
     Finding,
     Hypothesis,
     IncidentInput,
+    IncidentStatus,
 )
 from firebreak.escaping import markdown_text
 from workflows.incident import _Ending
@@ -106,3 +107,41 @@ def test_a_failed_ending_is_sent_with_its_reason_and_no_stack_trace() -> None:
         other = Failure()
         converter.failure_converter.to_failure(bug, converter.payload_converter, other)
     assert other.stack_trace
+
+
+def _memo_bytes(memo: dict) -> int:
+    [payload] = DataConverter.default.payload_converter.to_payloads([memo])
+    return payload.ByteSize()
+
+
+def test_the_memo_stays_under_temporals_2kb_warning_and_says_what_it_left_out() -> None:
+    from datetime import timedelta
+
+    from test_console_views import T0
+
+    from firebreak.contracts import ApprovalRecord, StepResult
+    from firebreak.incidents import memo_status
+    from workflows.incident import bounded_memo
+
+    small = incident(approvals=[], hypotheses=[])
+    assert bounded_memo(small) == memo_status(small)  # nothing to shed: the memo is the status
+
+    big = resolved()
+    big = big.model_copy(update={
+        "approvals": [ApprovalRecord(approver=f"mallory{i}", decision="approve", counted=False, via="update",
+                                     reason="mallory is not in group oncall", received_at=T0 + timedelta(seconds=i))
+                      for i in range(30)],
+        "steps": [StepResult(step_id="s1", action="rollback", status="succeeded", detail="rolled back " * 30,
+                             verified=True, verification="error_rate 0.004 below 0.05 " * 10)],
+        "gaps": ["prometheus: query timed out " * 5]})
+    assert _memo_bytes(memo_status(big)) > 2048  # what the memo held before: over the warning
+    memo = bounded_memo(big)
+    assert _memo_bytes(memo) < 2048
+    kept = IncidentStatus.model_validate(memo)
+    # What an approver and the inbox read without a worker is all there.
+    assert kept.plan == big.plan and kept.plan_hash == big.plan_hash and kept.needed == big.needed
+    assert (kept.phase, kept.outcome, kept.tickets) == (big.phase, big.outcome, big.tickets)
+    # And it says what it left out, where the full detail is.
+    [note] = [gap for gap in kept.gaps if gap.startswith("the memo leaves out")]
+    assert "findings" in note and "approvals" in note and "the ticket" in note
+    assert not kept.approvals and all(not h.findings for h in kept.hypotheses)
