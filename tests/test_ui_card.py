@@ -145,3 +145,24 @@ def test_the_memo_stays_under_temporals_2kb_warning_and_says_what_it_left_out() 
     [note] = [gap for gap in kept.gaps if gap.startswith("the memo leaves out")]
     assert "findings" in note and "approvals" in note and "the ticket" in note
     assert not kept.approvals and all(not h.findings for h in kept.hypotheses)
+
+
+def test_a_plan_over_the_budget_stays_whole_while_it_waits_and_is_left_to_the_ticket_once_closed() -> None:
+    from workflows.incident import bounded_memo
+
+    waiting = incident()
+    assert waiting.plan is not None
+    steps = [waiting.plan.steps[0].model_copy(update={"id": f"s{i}", "blast_radius": "checkout, orders, " * 8})
+             for i in range(1, 9)]
+    plan = waiting.plan.model_copy(update={"steps": steps})
+    waiting = waiting.model_copy(update={"plan": plan, "plan_hash": plan.hash})
+    # An approver without a worker is shown this plan and signs its hash: it must be whole.
+    kept = IncidentStatus.model_validate(bounded_memo(waiting))
+    assert kept.plan == plan and kept.plan is not None and kept.plan.hash == kept.plan_hash
+    # Closed, nobody signs it any more: the ticket keeps it, the memo says so and stays under the warning.
+    closed = resolved().model_copy(update={"plan": plan, "plan_hash": plan.hash})
+    memo = bounded_memo(closed)
+    assert _memo_bytes(memo) < 2048
+    shown = IncidentStatus.model_validate(memo)
+    assert shown.plan is None and shown.plan_hash == plan.hash and shown.phase == closed.phase
+    assert any("the plan" in gap and "the ticket" in gap for gap in shown.gaps), shown.gaps

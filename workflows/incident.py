@@ -130,7 +130,11 @@ _MEMO_SHEDS: tuple[tuple[str, str, Callable[[dict[str, Any]], Any]], ...] = (
     ("gaps", "notes", lambda m: []),  # (the note saying what was shed stays)
     ("steps", "step results", lambda m: []),
     ("hypotheses", "hypotheses", lambda m: []),
+    # Last, and only once closed: while it waits, `firebreak approve` without a worker shows this plan and
+    # signs its hash, so it stays whole even over the budget (the warning is then the price of that).
+    ("plan", "the plan", lambda m: None if m["phase"] in _CLOSED_PHASES else m["plan"]),
 )
+_CLOSED_PHASES = frozenset(phase.value for phase in Phase if phase.closed)
 
 
 def bounded_memo(status: IncidentStatus) -> dict[str, Any]:
@@ -146,7 +150,7 @@ def bounded_memo(status: IncidentStatus) -> dict[str, Any]:
             if not gaps:
                 continue
             gaps = []
-        elif memo.get(field):
+        elif memo.get(field) and shrink(memo) != memo[field]:
             memo[field] = shrink(memo)
         else:
             continue
