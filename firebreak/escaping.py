@@ -91,11 +91,15 @@ def render_text(template: str, params: Mapping[str, object]) -> str:
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*<>\[\]&~])")
 # An underscore opens emphasis only at a word edge (CommonMark: never inside a word like error_rate).
 _EDGE_UNDERSCORE = re.compile(r"(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])")
+# A dash before another dash: the Temporal UI's renderer turns "--" into an en dash, so a command in text
+# (`firebreak alert --sample x`) would copy as one that fails. Escaped, it renders as the same ASCII.
+_DOUBLE_DASH = re.compile(r"-(?=-)")
 
 
 def markdown_text(value: object) -> str:
     """``value`` as inert markdown text: it renders as the same characters, never as HTML or a link."""
     text = _MARKDOWN_SPECIAL.sub(r"\\\1", str(value))
+    text = _DOUBLE_DASH.sub(r"\\-", text)
     return _EDGE_UNDERSCORE.sub(r"\\_", text)
 
 

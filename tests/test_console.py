@@ -50,6 +50,8 @@ async def test_an_ending_that_needs_a_human_is_a_failed_run_with_a_readable_mess
     assert isinstance(cause, ApplicationError) and cause.type == NEEDS_A_HUMAN_FAILURE
     # Readable as it is (no codec needed): the phase first, then why.
     assert cause.message.startswith("failed: escalated to a human: no hypothesis is supported well enough")
+    # A chosen ending, not a crash: the UI shows the reason alone, no SDK stack trace under it.
+    assert cause.failure is not None and cause.failure.stack_trace == "", cause.failure.stack_trace
     assert report.phase == Phase.failed and report.status.phase == Phase.failed
     assert description.status == WorkflowExecutionStatus.FAILED
     assert await description.memo_value(WAITING_KEY) == "a human (escalated)"

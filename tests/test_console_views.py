@@ -65,7 +65,7 @@ def resolved() -> IncidentStatus:
 def test_the_card_names_phase_hypotheses_plan_approvals_results_tickets_and_outcome():
     card = status_markdown(resolved())
     assert card.startswith("### RESOLVED")
-    assert "- **A recent deploy** 92%\n  - ✔ error_rate 0.31 above 0.05" in card and "error_rate 0.31 above 0.05" in card and "CPU saturation" in card
+    assert "**A recent deploy** 92%\n\n- ✔ error_rate 0.31 above 0.05" in card and "error_rate 0.31 above 0.05" in card and "CPU saturation" in card
     assert "`fleet.rollback` on `service/checkout`" in card and "blast radius: checkout (all replicas)" in card
     assert "undo `fleet.deploy` (version={result.previous_version})" in card
     assert "✔ **alice** approved at 03:06:05 UTC via update, counted;" in card

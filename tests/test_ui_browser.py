@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import socket
 from collections.abc import AsyncIterator
@@ -194,6 +195,7 @@ async def _the_details(page: Page, workflows: str, ids: dict[str, tuple[str, str
                   "s1 fleet.restart on service/checkout", "blast radius: checkout", "no undo declared",
                   "A recent deploy", "s1 succeeded", "remediation applied and verified"):
         assert shown in card, (shown, card[-3000:])
+    _as_the_terminal_shows_it(card, resolved, findings=True)
     await page.screenshot(path=str(shots / "incident-card.png"), full_page=True)
     DOCS.mkdir(exist_ok=True)
     shutil.copy(shots / "incident-card.png", DOCS / "incident-card.png")
@@ -202,5 +204,28 @@ async def _the_details(page: Page, workflows: str, ids: dict[str, tuple[str, str
                          ("failed", ("FAILED: needs a human", "no hypothesis is supported well enough"))):
         incident, run = ids[phase]
         await page.goto(f"{workflows}/{incident}/{run}/user-metadata")
-        await _until_shown(page, *words)
+        card = await _until_shown(page, *words)
+        _as_the_terminal_shows_it(card, incident, findings=phase == "rejected")
         await page.screenshot(path=str(shots / f"card-{phase}.png"), full_page=True)
+
+    # The failed run's page: the readable reason, and no SDK stack trace under it.
+    incident, run = ids["failed"]
+    await page.goto(f"{workflows}/{incident}/{run}/history")
+    shown = await _until_shown(page, "failed: escalated to a human: no hypothesis is supported well enough")
+    await page.screenshot(path=str(shots / "failed-run.png"), full_page=True)
+    for trace in ("Traceback", 'File "/', "temporalio/worker", "_workflow_instance.py"):
+        assert trace not in shown, (trace, shown[-3000:])
+
+
+def _as_the_terminal_shows_it(card: str, incident: str, *, findings: bool) -> None:
+    """Each finding on a line of its own under its hypothesis (as `firebreak status` nests them), and every
+    command copyable: plain ASCII (no en dash where "--" was sent)."""
+    lines = [line.strip() for line in card.splitlines() if line.strip()]
+    titles = [line for line in lines if re.fullmatch(r".+ \d{1,3}%", line)]  # a hypothesis alone on its line
+    shown = [line for line in lines if line.startswith(("✔", "✘"))]
+    assert (titles and shown) or not findings, card[-3000:]
+    # Never a hypothesis with its findings run into it, nor two findings on one line.
+    assert not [line for line in lines if re.search(r"\d%\s*[✔✘]", line)], card[-3000:]
+    assert not [line for line in shown if re.search(r"[✔✘].*[✔✘]", line)], shown
+    assert f"firebreak status {incident} --watch" in card, card[-3000:]
+    assert "–" not in card, [line for line in lines if "–" in line]

@@ -14,6 +14,7 @@ incident until a thaw; a plan that no longer fits the world is proposed anew.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -112,6 +113,76 @@ def _refusal(incident: Any) -> str | None:
         first = exc.errors()[0]
         return f"not an incident input: {'.'.join(str(p) for p in first['loc']) or '(input)'}: {first['msg']}"
     return None
+
+
+
+# Temporal warns of a memo over 2 KB (the SDK's TMPRL1103, the server's limit.memoSize.warn): the memo
+# keeps what is read without a worker (the plan, what it still needs, the ending) within this many bytes
+# of JSON, leaving room for the payload's metadata and a codec's envelope.
+MEMO_BUDGET = 1700
+# What the memo gives up first when it must: the detail the status query and the ticket keep in full.
+_MEMO_SHEDS: tuple[tuple[str, str, Callable[[dict[str, Any]], Any]], ...] = (
+    ("hypotheses", "findings", lambda m: [{**h, "findings": []} for h in m["hypotheses"]]),
+    ("approvals", "approvals", lambda m: []),
+    ("refused_signals", "notes", lambda m: []),
+    ("reproposals", "notes", lambda m: []),
+    ("sink_gaps", "notes", lambda m: []),
+    ("gaps", "notes", lambda m: []),  # (the note saying what was shed stays)
+    ("steps", "step results", lambda m: []),
+    ("hypotheses", "hypotheses", lambda m: []),
+    # Last, and only once closed: while it waits, `firebreak approve` without a worker shows this plan and
+    # signs its hash, so it stays whole even over the budget (the warning is then the price of that).
+    ("plan", "the plan", lambda m: None if m["phase"] in _CLOSED_PHASES else m["plan"]),
+)
+_CLOSED_PHASES = frozenset(phase.value for phase in Phase if phase.closed)
+
+
+def bounded_memo(status: IncidentStatus) -> dict[str, Any]:
+    """The status for the memo, within MEMO_BUDGET when the plan allows: detail is shed in a fixed order,
+    and what was shed is named in the memo's gaps (a reader without a worker is told, never misled)."""
+    memo = memo_status(status)
+    gaps: list[str] = list(memo["gaps"])
+    shed: list[str] = []
+    for field, name, shrink in _MEMO_SHEDS:
+        if _json_size(memo) <= MEMO_BUDGET:
+            break
+        if field == "gaps":
+            if not gaps:
+                continue
+            gaps = []
+        elif memo.get(field) and shrink(memo) != memo[field]:
+            memo[field] = shrink(memo)
+        else:
+            continue
+        if name not in shed:
+            shed.append(name)
+        memo["gaps"] = [*gaps, _shed_note(shed)]
+    return memo
+
+
+def _shed_note(shed: list[str]) -> str:
+    return (f"the memo leaves out {', '.join(shed)} (Temporal's 2 KB memo limit); "
+            "the status with a worker and the ticket have them")
+
+
+def _json_size(value: object) -> int:
+    return len(json.dumps(value, separators=(",", ":")).encode())  # as the SDK's JSON payloads are written
+
+
+class _Ending(ApplicationError):
+    """A chosen ending shown as Failed: its message is the reason, with no stack trace beside it.
+
+    The SDK's failure converter writes ``__traceback__`` into the failure as its stack trace, which the UI
+    shows under the message; this ending is no crash, so it has none (raising still records one, unread).
+    """
+
+    @property  # type: ignore[override]
+    def __traceback__(self) -> None:
+        return None
+
+    @__traceback__.setter
+    def __traceback__(self, _tb: object) -> None:
+        pass
 
 
 @workflow.defn
@@ -501,7 +572,7 @@ class IncidentWorkflow:
         await self._enter(Phase.awaiting_approval)
         if self.v2:
             # Readable without a worker: an approver can see the plan right after a worker crash.
-            workflow.upsert_memo({MEMO_KEY: memo_status(self.status())})
+            workflow.upsert_memo({MEMO_KEY: bounded_memo(self.status())})
         decided = lambda: self._decided() or self._all_resolved() or self._history_long()  # noqa: E731
         while True:
             deadline = self.expires_at if self.escalated else self.escalates_at
@@ -642,7 +713,7 @@ class IncidentWorkflow:
             self._set_details()
             if self.console:
                 # Who approved, and what each step still needs, readable without a worker (list, inbox).
-                workflow.upsert_memo({MEMO_KEY: memo_status(self.status())})
+                workflow.upsert_memo({MEMO_KEY: bounded_memo(self.status())})
             waiting = [f"{n.step}: {n.approvers - len(n.approved_by)} more from {', '.join(n.groups)}"
                        for n in self.verdict.needs if not n.met and not self._left_out(n.step)]
             return ApprovalOutcome(counted=judgement.counted, reason=judgement.reason, phase=self.phase,
@@ -934,7 +1005,7 @@ class IncidentWorkflow:
             await self._notify("expired" if phase == Phase.expired else "escalation", f"{phase.value}: {outcome}")
         await asyncio.gather(*self.background)  # the proposal's ticket lands before the closing one
         if self.v2:
-            workflow.upsert_memo({MEMO_KEY: memo_status(self.status())})
+            workflow.upsert_memo({MEMO_KEY: bounded_memo(self.status())})
         await self._ticket("closed")
         if self.plan is not None and workflow.patched("broker-run-closed"):
             await self._report_run_closed(phase)
@@ -944,7 +1015,7 @@ class IncidentWorkflow:
         )
         if self.console and needs_a_human:
             # Failed in Temporal: red in the UI's list, found by ExecutionStatus="Failed"; the report rides along.
-            raise ApplicationError(f"{phase.value}: {outcome}", report, type=NEEDS_A_HUMAN_FAILURE, non_retryable=True)
+            raise _Ending(f"{phase.value}: {outcome}", report, type=NEEDS_A_HUMAN_FAILURE, non_retryable=True)
         return report
 
     async def _report_run_closed(self, phase: Phase) -> None:

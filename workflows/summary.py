@@ -75,7 +75,7 @@ def status_markdown(status: IncidentStatus) -> str:
              + [f"- {_t(r)}" for r in status.refused_signals[-5:]])
     if notes:
         out += ["#### Notes"] + notes
-    card = "\n\n".join(line for line in out if line)
+    card = _blocks(out)
     return card if len(card) <= MAX_CARD_CHARS else card[: MAX_CARD_CHARS - 40] + "\n\n… (cut; see `firebreak status`)"
 
 
@@ -84,10 +84,11 @@ def _hypotheses(status: IncidentStatus) -> list[str]:
         return []
     out = ["#### Hypotheses"]
     for hyp in status.hypotheses[:MAX_HYPOTHESES]:
-        # A nested list: each finding (held or not) with its figures, under its hypothesis.
-        findings = "".join(f"\n  - {'✔' if f.held else '✘'} {_t(_one_line(f.detail, 240))}"
-                           for f in hyp.findings[:MAX_FINDINGS])
-        out.append(f"- **{_t(hyp.title)}** {hyp.score:.0%}{findings}")
+        # Each hypothesis a line of its own, then its findings (held or not) as a list under it. Not a
+        # nested markdown list: the Temporal UI's stylesheet lays a nested list out inline, running the
+        # findings into one line after the hypothesis.
+        out.append(f"**{_t(hyp.title)}** {hyp.score:.0%}")
+        out += [f"- {'✔' if f.held else '✘'} {_t(_one_line(f.detail, 240))}" for f in hyp.findings[:MAX_FINDINGS]]
     return out
 
 
@@ -142,6 +143,14 @@ def step_result_line(step: StepResult) -> str:
 
 def _results(steps: list[StepResult]) -> list[str]:
     return ["#### Results"] + [step_result_line(s) for s in steps] if steps else []
+
+
+def _blocks(lines: list[str]) -> str:
+    """Markdown blocks, a blank line apart, except between list items: a list stays tight (a loose list
+    puts each item in a paragraph, which the Temporal UI shows as a bullet on a line of its own)."""
+    shown = [line for line in lines if line]
+    return "".join(line if i == 0 else ("\n" if line.startswith("- ") and shown[i - 1].startswith("- ") else "\n\n")
+                   + line for i, line in enumerate(shown))
 
 
 def _one_line(text: str, limit: int) -> str:
