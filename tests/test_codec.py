@@ -307,7 +307,11 @@ async def test_unauthenticated_payloads_become_markers_for_workflows_and_raise_e
     for codec in (auth, enc):
         with pytest.raises(DecryptionError):
             await codec.decode([forged])
-    assert await auth.with_context(IN_ACTIVITY).decode([signed]) == [payload({"decision": "approve"})]
+    # Signed, but for no place: an activity refuses it (see tests/test_payload_binding.py); signed for its place, it runs.
+    with pytest.raises(DecryptionError, match="^misplaced payload: not bound"):
+        await auth.with_context(IN_ACTIVITY).decode([signed])
+    [placed] = await auth.with_context(IN_ACTIVITY).encode([payload({"decision": "approve"})])
+    assert await auth.with_context(IN_ACTIVITY).decode([placed]) == [payload({"decision": "approve"})]
 
 
 async def test_activity_results_in_a_workflow_activation_become_markers() -> None:
