@@ -29,7 +29,6 @@ from typing import Any, NoReturn
 from temporalio import activity, workflow
 from temporalio.client import (
     DescribeWorkflowInput,
-    Interceptor as ClientInterceptor,
     OutboundInterceptor,
     QueryWorkflowInput,
     SignalWorkflowInput,
@@ -38,6 +37,9 @@ from temporalio.client import (
     WorkflowHandle,
     WorkflowUpdateHandle,
 )
+from temporalio.client import (
+    Interceptor as ClientInterceptor,
+)
 from temporalio.common import RawValue
 from temporalio.converter import PayloadConverter
 from temporalio.exceptions import ApplicationError
@@ -45,11 +47,13 @@ from temporalio.worker import (
     ActivityInboundInterceptor,
     ContinueAsNewInput,
     ExecuteActivityInput,
-    Interceptor as WorkerInterceptor,
     StartActivityInput,
     WorkflowInboundInterceptor,
     WorkflowInterceptorClassInput,
     WorkflowOutboundInterceptor,
+)
+from temporalio.worker import (
+    Interceptor as WorkerInterceptor,
 )
 
 from firebreak.codec import MISPLACED, activity_bindings, bind_request
