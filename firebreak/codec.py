@@ -70,8 +70,10 @@ from typing import Any, ClassVar, NamedTuple, Self, TypeVar
 
 from google.protobuf.message import DecodeError
 from temporalio.api.common.v1 import Payload
+from temporalio.contrib.pydantic import PydanticJSONPlainPayloadConverter, PydanticPayloadConverter
 from temporalio.converter import (
     ActivitySerializationContext,
+    EncodingPayloadConverter,
     PayloadCodec,
     SerializationContext,
     WithSerializationContext,
@@ -84,6 +86,7 @@ MAC_METADATA = "firebreak-mac"
 BIND_METADATA = "firebreak-bind"  # written by the codec, covered by the MAC
 BIND_REQUEST = "firebreak-bind-request"  # attached by the interceptors, consumed by encode, never written
 BOUND = "firebreak_bound"  # the envelope key a workflow's messages arrive under (see unbind)
+BOUND_ENCODING = b"json/firebreak-bound"  # the envelope's encoding: only ever made by decode, never sent
 UNAUTHENTICATED = "firebreak_unauthenticated"
 KEY_BYTES = 32  # AES-256; for HMAC-SHA256, its output size
 # GCM's standard nonce, random per payload. NIST caps random nonces at 2^32 messages per key: rotate well before.
@@ -259,8 +262,39 @@ def _envelope(payload: Payload, binding: Binding) -> Payload:
     else:  # Firebreak writes JSON only; a message the workflow could not check is refused
         raise PayloadBindingError(f"{MISPLACED}: a message in encoding {encoding[:40].decode('ascii', 'replace')!r}")
     head = json.dumps({"to": binding.to, "run": binding.run}, separators=(",", ":"), sort_keys=True).encode()
-    return Payload(metadata={"encoding": b"json/plain"},
+    return Payload(metadata={"encoding": BOUND_ENCODING},
                    data=b'{"' + BOUND.encode() + b'":' + head + b',"value":' + value + b"}")
+
+
+class _BoundJSONPayloadConverter(EncodingPayloadConverter):
+    """Reads the envelope: whole for a parameter typed ``Any`` (the workflow checks it, see :func:`unbind`),
+    else the value alone, converted to the parameter's type (a workflow that does not check bindings)."""
+
+    def __init__(self, json_converter: EncodingPayloadConverter) -> None:
+        self._json = json_converter
+
+    @property
+    def encoding(self) -> str:
+        return BOUND_ENCODING.decode()
+
+    def to_payload(self, value: Any) -> Payload | None:
+        return None  # never written: only decode makes envelopes
+
+    def from_payload(self, payload: Payload, type_hint: type | None = None) -> Any:
+        envelope = json.loads(payload.data)
+        if type_hint is None or type_hint is Any:
+            return envelope
+        inner = json.dumps(envelope["value"], separators=(",", ":")).encode()
+        return self._json.from_payload(Payload(metadata={"encoding": b"json/plain"}, data=inner), type_hint)
+
+
+class BoundPayloadConverter(PydanticPayloadConverter):
+    """Firebreak's payload converter wherever a codec binds payloads: pydantic's, plus the envelope."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        json_converter = next(c for c in self.converters.values() if isinstance(c, PydanticJSONPlainPayloadConverter))
+        self._set_converters(*self.converters.values(), _BoundJSONPayloadConverter(json_converter))
 
 
 # The bindings of an activity's arguments, noted by the codec on the activity worker for the check

@@ -511,9 +511,10 @@ async def encrypted_client(dev_env: WorkflowEnvironment) -> Client:
     """A client to the same dev server that encrypts: what every Firebreak process gets from a key setting."""
     client = await connect(TemporalSettings(address=dev_env.client.service_client.config.target_host,
                                             namespace=dev_env.client.namespace, encrypt_key=KEY))
-    # DATA_CONVERTER plus the codec, and failure messages moved into encoded (encrypted) attributes.
+    # DATA_CONVERTER plus the codec (and the reader of its bound messages), and failure messages moved into
+    # encoded (encrypted) attributes.
     converter = client.data_converter
-    assert converter.payload_converter_class is DATA_CONVERTER.payload_converter_class
+    assert issubclass(converter.payload_converter_class, DATA_CONVERTER.payload_converter_class)
     assert converter.failure_converter_class is DefaultFailureConverterWithEncodedAttributes
     assert isinstance(client.data_converter.payload_codec, EncryptionCodec)
     return client

@@ -50,6 +50,7 @@ from firebreak.codec import (
     BIND_REQUEST,
     MAC_METADATA,
     Binding,
+    BoundPayloadConverter,
     DecryptionError,
     EncryptionCodec,
     MessageBinding,
@@ -94,8 +95,8 @@ def in_activity(workflow_id: str, activity_type: str = "execute_step", activity_
                                         activity_task_queue="firebreak", is_local=False)
 
 
-def value_of(decoded: Payload) -> Any:
-    return DATA_CONVERTER.payload_converter.from_payloads([decoded])[0]
+def value_of(decoded: Payload, type_hint: Any = Any) -> Any:
+    return BoundPayloadConverter().from_payloads([decoded], [type_hint])[0]
 
 
 @pytest.mark.parametrize("codec", [PayloadAuthCodec.from_b64(KEY), EncryptionCodec.from_b64(KEY)], ids=["mac", "aes"])
@@ -105,6 +106,8 @@ async def test_a_message_is_bound_to_its_workflow_and_reaches_the_workflow_with_
     assert BIND_REQUEST not in sent.metadata, "a request is consumed, never written"
     [there] = await codec.with_context(in_workflow("wf-a")).decode([sent])
     assert unbind(value_of(there)) == (alert, MessageBinding("signal:alert", "run-1"))
+    # A handler typed Any gets the envelope and checks it; one with a type gets the value alone.
+    assert value_of(there, dict[str, list[dict[str, str]]]) == alert
     # Moved to another workflow: the marker, with where it was made for and where it arrived.
     [elsewhere] = await codec.with_context(in_workflow("wf-b")).decode([sent])
     assert unauthenticated_reason(value_of(elsewhere)) == "misplaced payload: made for workflow 'wf-a', not 'wf-b'"
