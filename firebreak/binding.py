@@ -48,6 +48,7 @@ from temporalio.worker import (
     ContinueAsNewInput,
     ExecuteActivityInput,
     StartActivityInput,
+    StartLocalActivityInput,
     WorkflowInboundInterceptor,
     WorkflowInterceptorClassInput,
     WorkflowOutboundInterceptor,
@@ -137,6 +138,10 @@ class _WorkflowOutbound(WorkflowOutboundInterceptor):
     def start_activity(self, input: StartActivityInput) -> workflow.ActivityHandle[Any]:
         args = _marked(workflow.payload_converter(), input.args, f"activity:{input.activity}", workflow.info().run_id)
         return super().start_activity(dataclasses.replace(input, args=args))
+
+    def start_local_activity(self, input: StartLocalActivityInput) -> workflow.ActivityHandle[Any]:
+        args = _marked(workflow.payload_converter(), input.args, f"activity:{input.activity}", workflow.info().run_id)
+        return super().start_local_activity(dataclasses.replace(input, args=args))
 
     def continue_as_new(self, input: ContinueAsNewInput) -> NoReturn:
         name = input.workflow if isinstance(input.workflow, str) else workflow.info().workflow_type
