@@ -38,26 +38,42 @@ cannot be relabelled with another key id without failing authentication.
 
 Authenticated payload layout: the payload as written, plus
 ``metadata["firebreak-mac"] = "<key id>:<hex HMAC-SHA256>"`` over :func:`_mac_message`.
+
+Bound payloads (both codecs): a MAC or a ciphertext says who wrote a payload, not where it belongs,
+so each payload written in a serialization context also carries ``metadata["firebreak-bind"]``
+(:class:`Binding`: the workflow id, what it was made for, the run, the activity id), inside what
+the MAC covers (or inside the ciphertext). What the SDK's context does not tell the codec (the message
+name, the run) comes in a binding *request* that :mod:`firebreak.binding`'s interceptors attach to
+the argument before it is encoded (:data:`BIND_REQUEST`, dropped here, never written). On decode the
+codec checks what its context knows (workflow id; activity type and id); a workflow's messages reach
+it as an envelope (:func:`unbind`) so that the workflow checks the message name and the run itself;
+an activity's run is checked by :class:`firebreak.binding.PayloadBinding` on the activity worker.
+Payloads written before bindings carry none (``tests/histories/``): they are read as recorded, and
+refused only where new work needs a binding.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextvars
 import copy
 import hashlib
 import hmac
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Self, TypeVar
+from typing import Any, ClassVar, NamedTuple, Self, TypeVar
 
 from google.protobuf.message import DecodeError
 from temporalio.api.common.v1 import Payload
+from temporalio.contrib.pydantic import PydanticJSONPlainPayloadConverter, PydanticPayloadConverter
 from temporalio.converter import (
     ActivitySerializationContext,
+    EncodingPayloadConverter,
     PayloadCodec,
     SerializationContext,
     WithSerializationContext,
@@ -67,6 +83,10 @@ from temporalio.converter import (
 ENCODING = b"binary/encrypted"
 KEY_ID_METADATA = "encryption-key-id"
 MAC_METADATA = "firebreak-mac"
+BIND_METADATA = "firebreak-bind"  # written by the codec, covered by the MAC
+BIND_REQUEST = "firebreak-bind-request"  # attached by the interceptors, consumed by encode, never written
+BOUND = "firebreak_bound"  # the envelope key a workflow's messages arrive under (see unbind)
+BOUND_ENCODING = b"json/firebreak-bound"  # the envelope's encoding: only ever made by decode, never sent
 UNAUTHENTICATED = "firebreak_unauthenticated"
 KEY_BYTES = 32  # AES-256; for HMAC-SHA256, its output size
 # GCM's standard nonce, random per payload. NIST caps random nonces at 2^32 messages per key: rotate well before.
@@ -90,6 +110,13 @@ class DecryptionError(ValueError):
 
 class PayloadAuthError(DecryptionError):
     """A payload without a valid MAC: written by someone who does not hold the payload key."""
+
+
+class PayloadBindingError(DecryptionError):
+    """An authentic payload moved out of its place: another workflow, run, message or activity."""
+
+
+MISPLACED = "misplaced payload"
 
 
 def key_id_for(key: bytes) -> str:
@@ -122,6 +149,172 @@ def _read_key_file(path: str | Path) -> str:
     lines = [line.split("#", 1)[0].strip() for line in Path(path).read_text().splitlines()]
     return ",".join(line for line in lines if line)
 
+
+
+# -- bindings: where a payload belongs -----------------------------------------------------------------
+
+# What a workflow receives as a message (its input, a signal, an update, a query): checked by the
+# workflow itself, which alone knows its run and which handler it is in. The rest the codec checks.
+MESSAGE_KINDS = frozenset({"start", "continue", "signal", "update", "query"})
+
+
+@dataclass(frozen=True)
+class Binding:
+    """Where a payload was made to go, covered by its MAC (in :data:`BIND_METADATA`).
+
+    ``to`` is ``kind:name``: ``start:<workflow type>`` (a client's start), ``continue:<workflow type>``
+    (a run's continue-as-new), ``signal:<name>``, ``update:<name>``, ``query:<name>``,
+    ``activity:<type>`` (an activity's input), ``result:<type>`` (its result or heartbeat details), or
+    ``""`` (anything else written for this workflow: its result, memo, answers). ``run`` is the run it
+    was made for, ``""`` where the writer cannot know it (a start, the signal of a signal-with-start).
+    ``attempt`` is the activity attempt that produced a result.
+    """
+
+    workflow_id: str
+    to: str
+    run: str = ""
+    activity_id: str = ""
+    attempt: int = 0
+
+    @property
+    def kind(self) -> str:
+        return self.to.partition(":")[0]
+
+    def encode(self) -> bytes:
+        return json.dumps({"v": 1, "wf": self.workflow_id, "to": self.to, "run": self.run, "act": self.activity_id,
+                           "attempt": self.attempt}, separators=(",", ":"), sort_keys=True).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Binding:
+        try:
+            doc = json.loads(raw)
+            if doc.get("v") != 1 or not all(isinstance(doc.get(k), str) for k in ("wf", "to", "run", "act")) \
+                    or type(doc.get("attempt")) is not int:
+                raise ValueError
+        except (ValueError, AttributeError):
+            raise PayloadBindingError(f"{MISPLACED}: malformed binding") from None
+        return cls(doc["wf"], doc["to"], doc["run"], doc["act"], doc["attempt"])
+
+
+class MessageBinding(NamedTuple):
+    """What a workflow's message was made for, as the workflow sees it after :func:`unbind`."""
+
+    to: str
+    run: str
+
+
+def bind_request(payload: Payload, to: str, run: str = "") -> Payload:
+    """``payload`` marked for the codec to bind to ``to`` and ``run`` when it encodes it.
+
+    The request is no secret and proves nothing: only the codec's MAC over the binding does.
+    """
+    marked = Payload()
+    marked.CopyFrom(payload)
+    marked.metadata[BIND_REQUEST] = json.dumps({"to": to, "run": run}, separators=(",", ":"), sort_keys=True).encode()
+    return marked
+
+
+def _read_request(raw: bytes) -> MessageBinding:
+    try:
+        doc = json.loads(raw)
+        return MessageBinding(str(doc["to"]), str(doc["run"]))
+    except (ValueError, KeyError, TypeError):
+        raise EncryptionError("malformed binding request") from None
+
+
+def unbind(value: object) -> tuple[Any, MessageBinding | None]:
+    """A workflow's message and what it was made for; ``(value, None)`` for a payload without a binding.
+
+    Pure, no I/O: safe in workflow code. The codec hands a bound message to the workflow as
+    ``{"firebreak_bound": {"to": ..., "run": ...}, "value": ...}`` (see :func:`_envelope`).
+    """
+    if isinstance(value, dict) and set(value) == {BOUND, "value"}:
+        bound = value[BOUND]
+        if isinstance(bound, dict) and isinstance(bound.get("to"), str) and isinstance(bound.get("run"), str):
+            return value["value"], MessageBinding(bound["to"], bound["run"])
+    return value, None
+
+
+def misplaced(bound: MessageBinding | None, *, to: str, runs: Collection[str], any_run: bool = False) -> str | None:
+    """Why a message cannot be taken here, or None. Pure: for workflow code.
+
+    ``to``: the message this handler is (``signal:alert``); ``runs``: the runs it may be made for
+    (this run, and the run it continued from); ``any_run``: a message its sender could not bind to a
+    run (a start; the signal of a signal-with-start, which joins whichever run is open).
+    """
+    if bound is None:
+        return f"{MISPLACED}: not bound to a workflow, run and message (written without payload binding)"
+    if bound.to != to:
+        return f"{MISPLACED}: made for {bound.to or 'no message'}, not {to}"
+    if not bound.run:
+        return None if any_run else f"{MISPLACED}: made for no particular run"
+    if bound.run not in runs:
+        return f"{MISPLACED}: made for run {bound.run}, not this one"
+    return None
+
+
+def _envelope(payload: Payload, binding: Binding) -> Payload:
+    encoding = payload.metadata.get("encoding", b"")
+    if encoding == b"json/plain":
+        value = payload.data
+    elif encoding == b"binary/null":
+        value = b"null"
+    else:  # Firebreak writes JSON only; a message the workflow could not check is refused
+        raise PayloadBindingError(f"{MISPLACED}: a message in encoding {encoding[:40].decode('ascii', 'replace')!r}")
+    head = json.dumps({"to": binding.to, "run": binding.run}, separators=(",", ":"), sort_keys=True).encode()
+    return Payload(metadata={"encoding": BOUND_ENCODING},
+                   data=b'{"' + BOUND.encode() + b'":' + head + b',"value":' + value + b"}")
+
+
+class _BoundJSONPayloadConverter(EncodingPayloadConverter):
+    """Reads the envelope: whole for a parameter typed ``Any`` (the workflow checks it, see :func:`unbind`),
+    else the value alone, converted to the parameter's type (a workflow that does not check bindings)."""
+
+    def __init__(self, json_converter: EncodingPayloadConverter) -> None:
+        self._json = json_converter
+
+    @property
+    def encoding(self) -> str:
+        return BOUND_ENCODING.decode()
+
+    def to_payload(self, value: Any) -> Payload | None:
+        return None  # never written: only decode makes envelopes
+
+    def from_payload(self, payload: Payload, type_hint: type | None = None) -> Any:
+        envelope = json.loads(payload.data)
+        if type_hint is None or type_hint is Any:
+            return envelope
+        inner = json.dumps(envelope["value"], separators=(",", ":")).encode()
+        return self._json.from_payload(Payload(metadata={"encoding": b"json/plain"}, data=inner), type_hint)
+
+
+class BoundPayloadConverter(PydanticPayloadConverter):
+    """Firebreak's payload converter wherever a codec binds payloads: pydantic's, plus the envelope."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        json_converter = next(c for c in self.converters.values() if isinstance(c, PydanticJSONPlainPayloadConverter))
+        self._set_converters(*self.converters.values(), _BoundJSONPayloadConverter(json_converter))
+
+
+# The bindings of an activity's arguments, noted by the codec on the activity worker for the check
+# it cannot make (the run): the SDK decodes them in the activity's own task, right before its interceptors.
+_activity_bindings: contextvars.ContextVar[tuple[Binding, ...]] = contextvars.ContextVar(
+    "firebreak_activity_bindings", default=())
+
+
+def activity_bindings() -> tuple[Binding, ...]:
+    """The bindings the codec checked for the current activity task's arguments (and heartbeat details)."""
+    return _activity_bindings.get()
+
+
+def _activity_info() -> Any:
+    try:
+        from temporalio import activity
+
+        return activity.info()
+    except RuntimeError:  # not in an activity
+        return None
 
 # -- unauthenticated payloads -------------------------------------------------------------------------
 
@@ -231,12 +424,15 @@ class _KeyedCodec(PayloadCodec, WithSerializationContext):
         bound._context = context
         return bound
 
+    async def encode(self, payloads: Sequence[Payload]) -> list[Payload]:
+        return [self._seal(self._bound(p)) for p in payloads]
+
     async def decode(self, payloads: Sequence[Payload]) -> list[Payload]:
         # Decided at decode time: for an activity context it depends on who is decoding (see above).
         if _decodes_for_a_workflow(self._context):
             return [self._open_or_mark(p) for p in payloads]
         try:
-            return [self._open(p) for p in payloads]  # one refused payload spoils the batch
+            return [self._placed(self._open(p)) for p in payloads]  # one refused payload spoils the batch
         except DecryptionError as exc:
             if isinstance(self._context, ActivitySerializationContext):
                 # The SDK reports "Failed decoding arguments" caused by this: say that nothing ran.
@@ -245,16 +441,94 @@ class _KeyedCodec(PayloadCodec, WithSerializationContext):
 
     def _open_or_mark(self, payload: Payload) -> Payload:
         try:
-            return self._open(payload)
+            return self._placed(self._open(payload))
         except DecryptionError as exc:
             return unauthenticated_marker(_unauthenticated(str(exc)))
 
     def _open(self, payload: Payload) -> Payload:
         raise NotImplementedError
 
+    def _seal(self, payload: Payload) -> Payload:
+        raise NotImplementedError
+
+    # -- binding: where the payload goes (encode) and whether it arrived there (decode) --
+
+    def _bound(self, payload: Payload) -> Payload:
+        """``payload`` with the binding of this context (and of the interceptors' request, if any)."""
+        request = payload.metadata.get(BIND_REQUEST)
+        binding = self._binding_for(_read_request(request) if request is not None else None)
+        if binding is None and request is None and BIND_METADATA not in payload.metadata:
+            return payload
+        bound = Payload()
+        bound.CopyFrom(payload)
+        for key in (BIND_REQUEST, BIND_METADATA):  # a binding is only ever the codec's own
+            if key in bound.metadata:
+                del bound.metadata[key]
+        if binding is not None:
+            bound.metadata[BIND_METADATA] = binding.encode()
+        return bound
+
+    def _binding_for(self, request: MessageBinding | None) -> Binding | None:
+        context = self._context
+        if isinstance(context, WorkflowSerializationContext):
+            # A client's message (the interceptor says which), or what the workflow itself writes.
+            return Binding(context.workflow_id, request.to if request else "", request.run if request else "")
+        if isinstance(context, ActivitySerializationContext):
+            if _in_workflow_activation():  # the workflow scheduling the activity: its input
+                to = f"activity:{context.activity_type}"
+                if request is not None and request.to != to:
+                    raise EncryptionError(f"binding request for {request.to!r} on the input of {to!r}")
+                # The SDK knows the activity id here only if the workflow chose it (Firebreak's do not: the
+                # run and the type place it, since only the run's own worker schedules in that run).
+                return Binding(context.workflow_id, to, request.run if request else "", context.activity_id or "")
+            # The activity worker: its result or heartbeat details, from the run and attempt that produced them.
+            info = _activity_info()
+            return Binding(context.workflow_id, f"result:{context.activity_type}",
+                           (info.workflow_run_id or "") if info else "", context.activity_id or "",
+                           info.attempt if info else 0)
+        return None  # called directly (tests, tools): nothing says where the payload goes
+
+    def _placed(self, payload: Payload) -> Payload:
+        """An opened payload checked against where it is decoded; its binding removed (or enveloped)."""
+        context = self._context
+        raw = payload.metadata.get(BIND_METADATA)
+        if context is None or not isinstance(context, (WorkflowSerializationContext, ActivitySerializationContext)):
+            return payload  # the codec server, `firebreak history`: nothing to check against; the binding stays shown
+        binding = Binding.decode(raw) if raw is not None else None
+        if raw is not None:
+            stripped = Payload()
+            stripped.CopyFrom(payload)
+            del stripped.metadata[BIND_METADATA]
+            payload = stripped
+        if binding is not None and binding.workflow_id != context.workflow_id:
+            raise PayloadBindingError(
+                f"{MISPLACED}: made for workflow {binding.workflow_id!r}, not {context.workflow_id!r}")
+        if isinstance(context, WorkflowSerializationContext):
+            # Unbound (recorded before bindings): read as recorded; the workflow decides whether it may count.
+            return _envelope(payload, binding) if binding is not None and binding.kind in MESSAGE_KINDS else payload
+        in_activation = _in_workflow_activation()
+        if binding is None:
+            if in_activation:
+                return payload  # a result recorded before bindings: replays as it ran
+            raise PayloadBindingError(f"{MISPLACED}: not bound to a workflow and activity")
+        kinds = {f"result:{context.activity_type}"}
+        if not in_activation:  # the activity worker: its arguments, or its heartbeat details
+            kinds.add(f"activity:{context.activity_type}")
+        if binding.to not in kinds:
+            raise PayloadBindingError(f"{MISPLACED}: made for {binding.to or 'no activity'}, "
+                                      f"not {'result' if in_activation else 'activity'}:{context.activity_type}")
+        if binding.activity_id and context.activity_id and binding.activity_id != context.activity_id:
+            raise PayloadBindingError(
+                f"{MISPLACED}: made for activity id {binding.activity_id!r}, not {context.activity_id!r}")
+        if not in_activation:
+            _activity_bindings.set(_activity_bindings.get() + (binding,))
+        return payload
+
 
 def _unauthenticated(reason: str) -> str:
-    return reason if reason.startswith("unauthenticated payload") else f"unauthenticated payload: {reason}"
+    if reason.startswith(("unauthenticated payload", MISPLACED)):
+        return reason
+    return f"unauthenticated payload: {reason}"
 
 
 # -- authentication ------------------------------------------------------------------------------------
@@ -276,8 +550,8 @@ class PayloadAuthCodec(_KeyedCodec):
 
     _derive_key_id = staticmethod(mac_key_id_for)
 
-    async def encode(self, payloads: Sequence[Payload]) -> list[Payload]:
-        return [self.sign(p) for p in payloads]
+    def _seal(self, payload: Payload) -> Payload:
+        return self.sign(payload)
 
     def sign(self, payload: Payload) -> Payload:
         signed = Payload()
@@ -362,9 +636,9 @@ class EncryptionCodec(_KeyedCodec):
 
     _derive_key_id = staticmethod(key_id_for)
 
-    async def encode(self, payloads: Sequence[Payload]) -> list[Payload]:
-        # Every payload, whatever its encoding: nothing leaves this process in clear.
-        return [self.encrypt(p) for p in payloads]
+    def _seal(self, payload: Payload) -> Payload:
+        # Every payload, whatever its encoding: nothing leaves this process in clear (its binding inside).
+        return self.encrypt(payload)
 
     def encrypt(self, payload: Payload) -> Payload:
         key_id = self.current

@@ -14,7 +14,9 @@ Unlike Temporal's sample server:
 - ``X-Namespace`` must be the configured namespace: the key belongs to one namespace;
 - CORS admits the configured UI origins only, never ``*``;
 - a payload the codec cannot decrypt is answered as the refusal marker
-  (``{"firebreak_unauthenticated": reason}``): garbage is never passed through as if genuine.
+  (``{"firebreak_unauthenticated": reason}``): garbage is never passed through as if genuine;
+- a payload's binding (``firebreak-bind``: the workflow, run and message it was made for) is shown as
+  written: decoding for a person, the server has no place to check it against (workers do).
 """
 
 from __future__ import annotations

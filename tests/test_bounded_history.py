@@ -16,7 +16,7 @@ import httpx
 from temporalio.testing import WorkflowEnvironment
 
 from api_harness import alertmanager_body, bearer, labels, running_api, wait_status
-from conftest import CONVERTER, temporal_bin
+from conftest import CONVERTER, INTERCEPTORS, temporal_bin
 from firebreak.config import AGENT
 from firebreak.contracts import AlertSignal, ApprovalOutcome, IncidentReport, Phase
 from firebreak.temporal import SEARCH_ATTRIBUTES
@@ -90,7 +90,8 @@ async def test_a_long_wait_continues_as_new_carrying_the_plan_and_its_approvals(
 ):
     """A dev server told to suggest continue-as-new early: the incident hands over, alice's approval counts."""
     env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=temporal_bin(), data_converter=CONVERTER, search_attributes=SEARCH_ATTRIBUTES,
+        dev_server_existing_path=temporal_bin(), data_converter=CONVERTER, interceptors=INTERCEPTORS,
+        search_attributes=SEARCH_ATTRIBUTES,
         dev_server_database_filename=str(tmp_path / "temporal.db"), ui=False,
         dev_server_extra_args=["--dynamic-config-value", "limit.historyCount.suggestContinueAsNew=60"],
     )

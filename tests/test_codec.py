@@ -307,7 +307,11 @@ async def test_unauthenticated_payloads_become_markers_for_workflows_and_raise_e
     for codec in (auth, enc):
         with pytest.raises(DecryptionError):
             await codec.decode([forged])
-    assert await auth.with_context(IN_ACTIVITY).decode([signed]) == [payload({"decision": "approve"})]
+    # Signed, but for no place: an activity refuses it (see tests/test_payload_binding.py); signed for its place, it runs.
+    with pytest.raises(DecryptionError, match="^misplaced payload: not bound"):
+        await auth.with_context(IN_ACTIVITY).decode([signed])
+    [placed] = await auth.with_context(IN_ACTIVITY).encode([payload({"decision": "approve"})])
+    assert await auth.with_context(IN_ACTIVITY).decode([placed]) == [payload({"decision": "approve"})]
 
 
 async def test_activity_results_in_a_workflow_activation_become_markers() -> None:
@@ -507,9 +511,10 @@ async def encrypted_client(dev_env: WorkflowEnvironment) -> Client:
     """A client to the same dev server that encrypts: what every Firebreak process gets from a key setting."""
     client = await connect(TemporalSettings(address=dev_env.client.service_client.config.target_host,
                                             namespace=dev_env.client.namespace, encrypt_key=KEY))
-    # DATA_CONVERTER plus the codec, and failure messages moved into encoded (encrypted) attributes.
+    # DATA_CONVERTER plus the codec (and the reader of its bound messages), and failure messages moved into
+    # encoded (encrypted) attributes.
     converter = client.data_converter
-    assert converter.payload_converter_class is DATA_CONVERTER.payload_converter_class
+    assert issubclass(converter.payload_converter_class, DATA_CONVERTER.payload_converter_class)
     assert converter.failure_converter_class is DefaultFailureConverterWithEncodedAttributes
     assert isinstance(client.data_converter.payload_codec, EncryptionCodec)
     return client

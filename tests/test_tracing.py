@@ -54,10 +54,11 @@ async def test_one_trace_links_the_webhook_the_workflow_its_activities_and_every
     from demo.fleet import FleetServer
     from firebreak import signing
     from firebreak.telemetry import temporal_interceptors
+    from firebreak.temporal import with_binding
     from test_secrets import RecordingVerifier
 
     traced = Client(dev_env.client.service_client, namespace=dev_env.client.namespace, data_converter=CONVERTER,
-                    interceptors=temporal_interceptors())
+                    interceptors=with_binding(CONVERTER, temporal_interceptors()))
     verifier = RecordingVerifier(signing.TargetVerifier.from_broker(broker.url, "fleet"))
     with FleetServer(verifier=verifier, chaos_token="test-chaos", close_verifier=True) as fleet:
         settings = worker_settings_for(state_dir, runbooks_dir, broker, fleet)

@@ -22,7 +22,7 @@ import pytest
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
-from conftest import CONVERTER, temporal_bin
+from conftest import CONVERTER, INTERCEPTORS, temporal_bin
 from firebreak.contracts import Phase
 from firebreak.temporal import SEARCH_ATTRIBUTES
 from incidents import inject, make_alert, open_incident, report_of, submit, wait_for_phase, wait_until
@@ -52,7 +52,8 @@ async def ui_env(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tupl
     """A dev server of its own, with its Web UI: the list then holds only this test's incidents."""
     ui_port = _free_port()
     env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=temporal_bin(), data_converter=CONVERTER, search_attributes=SEARCH_ATTRIBUTES,
+        dev_server_existing_path=temporal_bin(), data_converter=CONVERTER, interceptors=INTERCEPTORS,
+        search_attributes=SEARCH_ATTRIBUTES,
         dev_server_database_filename=str(tmp_path_factory.mktemp("ui-temporal") / "temporal.db"),
         dev_server_extra_args=["--sqlite-pragma", "journal_mode=wal", "--sqlite-pragma", "synchronous=normal",
                                "--ui-disable-news-fetch"],

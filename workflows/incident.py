@@ -36,7 +36,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.tickets import TicketActivities
     from activities.verify import VerifyActivities
     from firebreak import policy
-    from firebreak.codec import unauthenticated_reason
+    from firebreak.codec import MessageBinding, misplaced, unauthenticated_reason, unbind
     from firebreak.incidents import MEMO_KEY, WAITING_KEY, memo_status
     from firebreak.contracts import (
         Alert,
@@ -100,6 +100,11 @@ _LEGACY_PATIENT = RetryPolicy(initial_interval=timedelta(seconds=2), maximum_int
 _LEGACY_WRITE = RetryPolicy(initial_interval=timedelta(seconds=2), maximum_interval=timedelta(seconds=20),
                             maximum_attempts=3)
 T = TypeVar("T")
+# Each message, input and activity is bound to its workflow, run and handler (firebreak/codec.py,
+# firebreak/binding.py): runs started before this patch read their payloads as recorded.
+PAYLOAD_BINDING = "payload-binding"
+# A requester named in a signal counts only with a receipt of theirs (for this incident) in that signal.
+SIGNAL_REQUESTER_RECEIPT = "signal-requester-receipt"
 
 
 def _refusal(incident: Any) -> str | None:
@@ -190,8 +195,11 @@ class IncidentWorkflow:
     @workflow.init
     def __init__(self, incident: Any) -> None:
         # Typed Any and validated here, so that an input this worker must refuse (unauthenticated,
-        # or not an IncidentInput) fails the run with its reason instead of wedging its first task.
-        self.refused_input = _refusal(incident)
+        # moved from elsewhere, or not an IncidentInput) fails the run with its reason instead of wedging
+        # its first task.
+        incident, bound = unbind(incident)
+        self.binds = workflow.patched(PAYLOAD_BINDING)
+        self.refused_input = _refusal(incident) or self._input_misplaced(bound)
         self.incident = IncidentInput.model_validate(incident) if self.refused_input is None else None
         # Whoever raised the incident may not approve it, even if an alert system opened it first.
         self.requested_by = self.incident.requested_by if self.incident else None
@@ -239,6 +247,24 @@ class IncidentWorkflow:
 
     # -- messages -------------------------------------------------------------
 
+    def _input_misplaced(self, bound: MessageBinding | None) -> str | None:
+        """Why this run's input was not made to start it (or to continue the run before it), or None."""
+        if not self.binds:
+            return None
+        info = workflow.info()
+        if info.continued_run_id:
+            return misplaced(bound, to=f"continue:{info.workflow_type}", runs={info.continued_run_id})
+        # A start cannot know its run: it is bound to this workflow id and to being a start.
+        return misplaced(bound, to=f"start:{info.workflow_type}", runs=(), any_run=True)
+
+    def _misplaced(self, bound: MessageBinding | None, to: str, *, any_run: bool = False) -> str | None:
+        """Why a message was not made for this handler of this run (or the run it continued), or None."""
+        if not self.binds:
+            return None
+        info = workflow.info()
+        runs = {info.run_id} | ({info.continued_run_id} if info.continued_run_id else set())
+        return misplaced(bound, to=to, runs=runs, any_run=any_run)
+
     @workflow.signal
     def alert(self, payload: Any) -> None:
         """A new, repeated or resolved alert for this incident.
@@ -251,9 +277,15 @@ class IncidentWorkflow:
             self._apply_alerts(signal)
 
     def _read_signal(self, name: str, payload: Any) -> AlertSignal | None:
+        payload, bound = unbind(payload)
         unauthenticated = unauthenticated_reason(payload)
         if unauthenticated is not None:
             self.refused_signals.append(f"{name} signal refused: {unauthenticated}")
+            return None
+        # An alert may come with a signal-with-start, which joins whichever run is open: any run of this id.
+        moved = self._misplaced(bound, f"signal:{name}", any_run=name == "alert")
+        if moved is not None:
+            self.refused_signals.append(f"{name} signal refused: {moved}")
             return None
         try:
             return AlertSignal.model_validate(payload)
@@ -264,7 +296,16 @@ class IncidentWorkflow:
             return None
 
     def _apply_alerts(self, signal: AlertSignal) -> None:
-        self.requested_by = self.requested_by or signal.requested_by
+        named = signal.requested_by
+        if named and workflow.patched(SIGNAL_REQUESTER_RECEIPT):
+            receipt = signal.receipt
+            # The receipt the person signed for this incident (the broker verifies its signature at mint).
+            if receipt is None or receipt.requested_by != named or receipt.signer != named \
+                    or receipt.incident_id != workflow.info().workflow_id:
+                self.refused_signals.append(
+                    f"alert signal: requester {named[:64]!r} not counted: the signal carries no receipt of theirs")
+                named = None
+        self.requested_by = self.requested_by or named
         # One receipt per requester is enough: a repeated delivery must not grow the history.
         receipt = signal.receipt
         if receipt is not None and all(r.requested_by != receipt.requested_by for r in self.receipts):
@@ -290,28 +331,45 @@ class IncidentWorkflow:
             received_at=signal.received_at,
             delivery_id=signal.delivery_id,
             requested_by=signal.requested_by,
+            receipt=signal.receipt if signal.requested_by and workflow.patched(SIGNAL_REQUESTER_RECEIPT) else None,
         ))
 
     @workflow.signal
     async def approval(self, payload: Any) -> None:
-        """Recorded in history always; a malformed or unsigned one is recorded as refused."""
-        await self._receive_approval(payload, via="signal")
+        """Recorded in history always; a malformed, unsigned or misplaced one is recorded as refused."""
+        payload, bound = unbind(payload)
+        await self._receive_approval(payload, via="signal", moved=self._misplaced(bound, "signal:approval"))
 
     @workflow.update
-    async def submit_approval(self, approval: Approval) -> ApprovalOutcome:
+    async def submit_approval(self, approval: Any) -> ApprovalOutcome:
         """Answers at once whether the approval counted, and why not.
 
         A refused approval fails the update (its outcome in the failure's details), so that the UI shows
         it as failed with the reason, not as "Outcome Success". It is recorded all the same.
+        Typed Any: a bound message arrives in its envelope (firebreak.codec.unbind); the validator has
+        refused anything that is not a signed Approval made for this update of this run.
         """
-        outcome = await self._receive_approval(approval.model_dump(mode="json"), via="update")
+        payload, _ = unbind(approval)
+        checked = Approval.model_validate(payload)
+        outcome = await self._receive_approval(checked.model_dump(mode="json"), via="update")
         if self.console and not outcome.counted:
             raise ApplicationError(f"refused: {outcome.reason}", outcome, type=APPROVAL_REFUSED, non_retryable=True)
         return outcome
 
     @submit_approval.validator
-    def _validate_submit(self, approval: Approval) -> None:
-        if not approval.signature:
+    def _validate_submit(self, approval: Any) -> None:
+        # Refused here, an update never enters history: as the typed argument did before payload binding.
+        payload, bound = unbind(approval)
+        refused = unauthenticated_reason(payload) or self._misplaced(bound, "update:submit_approval")
+        if refused is not None:
+            raise ValueError(refused)
+        try:
+            checked = Approval.model_validate(payload)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise ValueError(f"malformed approval: {'.'.join(str(p) for p in first['loc']) or '(payload)'}: "
+                             f"{first['msg']}") from None
+        if not checked.signature:
             raise ValueError("approval is not signed")
 
     @workflow.query
@@ -646,20 +704,22 @@ class IncidentWorkflow:
                 return approval.approver
         return None
 
-    async def _receive_approval(self, payload: Any, via: str) -> ApprovalOutcome:
+    async def _receive_approval(self, payload: Any, via: str, moved: str | None = None) -> ApprovalOutcome:
         self.unjudged += 1  # before any await: the expiry decision waits for this one to be judged
         try:
-            return await self._judge_approval(payload, via)
+            return await self._judge_approval(payload, via, moved)
         finally:
             self.unjudged -= 1
 
-    async def _judge_approval(self, payload: Any, via: str) -> ApprovalOutcome:
+    async def _judge_approval(self, payload: Any, via: str, moved: str | None = None) -> ApprovalOutcome:
         now = workflow.now()
         # One at a time, in arrival order (asyncio.Lock is FIFO), so records read in the order sent.
         async with self.approval_lock:
             unauthenticated = unauthenticated_reason(payload)
             if unauthenticated is not None:
                 return self._record_refusal(payload, via, unauthenticated)
+            if moved is not None:
+                return self._record_refusal(payload, via, moved)
             try:
                 approval = Approval.model_validate(payload)
             except ValidationError as exc:

@@ -67,6 +67,10 @@ PATCHES: tuple[Patch, ...] = (
     Patch("rolled-back-while-firing-needs-a-human", "7c1302f",
           "a rollback that leaves the alert firing escalates and ends Failed, never green",
           histories=_ALL),
+    Patch("payload-binding", "de678e2", "payloads bound to their workflow, run, message or activity are checked",
+          histories=_ALL),
+    Patch("signal-requester-receipt", "de678e2", "a requester named in a signal counts only with its own receipt",
+          histories=_ALL),
 )
 
 # The oldest code whose open incidents this worker still replays: the first recorded history's.
