@@ -23,6 +23,7 @@ from temporalio.service import RPCError
 
 from activities.deps import ActivityDeps
 from firebreak.broker.client import BrokerError
+from firebreak.codec import unbind
 from firebreak.contracts import Approval, ApprovalArrival, ApprovalCheck, approval_sha256
 from firebreak.receipts import load_intake_public_keys, verify_arrival
 
@@ -79,6 +80,7 @@ async def _signaled_at(approval: Approval) -> datetime | None:
                 continue
             try:
                 [value] = await converter.decode(signaled.input.payloads)
+                value, _ = unbind(value)  # a bound message reads as its envelope: the approval is inside
                 if approval_sha256(Approval.model_validate(value)) != digest:
                     continue
             except Exception:  # noqa: BLE001 - a signal this cannot read is not this approval

@@ -15,7 +15,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.deps import ActivityDeps
-from firebreak.broker.client import CredentialsFrozen, IssuedCredential, MintRefused
+from firebreak.broker.client import CredentialsFrozen, IssuedCredential, MintRefused, StepAlreadyWritten
 from firebreak.contracts import Approval, Plan, Receipt
 
 MAX_TTL_S = 900.0
@@ -70,6 +70,9 @@ async def activity_credential(
         # Not a failure of the step: the workflow holds the incident until the broker thaws.
         span.set_status(trace.Status(trace.StatusCode.ERROR, "credentials frozen"))
         raise ApplicationError(exc.reason, type=FROZEN, non_retryable=True) from None
+    except StepAlreadyWritten:
+        span.set_status(trace.Status(trace.StatusCode.ERROR, "step already wrote"))
+        raise  # the step's own activity knows what that means (activities/execute.py)
     except MintRefused as exc:
         span.set_status(trace.Status(trace.StatusCode.ERROR, "credential refused"))
         raise ApplicationError(f"credential refused: {exc.reason}", type="MintRefused", non_retryable=True) from None

@@ -10,6 +10,7 @@ target's response: nothing else it says reaches history.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import httpx
 from temporalio import activity
@@ -18,6 +19,7 @@ from temporalio.exceptions import ApplicationError
 from activities.credentials import activity_credential
 from activities.deps import ActivityDeps
 from activities.targets import reason, resource_url
+from firebreak.broker.client import StepAlreadyWritten
 from firebreak.contracts import ExecuteRequest, PlanStep, StepResult, canonical_json
 
 
@@ -25,6 +27,17 @@ def _kept_fields(step: PlanStep) -> set[str]:
     if step.undo is None:
         return set()
     return {m for v in step.undo.params.values() if isinstance(v, str) for m in re.findall(r"\{result\.([a-z0-9_]+)\}", v)}
+
+
+def _kept(step: PlanStep, response: httpx.Response) -> dict[str, Any]:
+    """The scalars of the target's answer that the step's undo needs: nothing else it says is kept."""
+    try:
+        data = response.json() if response.content else {}
+    except ValueError:
+        return {}
+    fields = _kept_fields(step)
+    return {k: v for k, v in data.items() if k in fields and isinstance(v, (str, int, float, bool))} \
+        if isinstance(data, dict) else {}
 
 
 def _attempt_s(step: PlanStep) -> float:
@@ -49,6 +62,18 @@ class ExecuteActivities:
         # The plan's run, not this run: an incident that continued as new keeps its key (and its token's).
         key = f"{request.plan.incident_id}/{request.plan.run_id}/{step.id}/{'undo' if request.undo else 'do'}"
         url = resource_url(self.deps.target_url(step.target), step.resource, verb.split(".", 1)[1])
+        try:
+            return await self._write(request, step, verb, body, key, url)
+        except StepAlreadyWritten as exc:
+            # An earlier attempt wrote and reported it, then lost its answer (e.g. the broker restarted as it
+            # answered the revoke): the step ran, once. Carry on with what that attempt reported.
+            kept = {k: v for k, v in exc.result.items() if k in _kept_fields(step)}
+            return StepResult(step_id=step.id, action=step.action, status="succeeded", response=kept,
+                              detail=f"{verb} on {step.resource}: the target took this write in an earlier "
+                                     "attempt (the broker's record); not sent again")
+
+    async def _write(self, request: ExecuteRequest, step: PlanStep, verb: str, body: dict[str, Any], key: str,
+                     url: str) -> StepResult:
         async with activity_credential(
             self.deps, audience=step.target, verb=verb, resource=step.resource, runbook=request.plan.runbook,
             step_id=step.id, plan=request.plan, approvals=request.approvals, receipts=request.receipts,
@@ -63,9 +88,11 @@ class ExecuteActivities:
                 )
             except httpx.HTTPError as exc:
                 raise ApplicationError(f"{verb} on {step.resource}: {type(exc).__name__}") from None
+            kept = _kept(step, response) if response.is_success else {}
             if response.is_success:
-                # Said when the grant is revoked (on the way out): the broker then never mints this step again.
-                self.deps.broker.mark_wrote(credential)
+                # Said when the grant is revoked (on the way out): the broker then never mints this step again,
+                # and keeps what the undo needs for an attempt that loses this answer.
+                self.deps.broker.mark_wrote(credential, kept)
             grant = credential.grant
         if response.status_code >= 500:
             raise ApplicationError(f"{verb} on {step.resource}: target answered HTTP {response.status_code}")
@@ -74,8 +101,6 @@ class ExecuteActivities:
                 f"{verb} on {step.resource} refused by the target: HTTP {response.status_code} {reason(response)}",
                 type="TargetRefused", non_retryable=True,
             )
-        data = response.json() if response.content else {}
-        kept = {k: v for k, v in data.items() if k in _kept_fields(step) and isinstance(v, (str, int, float, bool))}
         return StepResult(
             step_id=step.id, action=step.action, status="succeeded", grant=grant, response=kept,
             detail=f"{verb} on {step.resource}: HTTP {response.status_code}",

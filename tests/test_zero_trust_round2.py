@@ -19,7 +19,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from demo.fleet import Fleet, FleetServer
 from firebreak import signing
-from firebreak.broker.client import BrokerClient, MintRefused
+from firebreak.broker.client import BrokerClient, MintRefused, StepAlreadyWritten
 from firebreak.broker.server import BrokerServer
 from firebreak.config import AGENT
 from firebreak.contracts import Approval, Hypothesis, Phase, Plan, canonical_json
@@ -187,13 +187,21 @@ async def test_a_re_mint_after_a_fleet_restart_writes_nothing_and_a_reported_wri
         assert agent_writes(fleet) == before + 1
         # Once a grant of the step reports its write, no attempt of any activity mints the step again.
         grant = next(g for g in broker.broker.state.live_grants() if g.workflow_id == plan.incident_id)
-        client.mark_wrote(signing_free_credential(grant.grant_id))
+        answered = {"previous_version": first.json()["previous_version"]}  # what the step's undo needs
+        client.mark_wrote(signing_free_credential(grant.grant_id), answered)
         assert await client.revoke(grant.grant_id)
     await attack(broker, "already wrote at the target",
                  **mint_fields(plan, "s1", [approval], receipts, activity_id="7", attempt=3))
     await attack(broker, "already minted for this run",
                  **mint_fields(plan, "s1", [approval], receipts, activity_id="8"))
     # An earlier attempt never takes the slot back.
+    assert agent_writes(fleet) == before + 1
+    # A later attempt of the step's own activity (its first answer lost, e.g. the broker restarted as it
+    # answered the revoke) is refused too, and gets back what the write answered: it carries on, writing nothing.
+    async with BrokerClient(broker.url, broker.agent_token) as client:
+        with pytest.raises(StepAlreadyWritten) as refused:
+            await client.mint(**mint_fields(plan, "s1", [approval], receipts, activity_id="7", attempt=4))
+    assert refused.value.result == answered
     assert agent_writes(fleet) == before + 1
 
 

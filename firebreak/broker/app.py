@@ -45,6 +45,7 @@ from firebreak.broker.rules import (
     CLOSED_RUN_RECORD_S,
     Decision,
     Denied,
+    StepAlreadyWrote,
     authorize_read,
     authorize_write,
     judge_approval,
@@ -86,9 +87,10 @@ class DependencyUnavailable(Denied):
 
 
 class BrokerHTTPError(Exception):
-    def __init__(self, status: int, error: str, reason: str) -> None:
+    def __init__(self, status: int, error: str, reason: str, extra: dict[str, Any] | None = None) -> None:
         super().__init__(reason)
         self.status, self.error, self.reason = status, error, reason
+        self.extra = extra or {}
 
 
 @dataclass
@@ -241,6 +243,8 @@ class Broker:
                     self.metrics.unapproved_write()
                 if dependency:
                     raise BrokerHTTPError(503, f"{dependency}_unavailable", exc.reason) from None
+                if isinstance(exc, StepAlreadyWrote):
+                    raise BrokerHTTPError(403, "already_wrote", exc.reason, {"result": exc.result}) from None
                 raise BrokerHTTPError(423 if exc.frozen else 403, "frozen" if exc.frozen else "denied",
                                       exc.reason) from None
             token, claims = signing.mint_token(
@@ -396,7 +400,8 @@ class Broker:
 
     # -- revoke, freeze --
 
-    def revoke(self, grant_id: str, *, reason: str = "revoked by the agent", wrote: bool = False) -> bool:
+    def revoke(self, grant_id: str, *, reason: str = "revoked by the agent", wrote: bool = False,
+               result: dict[str, Any] | None = None) -> bool:
         """``wrote``: the holder reports that the target took the write this grant was for: its step's
         slot is spent for good, whatever activity or attempt asks again."""
         with self.lock:
@@ -404,6 +409,7 @@ class Broker:
                 spent = self.state.grant_slot(grant_id)
                 if spent is not None and spent[1] not in spent[0].wrote:
                     spent[0].wrote.append(spent[1])
+                    spent[0].results[spent[1]] = dict(result or {})
                     self.state.save_plan(spent[0])
                     reason = f"{reason}; step {spent[1]} wrote at the target"
             grant = self.state.revoke(grant_id)
@@ -591,7 +597,8 @@ def create_app(
     @app.exception_handler(BrokerHTTPError)
     async def _broker_error(_: Request, exc: BrokerHTTPError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return JSONResponse({"error": exc.error, "reason": exc.reason}, status_code=exc.status, headers=headers)
+        return JSONResponse({"error": exc.error, "reason": exc.reason, **exc.extra}, status_code=exc.status,
+                            headers=headers)
 
     @app.exception_handler(StorageError)
     async def _storage_error(_: Request, exc: StorageError) -> JSONResponse:
@@ -660,7 +667,7 @@ def create_app(
 
     @app.post("/v1/revoke", dependencies=[agent])
     def revoke(req: RevokeRequest) -> dict[str, Any]:
-        if not broker.revoke(req.grant_id, wrote=req.wrote):
+        if not broker.revoke(req.grant_id, wrote=req.wrote, result=req.result):
             raise BrokerHTTPError(404, "not_found", f"no live grant {req.grant_id!r}")
         return {"grant_id": req.grant_id, "revoked": True}
 

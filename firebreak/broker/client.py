@@ -57,10 +57,34 @@ class MintRefused(BrokerError):
         return (type(self), (self.reason, self.status))
 
 
+class StepAlreadyWritten(MintRefused):
+    """The broker's record says the target already took this step's write (an earlier attempt reported
+    it): never minted again. ``result`` is what that attempt reported the target answered."""
+
+    def __init__(self, reason: str, result: dict[str, Any], status: int = 403) -> None:
+        super().__init__(reason, status)
+        self.result = result
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.reason, self.result, self.status))
+
+
 class CredentialsFrozen(MintRefused):
     """The broker's kill switch is on: nothing is refused for good, the caller waits for a thaw.
 
     ``reason`` says who froze it, when and why."""
+
+
+def _json(response: httpx.Response) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def _error(response: httpx.Response) -> str:
+    return str(_json(response).get("error") or "")
 
 
 def _reason(response: httpx.Response) -> str:
@@ -105,7 +129,7 @@ class BrokerClient:
         # Revocations the broker could not take when their activity ended, retried until they land.
         self.retries = RevocationRetries(self.revoke)
         # Grants whose write the target took: their revocation tells the broker, which spends the step for good.
-        self._wrote: set[str] = set()
+        self._wrote: dict[str, dict[str, Any]] = {}  # grant id -> what the target answered
 
     def __repr__(self) -> str:
         return f"BrokerClient({self.base_url!r})"
@@ -146,6 +170,8 @@ class BrokerClient:
         response = await self._post("/v1/mint", body)
         if response.status_code == 423:
             raise CredentialsFrozen(_reason(response), 423)
+        if response.status_code == 403 and _error(response) == "already_wrote":
+            raise StepAlreadyWritten(_reason(response), _json(response).get("result") or {})
         if response.status_code in (400, 401, 403):
             raise MintRefused(_reason(response), response.status_code)
         if response.status_code != 200:
@@ -159,18 +185,20 @@ class BrokerClient:
             raise BrokerError(f"approval check failed: {_reason(response)}", response.status_code)
         return ApprovalCheck.model_validate(response.json())
 
-    def mark_wrote(self, credential: IssuedCredential) -> None:
-        """The target took the write this credential was for: say so when it is revoked."""
-        self._wrote.add(credential.grant_id)
+    def mark_wrote(self, credential: IssuedCredential, result: dict[str, Any] | None = None) -> None:
+        """The target took the write this credential was for: say so when it is revoked, with ``result``
+        (the scalars of its answer an undo needs), which a later attempt gets back if this one's is lost."""
+        self._wrote[credential.grant_id] = dict(result or {})
 
     async def revoke(self, grant_id: str) -> bool:
         """True if revoked now or before; False if the broker no longer knows it (expired)."""
         body: dict[str, Any] = {"grant_id": grant_id}
         if grant_id in self._wrote:
             body["wrote"] = True
+            body["result"] = self._wrote[grant_id]
         response = await self._post("/v1/revoke", body)
         if response.status_code in (200, 404):
-            self._wrote.discard(grant_id)
+            self._wrote.pop(grant_id, None)
         if response.status_code == 404:
             return False
         if response.status_code != 200:

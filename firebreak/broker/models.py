@@ -91,6 +91,10 @@ class RevokeRequest(BaseModel):
 
     grant_id: Annotated[str, Field(min_length=1, max_length=64)]
     wrote: bool = Field(default=False, description="the target took the write: the step's slot is spent for good")
+    # What the target answered, as far as an undo needs it: a later attempt whose answer was lost gets it
+    # back with the refusal. Scalars only, bounded; never a secret (it is in the step's result in history).
+    result: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=256)] | int | float | bool] = (
+        Field(default_factory=dict, max_length=20))
 
 
 class RunClosedRequest(BaseModel):

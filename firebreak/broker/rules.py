@@ -52,6 +52,16 @@ class Denied(Exception):
         self.unavailable = unavailable  # a source the decision needs did not answer: 503, retryable
 
 
+class StepAlreadyWrote(Denied):
+    """The slot's write was reported taken by the target: it is never minted again. ``result`` is what
+    the holder reported the target answered (the fields an undo needs), so a later attempt of the same
+    activity, whose answer was lost, can carry on without a second write."""
+
+    def __init__(self, reason: str, result: dict[str, Any]) -> None:
+        super().__init__(reason)
+        self.result = result
+
+
 # How long the broker keeps an approval's verdict: past this it could authorize nothing anyway.
 APPROVAL_RECORD_S = 2 * 86400
 
@@ -281,8 +291,9 @@ def _check_slot(request: MintRequest, authorization: PlanAuthorization, slot: st
         raise Denied(f"step {slot} of plan {plan_hash[:12]} was already minted for this run (activity {earlier}); "
                      "approvals are not reusable")
     if slot in authorization.wrote:
-        raise Denied(f"step {slot} of plan {plan_hash[:12]} already wrote at the target (activity {earlier}): "
-                     "it is not minted again; approvals are not reusable")
+        raise StepAlreadyWrote(f"step {slot} of plan {plan_hash[:12]} already wrote at the target (activity "
+                               f"{earlier}): it is not minted again; approvals are not reusable",
+                               authorization.results.get(slot, {}))
     attempt = authorization.attempts.get(slot, 1)
     if request.attempt < attempt:
         raise Denied(f"step {slot} of plan {plan_hash[:12]}: attempt {request.attempt} of activity {earlier} is "

@@ -172,6 +172,8 @@ class PlanAuthorization:
     grants: dict[str, str] = field(default_factory=dict)
     minted_at: dict[str, float] = field(default_factory=dict)
     wrote: list[str] = field(default_factory=list)
+    # slot -> what its holder reported the target answered (scalars an undo needs), with ``wrote``.
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
