@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -22,6 +23,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+import yaml
 from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
 from temporalio.client import Client
@@ -139,6 +141,14 @@ def backstage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackstagePro
         pytest.skip("Backstage is not installed (bash scripts/setup runs npm ci in demo/backstage-app)")
     with BackstageProcess(tmp_path_factory.mktemp("backstage"), [BACKSTAGE_CATALOG]) as server:
         yield server
+
+
+def run_rule_tests(promtool: str, directory: Path, tests: dict) -> None:
+    """``promtool test rules`` on ``tests`` (a rule-test file as a dict), written into ``directory``: it must pass."""
+    (directory / "tests.yml").write_text(yaml.safe_dump(tests, sort_keys=False))
+    result = subprocess.run([promtool, "test", "rules", "tests.yml"], cwd=directory, capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def temporal_bin() -> str:

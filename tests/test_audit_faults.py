@@ -30,6 +30,7 @@ import pytest
 import yaml
 from fastapi import FastAPI
 
+from conftest import run_rule_tests
 from demo.catalog import add_routes as add_catalog_routes
 from firebreak import signing
 from firebreak.blast_radius import BlastRadius
@@ -652,7 +653,4 @@ def test_storage_error_rule_fires_at_the_availability_level_with_promtool(tmp_pa
                                 "firebreak_security": "true"}}]},
         ],
     }]}
-    (tmp_path / "tests.yml").write_text(yaml.safe_dump(tests, sort_keys=False))
-    result = subprocess.run([promtool, "test", "rules", "tests.yml"], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=60, check=False)
-    assert result.returncode == 0, result.stdout + result.stderr
+    run_rule_tests(promtool, tmp_path, tests)

@@ -24,7 +24,7 @@ import yaml
 
 from demo.prom import SECURITY_RULES, AlertmanagerProcess, PrometheusProcess, free_port
 
-from conftest import needs
+from conftest import needs, run_rule_tests
 
 needs_prometheus = needs("prometheus")
 needs_alertmanager = needs("alertmanager")
@@ -105,10 +105,7 @@ def test_promtool_fires_each_rule_on_its_signal_and_not_on_normal_traffic(tmp_pa
             ],
         }],
     }
-    (tmp_path / "tests.yml").write_text(yaml.safe_dump(tests, sort_keys=False))
-    result = subprocess.run([promtool, "test", "rules", "tests.yml"], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=60)
-    assert result.returncode == 0, result.stdout + result.stderr
+    run_rule_tests(promtool, tmp_path, tests)
 
 
 @pytest.mark.e2e

@@ -36,7 +36,7 @@ from firebreak.security_receiver import (
     MAX_PER_MINUTE, MAX_PER_NOTIFICATION, alert_fingerprint, create_app, muted_rules, watched_label_sets)
 from firebreak.serving import ThreadedServer
 
-from conftest import needs
+from conftest import needs, run_rule_tests
 from test_broker_catalog import CLOSED_PORT_URL, Env, _env
 
 needs_prometheus = needs("prometheus")
@@ -119,10 +119,7 @@ def test_promtool_availability_is_not_misuse_and_the_watchers_rules_fire(tmp_pat
             ],
         }],
     }
-    (tmp_path / "tests.yml").write_text(yaml.safe_dump(tests, sort_keys=False))
-    result = subprocess.run([promtool, "test", "rules", "tests.yml"], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=60)
-    assert result.returncode == 0, result.stdout + result.stderr
+    run_rule_tests(promtool, tmp_path, tests)
 
 
 @pytest.mark.e2e
